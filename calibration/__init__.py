@@ -1,0 +1,1 @@
+"""Expert-similarity calibration."""

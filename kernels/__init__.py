@@ -1,0 +1,8 @@
+"""SERE routing kernels.
+
+- `reference`: plain Python loops over NumPy; obviously right, slow; the oracle of every test.
+- `vectorized`: PyTorch tensor ops; CPU and CUDA, no host sync, graph- and compile-safe.
+- `numba_cuda`: one-launch Numba CUDA kernel, registered as the torch custom op `sere::reroute`.
+
+The contract all three follow is written out in `sere.routing`.
+"""

@@ -1,0 +1,54 @@
+"""Vectorised PyTorch implementation of the SERE routing contract.
+
+No host synchronisation and no data-dependent shapes, so it runs on CPU and CUDA,
+under torch.compile(fullgraph=True) and inside CUDA-graph capture. It costs several
+small launches on the GPU; the Numba kernel does the same work in one.
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def primary_mask(topk_ids: torch.Tensor, num_experts: int, select_top_k: int) -> torch.Tensor:
+    """[E] bool: which experts appear in slots 0..S-1 of any token (valid ids only)."""
+    E = num_experts
+    head = topk_ids[:, :select_top_k]  # T, S
+    valid = (head >= 0) & (head < E)
+    # Invalid ids land in a spare slot E that is dropped afterwards. index_fill_ rather
+    # than mask[idx] = True: the latter copies a CPU scalar and breaks graph capture.
+    idx = torch.where(valid, head, torch.full_like(head, E)).reshape(-1).long()
+    mask = torch.zeros(E + 1, dtype=torch.bool, device=topk_ids.device)
+    mask.index_fill_(0, idx, True)
+    return mask[:E]
+
+
+def reroute_torch(
+    topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float
+) -> torch.Tensor:
+    """Return re-routed ids (a new tensor, same shape and dtype as `topk_ids`)."""
+    T, k = topk_ids.shape
+    E = sim.shape[0]
+    S = select_top_k
+    if S <= 0 or S >= k:
+        return topk_ids.clone()
+
+    is_primary = primary_mask(topk_ids, E, S)  # E
+    sec = topk_ids[:, S:]  # T, k-S
+    sec_valid = (sec >= 0) & (sec < E)
+    sec_safe = sec.clamp(0, E - 1).long()  # T, k-S
+    rows = sim.index_select(0, sec_safe.reshape(-1)).float()  # T*(k-S), E
+    rows = rows.masked_fill(~is_primary, float("-inf"))
+    # argmax returns the first maximum, so the smallest expert index wins ties.
+    best, target = rows.max(dim=-1)  # T*(k-S)
+    best = best.view_as(sec)
+    target = target.view_as(sec).to(topk_ids.dtype)
+    move = (
+        sec_valid
+        & ~is_primary[sec_safe]
+        & (best >= threshold)  # the Python float is cast to float32, as in the contract
+        & (best > float("-inf"))  # empty primary set: nothing to move to
+    )
+    out = topk_ids.clone()
+    out[:, S:] = torch.where(move, target, sec)
+    return out

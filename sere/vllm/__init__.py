@@ -1,0 +1,1 @@
+"""vLLM integration (see sere.vllm.plugin)."""
