@@ -1,0 +1,40 @@
+"""Project-wide pytest set-up (tests/ and bench/).
+
+Without a CUDA GPU, the Numba CUDA kernels run under the CUDA simulator. The variable must be
+set before Numba is first imported, hence here, at the top of the root conftest.
+"""
+import os
+import shutil
+
+
+def _gpu_present() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return shutil.which("nvidia-smi") is not None or os.path.exists("/dev/nvidiactl")
+
+
+if not _gpu_present():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+    sim = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+    return f"sere: numba CUDA {'simulator' if sim else 'real device (if present)'}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip gpu/vllm tests with a reason where their hardware or package is missing."""
+    import importlib.util
+
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    no_vllm = pytest.mark.skip(reason="needs vllm (run the `vllm` tox env)")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(no_vllm)
