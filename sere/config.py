@@ -45,9 +45,8 @@ class SereConfig:
 
     def for_layer(self, layer: int) -> LayerSetting:
         over = self.layer_overrides.get(layer, {})
-        return LayerSetting(
-            int(over.get("select_top_k", self.select_top_k)), float(over.get("threshold", self.threshold))
-        )
+        # No coercion: "2" for an int must fail validation, not become 2 silently.
+        return LayerSetting(over.get("select_top_k", self.select_top_k), over.get("threshold", self.threshold))
 
     def applies_to(self, layer: int) -> bool:
         return self.enabled_layers is None or layer in self.enabled_layers
