@@ -36,6 +36,7 @@ import torch
 from sere.config import SereConfig
 from sere.methods import get_method
 from sere.recorder import ExpertStatsRecorder
+from sere.routing import BACKENDS
 from sere.stats import reroute_stats
 from sere.validation import check_similarity_values
 
@@ -186,6 +187,8 @@ def enable(
         enabled_layers=None if layers is None else frozenset(int(i) for i in layers),
         backend=backend,
     )
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     transform = _resolve_method(method, method_options, backend)
 
     all_sites = find_routers(model)
@@ -195,8 +198,10 @@ def enable(
     _check_layer_names("layers", config.enabled_layers or (), moe_layers)
     _check_layer_names("layer_overrides", config.layer_overrides, moe_layers)
     sites = [s for s in all_sites if config.applies_to(s.layer)]
+    if not sites:
+        raise ValueError("layers=[] selects no MoE layer; pass None for all of them")
 
-    matrices = _similarity_matrices(similarity, model)
+    matrices = _similarity_matrices(similarity, model, all_sites)
     _check_layer_names("similarity", matrices, moe_layers)
     missing = [s.layer for s in sites if s.layer not in matrices]
     if missing:
@@ -234,11 +239,19 @@ def _check_layer_names(what: str, layers: Iterable[int], moe_layers: list[int]) 
         raise ValueError(f"{what} names layer(s) {bad} that have no MoE router; the MoE layers are {moe_layers}")
 
 
-def _similarity_matrices(similarity, model) -> dict[int, torch.Tensor]:
+def _similarity_matrices(similarity, model, sites: list[RouterSite]) -> dict[int, torch.Tensor]:
     if isinstance(similarity, (str, os.PathLike)):
         from sere.artifact import load_similarity
 
-        matrices = load_similarity(similarity, config=getattr(model, "config", None)).matrices
+        # The routers found on the live model say which layers and expert count the file must
+        # have (this also covers families the artifact's config rules do not know).
+        counts = {s.num_experts for s in sites}
+        matrices = load_similarity(
+            similarity,
+            config=getattr(model, "config", None),
+            expected_num_experts=counts.pop() if len(counts) == 1 else None,
+            expected_layers=[s.layer for s in sites],
+        ).matrices
     elif isinstance(similarity, Mapping):
         matrices = similarity
     else:
