@@ -69,7 +69,9 @@ def find_routers(model: torch.nn.Module) -> list[RouterSite]:
             raise ValueError(f"MoE router {name!r} is not inside a `layers.N` block: cannot tell its layer index")
         layer = int(match.group(1))
         if layer in sites:
-            raise ValueError(f"layer {layer} has two MoE routers ({sites[layer].name!r}, {name!r}); cannot tell which to use")
+            raise ValueError(
+                f"layer {layer} has two MoE routers ({sites[layer].name!r}, {name!r}); cannot tell which to use"
+            )
         sites[layer] = RouterSite(name, layer, module, _router_expert_count(name, module))
     return [sites[layer] for layer in sorted(sites)]
 
@@ -193,7 +195,10 @@ def enable(
 
     all_sites = find_routers(model)
     if not all_sites:
-        raise ValueError(f"no MoE router found in {type(model).__name__} (looked for *TopKRouter modules and mlp.gate of blocks with experts)")
+        raise ValueError(
+            f"no MoE router found in {type(model).__name__} "
+            "(looked for *TopKRouter modules and `gate` modules of blocks with `experts`)"
+        )
     moe_layers = [s.layer for s in all_sites]
     _check_layer_names("layers", config.enabled_layers or (), moe_layers)
     _check_layer_names("layer_overrides", config.layer_overrides, moe_layers)

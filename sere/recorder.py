@@ -174,15 +174,9 @@ class ExpertStatsRecorder:
                 i for i, t in enumerate(entry["tokens"])
                 if t >= min_tokens and (max_tokens is None or t <= max_tokens)
             ]
-            n = len(keep)
-            mean = (lambda f: sum(entry[f][i] for i in keep) / n) if n else (lambda f: float("nan"))
-            out[layer] = {
-                "steps": n,
-                "mean_experts_before": mean("experts_before"),
-                "mean_experts_after": mean("experts_after"),
-                "mean_rerouted": mean("rerouted"),
-                "mean_critical": mean("critical"),
-            }
+            out[layer] = {"steps": len(keep)}
+            for f in ("experts_before", "experts_after", "rerouted", "critical"):
+                out[layer][f"mean_{f}"] = sum(entry[f][i] for i in keep) / len(keep) if keep else float("nan")
         return out
 
     # ---- internals ---------------------------------------------------------------------
