@@ -1,0 +1,136 @@
+"""The Numba CUDA kernels under the CUDA simulator, against the plain-loop reference.
+
+Run: `pytest tests/test_numba_simulator.py` on a machine without a GPU (the root conftest sets
+NUMBA_ENABLE_CUDASIM=1 before Numba is imported). With a real GPU these tests skip: the same
+kernels run natively in tests/test_gpu_kernels.py. The simulator runs every thread as a Python
+thread and every block barrier is slow, so shapes stay small; the simulator launches the kernel
+with groups of 4 lanes (instead of 32) and at most 2 blocks, so the grid-stride loop and the
+cross-lane argmax both run.
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from sere.kernels import numba_cuda as nc
+from sere.kernels.reference import reroute_reference
+from sere.kernels.research_baseline import reroute_research_baseline_numpy
+
+pytestmark = pytest.mark.skipif(
+    not nc.simulator_enabled(),
+    reason="CUDA simulator is off (a GPU is present): tests/test_gpu_kernels.py covers these kernels",
+)
+
+# (T, E, k): extremes and odd sizes. Each case sweeps every S in 0..k with fresh inputs.
+SHAPES = [(1, 8, 1), (1, 60, 8), (2, 8, 4), (2, 60, 8), (33, 8, 4), (33, 60, 8)]
+THRESHOLDS = (0.0, 0.5, 1.0)  # 0.5 and 1.0 sit exactly on similarity values: `>=` is tested
+ID_DTYPES = (np.int32, np.int64)
+SIM_DTYPES = (np.float32, np.float16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_thread_switching():
+    """The simulator's block runner polls its threads; a short GIL switch interval lets the
+    simulated threads reach each barrier sooner (several times faster here)."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    yield
+    sys.setswitchinterval(old)
+
+
+def random_case(rng, T, E, k, id_dtype, sim_dtype):
+    """ids with -1 and >= E sprinkled in, primary slots drawn from a random subset of experts
+    (so the primary set is neither empty nor everything), and similarities on a coarse grid
+    of quarters (ties everywhere, exact in float16 and bfloat16)."""
+    ids = rng.integers(0, E, size=(T, k))  # T, k
+    subset = rng.choice(E, size=rng.integers(1, E + 1), replace=False)
+    ids[:, : max(1, k // 2)] = rng.choice(subset, size=(T, max(1, k // 2)))
+    invalid = rng.random((T, k)) < 0.12
+    ids[invalid] = rng.choice(np.array([-1, E, E + 3]), size=int(invalid.sum()))
+    sim = (rng.integers(0, 5, size=(E, E)) / 4).astype(sim_dtype)  # E, E in {0, .25, .5, .75, 1}
+    return ids.astype(id_dtype), sim
+
+
+def assert_same_ids(got, want, context):
+    assert got.dtype == want.dtype, context
+    np.testing.assert_array_equal(got, want, err_msg=str(context))
+
+
+@pytest.mark.parametrize("T,E,k", SHAPES)
+def test_kernel_matches_reference_every_S(T, E, k):
+    rng = np.random.default_rng([T, E, k])
+    for S in range(k + 1):
+        id_dtype = ID_DTYPES[S % 2]
+        sim_dtype = SIM_DTYPES[(S // 2) % 2]
+        for rho in THRESHOLDS:
+            ids, sim = random_case(rng, T, E, k, id_dtype, sim_dtype)
+            want = reroute_reference(ids, sim, S, rho)
+            got = nc.reroute_numba_numpy(ids, sim, S, rho)
+            assert_same_ids(got, want, (T, E, k, S, rho, id_dtype, sim_dtype))
+
+
+@pytest.mark.parametrize("T,E,k,S", [(2, 60, 8, 2), (33, 8, 4, 1)])
+def test_bfloat16_bits_match_reference(T, E, k, S):
+    """bfloat16 arrives as int16 bits (torch bf16 has no array interface); the kernel widens them."""
+    rng = np.random.default_rng([T, E, k, S, 16])
+    ids, sim32 = random_case(rng, T, E, k, np.int64, np.float32)
+    sim32 = sim32 - np.float32(0.375)  # negative values too: the sign bit must survive widening
+    bits = (sim32.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)  # exact: quarters fit bf16
+    for rho in (-0.125, 0.125):
+        want = reroute_reference(ids, sim32, S, rho)
+        got = nc.reroute_numba_numpy(ids, bits, S, rho, bf16_bits=True)
+        assert_same_ids(got, want, (T, E, k, S, rho))
+
+
+def test_smallest_index_wins_ties_across_lanes():
+    """Every candidate ties: the answer is the smallest primary expert, held by another lane."""
+    E = 60
+    ids = np.array([[59, 13, 7, 42]], dtype=np.int32)  # primary {59, 13} (S=2), lanes 3 and 1 of 4
+    sim = np.ones((E, E), dtype=np.float32)
+    got = nc.reroute_numba_numpy(ids, sim, 2, 1.0)
+    np.testing.assert_array_equal(got, [[59, 13, 13, 13]])
+
+
+def test_threshold_above_every_similarity_keeps_ids():
+    rng = np.random.default_rng(7)
+    ids, sim = random_case(rng, 2, 60, 8, np.int64, np.float32)
+    np.testing.assert_array_equal(nc.reroute_numba_numpy(ids, sim, 2, 1.5), ids)
+
+
+def test_only_invalid_primary_ids_is_identity():
+    ids = np.array([[-1, 3, 4], [9, 5, 2]], dtype=np.int32)  # E = 8: -1 and 9 are invalid
+    sim = np.ones((8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(nc.reroute_numba_numpy(ids, sim, 1, 0.0), ids)
+
+
+def test_zero_tokens_give_empty_output():
+    out = nc.reroute_numba_numpy(np.zeros((0, 4), np.int64), np.ones((8, 8), np.float32), 1, 0.0)
+    assert out.shape == (0, 4) and out.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "ids,sim,match",
+    [
+        (np.zeros((2, 4), np.float32), np.ones((8, 8), np.float32), "int32/int64"),
+        (np.zeros(4, np.int32), np.ones((8, 8), np.float32), "2-D"),
+        (np.zeros((2, 4), np.int32), np.ones((8, 9), np.float32), "square"),
+        (np.zeros((2, 4), np.int32), np.ones((8, 8), np.int32), "float32/float16"),
+        (np.zeros((2, 4), np.int32), np.ones((nc.MAX_EXPERTS + 1,) * 2, np.float32), "at most"),
+    ],
+)
+def test_bad_input_raises_clear_error(ids, sim, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        nc.reroute_numba_numpy(ids, sim, 1, 0.0)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 4), (33, 60, 8)])
+def test_research_baseline_matches_reference(T, E, k):
+    rng = np.random.default_rng([T, E, k, 99])
+    for S in range(k + 1):
+        ids, sim = random_case(rng, T, E, k, ID_DTYPES[S % 2], SIM_DTYPES[S % 2])
+        rho = THRESHOLDS[S % 3]
+        want = reroute_reference(ids, sim, S, rho)
+        assert_same_ids(reroute_research_baseline_numpy(ids, sim, S, rho), want, (T, E, k, S, rho))
