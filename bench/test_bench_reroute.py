@@ -1,0 +1,135 @@
+"""Kernel bench: the SERE re-routing backends at decode and prefill sizes (pytest-benchmark).
+
+Run:  pytest bench/test_bench_reroute.py                         (CPU cases; GPU cases need CUDA)
+      pytest bench/test_bench_reroute.py --benchmark-json=out.json (keeps extra_info: ratios etc.)
+      pytest bench/test_bench_reroute.py --benchmark-disable       (smoke: validate, run once)
+Cases: T in {1, 16, 64, 256, 4096}, E = 128, k = 8, S in {1, 2}, rho = 0.1, int64 ids, float32
+similarity (uniform in [0, 1)). CPU: reference, torch. CUDA: torch, numba (the one-launch kernel),
+baseline (research structure: torch-built mask + a thread per slot scanning all E), each timed
+by CUDA-graph replay ("graph": the per-call device time decode sees under CUDA graphs) and by
+events around eager calls ("events": host launch overhead included when it dominates).
+Routing: "uniform" (each token takes k distinct experts uniformly at random: the most experts
+active, the hardest case for SERE) and "zipf" (expert popularity ~ 1/rank, a skew closer to
+trained routers). Every case first checks its output against the plain-loop reference.
+numba cases also time torch and baseline in the same run and record the ratios in extra_info.
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sere.kernels.reference import reroute_reference
+from sere.kernels.vectorized import reroute_torch
+from sere.stats import reroute_stats
+from timing import benchmark_device, time_events, time_graph_replay
+
+T_VALUES = (1, 16, 64, 256, 4096)
+E, K, RHO = 128, 8, 0.1
+S_VALUES = (1, 2)
+ROUTINGS = ("uniform", "zipf")
+GPU_BACKENDS = ("torch", "numba", "baseline")
+METHODS = ("graph", "events")
+CALLS = 100  # calls per graph / per timed round
+ROUNDS = 20
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_inputs(T: int, routing: str, device: str, seed: int = 0):
+    """topk_ids [T, k] int64 (slot 0 = first choice) and sim [E, E] float32."""
+    gen = torch.Generator().manual_seed(seed)
+    if routing == "uniform":
+        ids = torch.rand(T, E, generator=gen).topk(K, dim=-1).indices  # T, k
+    elif routing == "zipf":
+        popularity = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)  # E
+        popularity = popularity[torch.randperm(E, generator=gen)]
+        ids = torch.multinomial(popularity.expand(T, E), K, replacement=False, generator=gen)  # T, k
+    else:
+        raise ValueError(f"unknown routing {routing!r}")
+    sim = torch.rand(E, E, generator=gen)  # E, E
+    return ids.to(device), sim.to(device)
+
+
+def gpu_backend(name: str):
+    if name == "torch":
+        return reroute_torch
+    if name == "numba":
+        from sere.kernels.numba_cuda import reroute_numba
+
+        return reroute_numba
+    if name == "baseline":
+        from sere.kernels.research_baseline import reroute_research_baseline
+
+        return reroute_research_baseline
+    raise ValueError(name)
+
+
+def check_against_reference(out: torch.Tensor, ids: torch.Tensor, sim: torch.Tensor, S: int) -> None:
+    want = reroute_reference(ids.cpu().numpy(), sim.float().cpu().numpy(), S, RHO)
+    np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+def record_case(benchmark, *, T, S, routing, backend, method, ids, new_ids, timing) -> None:
+    stats = reroute_stats(ids, new_ids, E, S).as_dict()
+    benchmark.extra_info.update(
+        T=T, E=E, k=K, S=S, rho=RHO, backend=backend, routing=routing, method=method,
+        experts_before=stats["experts_before"], experts_after=stats["experts_after"],
+        device=torch.cuda.get_device_name() if ids.is_cuda else "cpu",
+    )
+    if timing is not None:
+        benchmark.extra_info["us_per_call"] = round(timing.median_us, 3)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("backend", ("reference", "torch"))
+def test_cpu(benchmark, backend, T, S, routing):
+    ids, sim = make_inputs(T, routing, "cpu")
+    if backend == "reference":
+        ids_np, sim_np = ids.numpy(), sim.numpy()
+        fn = lambda: reroute_reference(ids_np, sim_np, S, RHO)  # noqa: E731
+        new_ids = torch.from_numpy(fn())
+        calls = 1 if T >= 256 else 10
+    else:
+        fn = lambda: reroute_torch(ids, sim, S, RHO)  # noqa: E731
+        new_ids = fn()
+        calls = 10
+    check_against_reference(new_ids, ids, sim, S)
+    timing = benchmark_device(benchmark, fn, method="host", calls=calls, rounds=5)
+    record_case(benchmark, T=T, S=S, routing=routing, backend=backend, method="host", ids=ids,
+                new_ids=new_ids, timing=timing)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu(benchmark, backend, T, S, routing, method):
+    ids, sim = make_inputs(T, routing, "cuda")
+    reroute = gpu_backend(backend)
+    fn = lambda: reroute(ids, sim, S, RHO)  # noqa: E731
+    new_ids = fn()
+    check_against_reference(new_ids, ids, sim, S)
+    timing = benchmark_device(benchmark, fn, method=method, calls=CALLS, rounds=ROUNDS)
+    record_case(benchmark, T=T, S=S, routing=routing, backend=backend, method=method, ids=ids,
+                new_ids=new_ids, timing=timing)
+    if backend == "numba" and timing is not None:
+        # Ratios inside one run, on the same inputs and with the same timing method.
+        measure = time_graph_replay if method == "graph" else time_events
+        for other in ("baseline", "torch"):
+            other_fn = gpu_backend(other)
+            t_other = measure(lambda: other_fn(ids, sim, S, RHO), calls=CALLS, repeats=ROUNDS)
+            benchmark.extra_info[f"{other}_us_per_call"] = round(t_other.median_us, 3)
+            benchmark.extra_info[f"speedup_vs_{other}"] = round(t_other.median_us / timing.median_us, 2)
+        print(
+            f"\n[reroute T={T} S={S} {routing} {method}] numba {timing.median_us:.2f} us, "
+            f"baseline {benchmark.extra_info['baseline_us_per_call']:.2f} us "
+            f"({benchmark.extra_info['speedup_vs_baseline']:.2f}x), "
+            f"torch {benchmark.extra_info['torch_us_per_call']:.2f} us "
+            f"({benchmark.extra_info['speedup_vs_torch']:.2f}x)"
+        )

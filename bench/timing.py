@@ -1,0 +1,197 @@
+"""One shared timing helper for the benches (kernel, MoE layer, end to end).
+
+Use it from a bench module in bench/: `from timing import benchmark_device, time_graph_replay`
+(bench/ has no __init__.py, so pytest puts bench/ itself on sys.path for its test modules).
+
+- `time_graph_replay(fn)`: capture `calls` calls of fn in one CUDA graph, replay it, CUDA events
+  around each replay, median over repeats, divided by `calls`: the per-call device time with the
+  launch gaps that CUDA graphs leave (how vLLM runs decode). fn must be graph-safe.
+- `time_events(fn)`: the same with eager calls between two events: per-call time of eager code,
+  host launch overhead included whenever the host, not the GPU, is the bottleneck.
+- `time_host(fn)`: perf_counter around calls, for CPU code.
+- `benchmark_device(benchmark, fn, method=...)`: a pytest-benchmark adapter. It swaps the
+  fixture's timer for a clock that advances by the measured device time of each round, so the
+  fixture's statistics (min/median/mean, --benchmark-compare, saved JSON) are per-call DEVICE
+  seconds, not host time around asynchronous work. Without CUDA it times on the host.
+Inputs stay where they are between calls: for a routing kernel that reads what the router just
+wrote, a warm L2 is the realistic case (flush the cache in fn for cold-cache numbers).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+METHODS = ("graph", "events", "host")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times in seconds, one per repeat (each repeat averages `calls` calls)."""
+
+    method: str
+    calls: int
+    per_call_s: list[float] = field(repr=False)
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.per_call_s) * 1e6
+
+    @property
+    def min_us(self) -> float:
+        return min(self.per_call_s) * 1e6
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "calls_per_repeat": self.calls, "repeats": len(self.per_call_s),
+                "median_us": round(self.median_us, 3), "min_us": round(self.min_us, 3)}
+
+
+class GraphReplayer:
+    """`calls` calls of fn captured in one CUDA graph; `run()` replays it once and returns the
+    per-call device seconds (events around the replay)."""
+
+    def __init__(self, fn, calls: int = 100, warmup: int = 3):
+        self.calls = calls
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles, allocator pools) off the capture
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(calls):
+                fn()
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+        for _ in range(warmup):
+            self.graph.replay()
+        torch.cuda.synchronize()
+
+    def run(self) -> float:
+        self.start.record()
+        self.graph.replay()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) * 1e-3 / self.calls
+
+
+class EventRunner:
+    """`calls` eager calls of fn between two CUDA events; `run()` returns per-call seconds."""
+
+    def __init__(self, fn, calls: int = 100, warmup: int = 3):
+        self.fn, self.calls = fn, calls
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def run(self) -> float:
+        fn = self.fn
+        self.start.record()
+        for _ in range(self.calls):
+            fn()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) * 1e-3 / self.calls
+
+
+class HostRunner:
+    """`calls` calls of fn between two perf_counter reads (CPU code; syncs CUDA at the end)."""
+
+    def __init__(self, fn, calls: int = 10, warmup: int = 1):
+        self.fn, self.calls = fn, calls
+        for _ in range(warmup):
+            fn()
+
+    def run(self) -> float:
+        fn = self.fn
+        t0 = time.perf_counter()
+        for _ in range(self.calls):
+            fn()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / self.calls
+
+
+_RUNNERS = {"graph": GraphReplayer, "events": EventRunner, "host": HostRunner}
+
+
+def make_runner(fn, method: str, calls: int, warmup: int = 3):
+    if method not in _RUNNERS:
+        raise ValueError(f"unknown timing method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "host" and not torch.cuda.is_available():
+        raise RuntimeError(f"timing method {method!r} needs CUDA; use 'host' on the CPU")
+    return _RUNNERS[method](fn, calls, warmup)
+
+
+def _measure(fn, method: str, calls: int, repeats: int, warmup: int) -> Timing:
+    runner = make_runner(fn, method, calls, warmup)
+    return Timing(method, calls, [runner.run() for _ in range(repeats)])
+
+
+def time_graph_replay(fn, *, calls: int = 100, repeats: int = 20, warmup: int = 3) -> Timing:
+    """Median per-call device time of fn from CUDA-graph replay (see the module docstring)."""
+    return _measure(fn, "graph", calls, repeats, warmup)
+
+
+def time_events(fn, *, calls: int = 100, repeats: int = 20, warmup: int = 3) -> Timing:
+    """Median per-call time of eager fn between CUDA events (host overhead shows if it dominates)."""
+    return _measure(fn, "events", calls, repeats, warmup)
+
+
+def time_host(fn, *, calls: int = 10, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Median per-call wall time of fn on the host (CPU code)."""
+    return _measure(fn, "host", calls, repeats, warmup)
+
+
+class DeviceClock:
+    """A fake timer for pytest-benchmark: reads as the sum of the device times measured so far,
+    so `end - start` around one round is that round's measured per-call device time."""
+
+    __name__ = "sere_device_clock"
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def benchmark_device(benchmark, fn, *, method: str = "graph", calls: int = 100, rounds: int = 20,
+                     warmup: int = 3) -> Timing | None:
+    """Time fn with pytest-benchmark's fixture, reporting per-call device time on CUDA (method
+    'graph' or 'events') and plain host time otherwise. Returns the Timing (None when the
+    fixture is disabled, e.g. --benchmark-disable: then fn runs once as a smoke test)."""
+    if getattr(benchmark, "disabled", False):
+        benchmark.pedantic(fn, rounds=1)
+        return None
+    if method != "host" and not torch.cuda.is_available():
+        method = "host"
+    if method == "host":
+        # Plain pytest-benchmark timing: `calls` calls per round, host clock.
+        benchmark.pedantic(fn, rounds=rounds, iterations=calls, warmup_rounds=1)
+        per_call = [t for t in benchmark.stats.stats.data]
+        timing = Timing("host", calls, per_call)
+    else:
+        runner = make_runner(fn, method, calls, warmup)
+        clock = DeviceClock()
+        samples: list[float] = []
+
+        def one_round():
+            dt = runner.run()
+            samples.append(dt)
+            clock.now += dt
+
+        benchmark._timer = clock  # pytest-benchmark reads its timer from this attribute
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+        timing = Timing(method, calls, samples[1:])  # the first sample was the warm-up round
+    benchmark.extra_info["timing"] = (
+        f"{method}: per-call {'device' if method != 'host' else 'host'} time, "
+        f"{calls} calls per round, {rounds} rounds"
+    )
+    return timing

@@ -1,0 +1,230 @@
+"""GPU parity of the CUDA backends (numba one-launch kernel, torch, research baseline) with the
+plain-loop reference at real shapes, in CUDA-graph capture, under torch.compile and on a side stream.
+
+Run: `pytest -m gpu tests/test_gpu_kernels.py` on a machine with a CUDA GPU (skipped elsewhere).
+Cases: every (T, E) pair of T in {1, 2, 33, 256, 4096} x E in {8, 60, 64, 128, 256}, with k
+rotating over {1, 2, 4, 6, 8} so each k meets every T and every E; inside a case, every S in
+0..k with fresh inputs, thresholds 0 / 0.5 / 1 and the id and similarity dtypes rotating with S.
+Ids compare exactly. Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sere
+from sere.kernels.reference import reroute_reference
+from sere.kernels.vectorized import reroute_torch
+
+pytestmark = pytest.mark.gpu
+
+T_VALUES = (1, 2, 33, 256, 4096)
+E_VALUES = (8, 60, 64, 128, 256)
+K_VALUES = (1, 2, 4, 6, 8)
+CASES = [(T, E, K_VALUES[(i + j) % len(K_VALUES)]) for i, T in enumerate(T_VALUES) for j, E in enumerate(E_VALUES)]
+ID_DTYPES = (torch.int32, torch.int64)
+SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+THRESHOLDS = (0.0, 0.5, 1.0)
+BACKENDS = ("numba", "torch", "baseline")
+# Above this many slots the primary set is drawn small, so the Python reference stays fast.
+BIG_SLOTS = 4096
+
+
+def backend_fn(name):
+    if name == "numba":
+        from sere.kernels.numba_cuda import reroute_numba
+
+        return reroute_numba
+    if name == "baseline":
+        from sere.kernels.research_baseline import reroute_research_baseline
+
+        return reroute_research_baseline
+    return reroute_torch
+
+
+def random_case(gen: np.random.Generator, T, E, k, id_dtype, sim_dtype, *, grid: bool):
+    """ids [T, k] with -1 and >= E sprinkled in and primary slots from a random subset of experts;
+    sim [E, E] either on a grid of quarters (ties) or continuous, rounded to sim_dtype.
+    Returns CUDA tensors plus the float32 similarity the reference sees."""
+    ids = gen.integers(0, E, size=(T, k))  # T, k
+    cap = E if T * k <= BIG_SLOTS else min(E, 16)
+    subset = gen.choice(E, size=gen.integers(1, cap + 1), replace=False)
+    head = max(1, k // 2)
+    ids[:, :head] = gen.choice(subset, size=(T, head))
+    invalid = gen.random((T, k)) < 0.1
+    ids[invalid] = gen.choice(np.array([-1, -7, E, E + 5]), size=int(invalid.sum()))
+    if grid:
+        sim32 = (gen.integers(0, 5, size=(E, E)) / 4).astype(np.float32)  # E, E: ties everywhere
+    else:
+        sim32 = gen.uniform(-0.5, 1.25, size=(E, E)).astype(np.float32)  # E, E
+    sim = torch.from_numpy(sim32).to(sim_dtype)  # rounding happens here, once
+    ids_t = torch.from_numpy(ids).to(id_dtype)
+    return ids_t.cuda(), sim.cuda(), sim.float().numpy()
+
+
+def expect(ids: torch.Tensor, sim32: np.ndarray, S: int, rho: float) -> torch.Tensor:
+    return torch.from_numpy(reroute_reference(ids.cpu().numpy(), sim32, S, rho))
+
+
+def assert_ids_equal(got: torch.Tensor, want: torch.Tensor, context) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape, context
+    mismatch = (got.cpu() != want).nonzero()
+    assert mismatch.numel() == 0, f"{context}: {mismatch.shape[0]} ids differ, first at {mismatch[0].tolist()}"
+
+
+@pytest.mark.parametrize("T,E,k", CASES)
+def test_backends_match_reference(T, E, k):
+    gen = np.random.default_rng([T, E, k])
+    fns = {name: backend_fn(name) for name in BACKENDS}
+    for S in range(k + 1):
+        for r, rho in enumerate(THRESHOLDS):
+            id_dtype = ID_DTYPES[(S + r) % 2]
+            sim_dtype = SIM_DTYPES[(S + r) % 3]
+            ids, sim, sim32 = random_case(gen, T, E, k, id_dtype, sim_dtype, grid=(S + r) % 2 == 0)
+            want = expect(ids, sim32, S, rho)
+            for name, fn in fns.items():
+                assert_ids_equal(fn(ids, sim, S, rho), want, (name, T, E, k, S, rho, id_dtype, sim_dtype))
+
+
+@pytest.mark.parametrize("E", (512, 1000, 1024))
+def test_numba_large_expert_counts(E):
+    from sere.kernels.numba_cuda import reroute_numba
+
+    gen = np.random.default_rng(E)
+    for S, sim_dtype in ((1, torch.bfloat16), (3, torch.float32)):
+        ids, sim, sim32 = random_case(gen, 64, E, 8, torch.int32, sim_dtype, grid=False)
+        assert_ids_equal(reroute_numba(ids, sim, S, 0.25), expect(ids, sim32, S, 0.25), (E, S))
+
+
+def test_numba_rejects_too_many_experts():
+    from sere.kernels.numba_cuda import MAX_EXPERTS, reroute_numba
+
+    ids = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
+    sim = torch.zeros(MAX_EXPERTS + 1, MAX_EXPERTS + 1, device="cuda")
+    with pytest.raises(ValueError, match="at most"):
+        reroute_numba(ids, sim, 1, 0.0)
+
+
+def test_sere_reroute_auto_uses_numba_on_cuda():
+    from sere.routing import numba_cuda_usable, resolve_backend
+
+    assert numba_cuda_usable()
+    assert resolve_backend("auto", torch.device("cuda")) == "numba"
+    gen = np.random.default_rng(1)
+    ids, sim, sim32 = random_case(gen, 33, 60, 8, torch.int64, torch.float32, grid=True)
+    for backend in ("auto", "numba"):
+        new_ids, stats = sere.reroute_with_stats(ids, sim, 2, 0.5, backend=backend)
+        assert_ids_equal(new_ids, expect(ids, sim32, 2, 0.5), backend)
+        assert stats.experts_after.is_cuda
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype,sim_dtype", [(torch.int32, torch.bfloat16), (torch.int64, torch.float16)])
+def test_cuda_graph_replay_with_new_inputs(backend, id_dtype, sim_dtype):
+    fn = backend_fn(backend)
+    T, E, k, S, rho = 64, 128, 8, 2, 0.5
+    gen = np.random.default_rng(5)
+    ids, sim, _ = random_case(gen, T, E, k, id_dtype, sim_dtype, grid=True)
+    static_ids, static_sim = ids.clone(), sim.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn(static_ids, static_sim, S, rho)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_ids, static_sim, S, rho)
+    for round_ in range(3):
+        ids, sim, sim32 = random_case(gen, T, E, k, id_dtype, sim_dtype, grid=round_ % 2 == 0)
+        static_ids.copy_(ids)
+        static_sim.copy_(sim)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_ids_equal(static_out, expect(ids, sim32, S, rho), (backend, round_))
+
+
+@pytest.mark.parametrize(
+    "entry,id_dtype,sim_dtype",
+    [("sere.reroute", torch.int32, torch.float32), ("reroute_numba", torch.int64, torch.bfloat16)],
+)
+def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype):
+    from sere.kernels.numba_cuda import reroute_numba
+
+    torch._dynamo.reset()
+
+    def route(ids, sim):
+        if entry == "sere.reroute":
+            out = sere.reroute(ids, sim, 1, 0.25, backend="numba")
+        else:
+            out = reroute_numba(ids, sim, 1, 0.25)
+        return out + 0  # an op after the custom op, so the graph is more than the op
+
+    compiled = torch.compile(route, fullgraph=True)
+    gen = np.random.default_rng(9)
+    for T in (16, 33):  # a second shape: recompiles or goes dynamic, either must be right
+        ids, sim, sim32 = random_case(gen, T, 60, 6, id_dtype, sim_dtype, grid=False)
+        assert_ids_equal(compiled(ids, sim), expect(ids, sim32, 1, 0.25), (entry, T))
+
+
+def test_custom_op_and_eager_path_agree():
+    from sere.kernels.numba_cuda import reroute_numba
+
+    gen = np.random.default_rng(11)
+    ids, sim, sim32 = random_case(gen, 256, 128, 8, torch.int32, torch.float16, grid=True)
+    via_op = torch.ops.sere.reroute(ids, sim, 2, 0.5)
+    assert_ids_equal(via_op, expect(ids, sim32, 2, 0.5), "op")
+    assert_ids_equal(reroute_numba(ids, sim, 2, 0.5), via_op.cpu(), "eager")
+    torch.library.opcheck(torch.ops.sere.reroute.default, (ids, sim, 2, 0.5))
+
+
+@pytest.mark.parametrize("backend", ("numba", "baseline"))
+def test_runs_on_the_current_non_default_stream(backend):
+    """The kernel must run on torch's current stream: its input is produced on a side stream
+    behind a ~20 ms sleep, so a launch on any other stream would read stale ids."""
+    fn = backend_fn(backend)
+    gen = np.random.default_rng(13)
+    ids, sim, sim32 = random_case(gen, 256, 64, 8, torch.int64, torch.float32, grid=False)
+    stale = torch.full_like(ids, 3)
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)  # cycles: ~10-20 ms
+        fresh = stale.copy_(ids)  # ready only after the sleep
+        out = fn(fresh, sim, 2, 0.5)
+    side.synchronize()
+    assert_ids_equal(out, expect(ids, sim32, 2, 0.5), backend)
+
+
+def test_no_host_sync_and_strided_ids():
+    from sere.kernels.numba_cuda import reroute_numba
+
+    gen = np.random.default_rng(17)
+    ids, sim, sim32 = random_case(gen, 33, 64, 8, torch.int64, torch.float32, grid=True)
+    wide = torch.zeros(33, 16, dtype=ids.dtype, device="cuda")
+    wide[:, ::2] = ids
+    strided = wide[:, ::2]  # T, k non-contiguous
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = reroute_numba(strided, sim, 3, 0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_ids_equal(out, expect(ids, sim32, 3, 0.5), "strided")
+
+
+def test_zero_tokens():
+    from sere.kernels.numba_cuda import reroute_numba
+
+    out = reroute_numba(torch.zeros(0, 8, dtype=torch.int32, device="cuda"), torch.ones(8, 8, device="cuda"), 1, 0.0)
+    assert out.shape == (0, 8) and out.dtype == torch.int32
+
+
+def test_numpy_entry_on_gpu_matches_reference():
+    from sere.kernels.numba_cuda import reroute_numba_numpy
+
+    gen = np.random.default_rng(19)
+    ids, _, sim32 = random_case(gen, 33, 60, 8, torch.int64, torch.float32, grid=True)
+    ids_np = ids.cpu().numpy()
+    np.testing.assert_array_equal(reroute_numba_numpy(ids_np, sim32, 2, 0.5), reroute_reference(ids_np, sim32, 2, 0.5))
