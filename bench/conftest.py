@@ -1,0 +1,226 @@
+"""pytest set-up of the benchmark suites in bench/ (pytest-benchmark).
+
+How to run (see also the module docstrings of each bench file):
+    pytest bench                         # CPU: small configs, synthetic routing, quick timing, tables
+    pytest bench --benchmark-disable     # smoke: every case runs once and validates, no timing
+    pytest bench                         # on a CUDA machine: real shapes, GPU timing (graphs/events)
+    # the regression gate, on ONE machine (base first, then the change):
+    pytest bench --benchmark-autosave
+    pytest bench --benchmark-compare --benchmark-compare-fail=median:10%
+
+What this file adds:
+- Machine info: GPU name, count, memory, SMs, compute capability, driver, and the versions of
+  torch, CUDA, cuDNN, triton, numba, numba-cuda, transformers and vLLM are added to
+  pytest-benchmark's `machine_info` (saved with every run; compared runs warn when it differs).
+- Per-machine storage: pytest-benchmark files its runs under STORAGE/<platform id>, and the
+  platform id knows nothing of GPUs. This conftest puts a machine key first:
+  STORAGE/<machine key>/<platform id>/NNNN_*.json, key = host name + GPU model (or CPU model),
+  so `--benchmark-compare` only ever finds runs of the same machine. Override the key with
+  SERE_BENCH_MACHINE=name (e.g. a CI runner class whose hosts are interchangeable).
+- Quick timing on the CPU: without a GPU, and unless you set --benchmark-max-time,
+  --benchmark-min-rounds or ask to save/compare, each case is timed for at most 0.1 s
+  (min 3 rounds) so `pytest bench` stays a couple of minutes on two cores while still
+  printing a table. Saving, comparing or a GPU gives the normal pytest-benchmark budget.
+- Session fixtures: `copy_bandwidth` (bytes/s, measured once per session: a large copy,
+  read + write counted, the floor every weight-streaming kernel is measured against),
+  `stock_times` (a dict in which benches store the stock time of a case so that SERE cases
+  of the same run compute their speed-up) and `bench_device`.
+- A SERE summary table at the end of the run: for every case that recorded `setting` in
+  extra_info, activated experts before/after, bytes, GB/s, share of the HBM floor, speed-up.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from functools import lru_cache
+
+import pytest
+
+_DEFAULT_STORAGE = "file://./.benchmarks"
+_QUICK_MAX_TIME = "0.1"
+_QUICK_MIN_ROUNDS = 3
+_PACKAGES = ("torch", "triton", "numba", "numba-cuda", "transformers", "vllm", "pytest-benchmark")
+
+
+@lru_cache(maxsize=None)
+def _gpu_info() -> dict:
+    """GPU facts for machine_info; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(0)
+    info = {
+        "gpu_name": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "gpu_sm_count": props.multi_processor_count,
+        "gpu_capability": "%d.%d" % (props.major, props.minor),
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": str(torch.backends.cudnn.version()),
+    }
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        info["gpu_driver"] = out.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        info["gpu_driver"] = "unknown (nvidia-smi not usable)"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine_key() -> str:
+    """Storage folder of this machine: SERE_BENCH_MACHINE, else host name + GPU (or CPU) model."""
+    key = os.environ.get("SERE_BENCH_MACHINE") or f"{platform.node()}-{_gpu_info().get('gpu_name') or _cpu_model()}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("_") or "unknown"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["sere"] = {
+        "machine_key": machine_key(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        **_gpu_info(),
+        "versions": _versions(),
+    }
+
+
+def _per_machine_storage(config) -> None:
+    storage = config.getoption("benchmark_storage", None)
+    if storage is None or "://" in storage and not storage.startswith("file://"):
+        return  # pytest-benchmark not loaded, or a non-file storage (elasticsearch) keeps its layout
+    root = storage[len("file://"):] if storage.startswith("file://") else storage
+    config.option.benchmark_storage = "file://" + os.path.join(root, machine_key())
+
+
+def _quick_cpu_timing(config) -> None:
+    import torch
+
+    if torch.cuda.is_available() or config.getoption("benchmark_disable", False):
+        return
+    if any(config.getoption(o, None) for o in ("benchmark_save", "benchmark_autosave", "benchmark_compare",
+                                                "benchmark_json", "benchmark_enable")):
+        return  # a run meant to be kept or compared gets the full budget
+    defaults = {"benchmark_max_time": "1.0", "benchmark_min_rounds": 5}
+    if str(config.getoption("benchmark_max_time")) != defaults["benchmark_max_time"]:
+        return
+    if config.getoption("benchmark_min_rounds") != defaults["benchmark_min_rounds"]:
+        return
+    config.option.benchmark_max_time = _QUICK_MAX_TIME
+    config.option.benchmark_min_rounds = _QUICK_MIN_ROUNDS
+    config._sere_quick_timing = True
+
+
+def pytest_configure(config):
+    # Runs before pytest-benchmark's own pytest_configure (trylast), which opens the storage.
+    if not config.pluginmanager.hasplugin("benchmark"):
+        return
+    _per_machine_storage(config)
+    _quick_cpu_timing(config)
+
+
+def pytest_report_header(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        return None
+    quick = " (quick CPU timing: 0.1 s per case; see bench/conftest.py)" if getattr(config, "_sere_quick_timing", False) else ""
+    return f"sere bench: machine key {machine_key()}, storage {config.getoption('benchmark_storage')}{quick}"
+
+
+# --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bench_device():
+    """"cuda" where a GPU is present (real shapes), else "cpu" (small configs)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def measure_copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Best-of-`repeats` device-to-same-device copy bandwidth in bytes/s, read + write counted
+    (so a copy of N bytes moves 2N). On the GPU, 1 GiB timed with CUDA events; on the CPU,
+    64 MiB timed with perf_counter."""
+    import time
+
+    import torch
+
+    nbytes = nbytes or (2**30 if device == "cuda" else 2**26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up (allocation, first touch)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return 2 * nbytes / best
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(bench_device) -> float:
+    """Measured copy bandwidth of the bench device, bytes/s (once per session)."""
+    return measure_copy_bandwidth(bench_device)
+
+
+@pytest.fixture(scope="session")
+def stock_times() -> dict:
+    """case key -> stock time in seconds, filled by stock cases, read by SERE cases of the
+    same run (ratios are only meaningful within one run on one machine)."""
+    return {}
+
+
+# --- summary table ----------------------------------------------------------------------
+
+_SUMMARY_COLUMNS = (
+    ("model", "model"), ("routing", "routing"), ("tokens", "T"), ("setting", "setting"),
+    ("experts_before", "exp. before"), ("experts_after", "exp. after"), ("time_us", "time us"),
+    ("gbps", "GB/s"), ("hbm_floor_share", "floor share"), ("speedup_vs_stock", "speed-up"),
+)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    bs = getattr(config, "_benchmarksession", None)
+    rows = []
+    for bench in getattr(bs, "benchmarks", None) or []:
+        info = getattr(bench, "extra_info", None) or {}
+        if "setting" in info:
+            rows.append([info.get(key) for key, _ in _SUMMARY_COLUMNS])
+    if not rows:
+        return
+    from tabulate import tabulate
+
+    terminalreporter.write_sep("-", "SERE MoE layer: activated experts and speed-up vs stock (same run)")
+    terminalreporter.write_line(tabulate(rows, headers=[h for _, h in _SUMMARY_COLUMNS], floatfmt=".3g"))

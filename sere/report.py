@@ -1,0 +1,179 @@
+"""Report of a MoE-layer benchmark run: a table and plots from pytest-benchmark JSON.
+
+    pytest bench/test_bench_layer.py --benchmark-json BENCH.json
+    python -m sere.report BENCH.json [--out DIR]        # or: sere-report BENCH.json
+
+Reads the cases of bench/test_bench_layer.py (those whose extra_info names a `setting`; a
+saved run under .benchmarks/ works too), prints a table (tabulate) of time, activated experts,
+GB/s, share of the HBM floor and speed-up against stock, and writes into DIR (default:
+BENCH_report/ next to the JSON):
+  report.md                          the table, GitHub markdown
+  speedup_<model>_<routing>.png      speed-up against stock vs batch size, one line per setting
+  experts_<model>_<routing>.png      activated experts vs batch size, one line per setting
+Speed-ups are computed from the medians in the file (stock and SERE of the same model,
+routing and batch, which the bench measures in one run), not taken on trust from extra_info.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+COLUMNS = ("model", "routing", "T", "setting", "experts before", "experts after", "median us",
+           "GB/s", "floor share", "speed-up")
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    model: str
+    routing: str
+    tokens: int
+    setting: str
+    experts_before: int
+    experts_after: int
+    median_s: float | None  # None: the run had benchmarks disabled
+    expert_bytes: int | None
+    hbm_floor_us: float | None
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.model, self.routing, self.tokens)
+
+
+class ReportError(ValueError):
+    """The input cannot be reported on (missing, not benchmark JSON, no layer cases)."""
+
+
+def load_cases(path) -> list[LayerCase]:
+    """The MoE-layer cases of a pytest-benchmark JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ReportError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
+    cases = []
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        if "setting" not in info:
+            continue  # another bench (kernel, calibration): not a layer case
+        try:
+            stats = bench.get("stats") or {}
+            median = stats.get("median")
+            if median is None and info.get("time_us") is not None:
+                median = info["time_us"] / 1e6
+            cases.append(LayerCase(
+                model=str(info["model"]), routing=str(info["routing"]), tokens=int(info["tokens"]),
+                setting=str(info["setting"]), experts_before=int(info["experts_before"]),
+                experts_after=int(info["experts_after"]), median_s=None if median is None else float(median),
+                expert_bytes=info.get("expert_bytes"), hbm_floor_us=info.get("hbm_floor_us"),
+            ))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{path}: benchmark {bench.get('name')!r} has incomplete extra_info ({exc})") from None
+    if not cases:
+        raise ReportError(f"{path}: no MoE-layer cases (benchmarks with extra_info['setting']); "
+                          "run bench/test_bench_layer.py with --benchmark-json")
+    return cases
+
+
+def speedups(cases: list[LayerCase]) -> dict[LayerCase, float | None]:
+    """Stock median / case median, for cases whose stock case (same model, routing, T) is there."""
+    stock = {c.key: c.median_s for c in cases if c.setting == "stock" and c.median_s}
+    return {c: (stock[c.key] / c.median_s if c.key in stock and c.median_s else None) for c in cases}
+
+
+def table_rows(cases: list[LayerCase]) -> list[list]:
+    ratio = speedups(cases)
+    rows = []
+    for c in sorted(cases, key=lambda c: (c.model, c.routing, c.tokens, c.setting != "stock", c.setting)):
+        us = None if c.median_s is None else c.median_s * 1e6
+        gbps = None if us is None or c.expert_bytes is None else c.expert_bytes / c.median_s / 1e9
+        share = None if us is None or c.hbm_floor_us is None else c.hbm_floor_us / us
+        rows.append([c.model, c.routing, c.tokens, c.setting, c.experts_before, c.experts_after,
+                     us, gbps, share, ratio[c]])
+    return rows
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def plot(cases: list[LayerCase], out: Path) -> list[Path]:
+    """Two PNGs per (model, routing): speed-up vs T, activated experts vs T; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = speedups(cases)
+    written = []
+    for model, routing in sorted({(c.model, c.routing) for c in cases}):
+        group = [c for c in cases if (c.model, c.routing) == (model, routing)]
+        settings = sorted({c.setting for c in group}, key=lambda s: (s != "stock", s))
+        for kind in ("speedup", "experts"):
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            for setting in settings:
+                pts = sorted((c.tokens, ratio[c] if kind == "speedup" else c.experts_after)
+                             for c in group if c.setting == setting)
+                pts = [(t, v) for t, v in pts if v is not None]
+                if pts and not (kind == "speedup" and setting == "stock"):
+                    ax.plot(*zip(*pts), marker="o", label=setting)
+            if kind == "speedup":
+                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+                ax.set_ylabel("speed-up vs stock (same run)")
+            else:
+                ax.set_ylabel("activated experts")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size (tokens per decode step)")
+            ax.set_title(f"{model}, routing {routing}", fontsize=10)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            path = out / f"{kind}_{_slug(model)}_{_slug(routing)}.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def render(json_path, out_dir=None) -> tuple[str, list[Path]]:
+    """Write report.md and the plots; returns (the plain-text table, paths written)."""
+    from tabulate import tabulate
+
+    json_path = Path(json_path)
+    cases = load_cases(json_path)
+    out = Path(out_dir) if out_dir else json_path.with_name(json_path.stem + "_report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create output folder {out}: {exc}") from None
+    rows = table_rows(cases)
+    fmt = dict(headers=COLUMNS, floatfmt=".3g", missingval="-")
+    md = out / "report.md"
+    md.write_text(f"# MoE layer benchmark: {json_path.name}\n\n{tabulate(rows, tablefmt='github', **fmt)}\n")
+    return tabulate(rows, **fmt), [md, *plot(cases, out)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sere.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench_json", help="pytest-benchmark JSON (--benchmark-json, or a saved run)")
+    parser.add_argument("--out", help="output folder (default: <BENCH>_report next to the JSON)")
+    args = parser.parse_args(argv)
+    try:
+        text, paths = render(args.bench_json, args.out)
+    except ReportError as exc:
+        print(f"sere.report: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

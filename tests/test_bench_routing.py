@@ -1,0 +1,185 @@
+"""Tests of the benchmarks' routing generators and trace format (bench/routing.py) and of the
+real-size model configs (sere.model_configs.real_config / layer_shapes).
+
+    pytest tests/test_bench_routing.py
+"""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sere.model_configs import REAL_MODELS, build_tiny_model, layer_shapes, real_config
+
+_spec = importlib.util.spec_from_file_location(
+    "sere_bench_routing", Path(__file__).resolve().parents[1] / "bench" / "routing.py")
+routing = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(routing)
+
+# (T, E, k): extremes and odd sizes.
+SIZES = ((1, 8, 1), (33, 60, 4), (256, 128, 8), (5, 6, 6))
+
+
+@pytest.mark.parametrize(("T", "E", "k"), SIZES)
+@pytest.mark.parametrize("spec", ["uniform", "zipf:1.2"])
+def test_generated_routing_looks_like_a_router_topk(spec, T, E, k):
+    r = routing.make_routing(spec, T, E, k, seed=3)
+    assert r.ids.shape == r.weights.shape == (T, k)
+    assert r.ids.dtype == torch.int64 and ((r.ids >= 0) & (r.ids < E)).all()
+    assert all(len(set(row.tolist())) == k for row in r.ids), "experts of a token must be distinct"
+    assert (r.weights[:, :-1] >= r.weights[:, 1:]).all(), "slot 0 must hold the largest weight"
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(T))
+    assert r.label == spec
+    again = routing.make_routing(spec, T, E, k, seed=3)
+    assert torch.equal(again.ids, r.ids)
+
+
+def test_seed_changes_the_routing():
+    a = routing.uniform_routing(64, 128, 8, seed=0)
+    b = routing.uniform_routing(64, 128, 8, seed=1)
+    assert not torch.equal(a.ids, b.ids)
+
+
+def test_zipf_skews_the_load():
+    T, E, k = 256, 128, 8
+    uni = routing.uniform_routing(T, E, k, seed=0)
+    zipf = routing.zipf_routing(T, E, k, 1.5, seed=0)
+    # Skew concentrates the batch on fewer experts...
+    assert torch.unique(zipf.ids).numel() < torch.unique(uni.ids).numel()
+    # ...and the most loaded expert takes a far larger share than under uniform routing.
+    assert torch.bincount(zipf.ids.flatten(), minlength=E).max() > 3 * torch.bincount(uni.ids.flatten(), minlength=E).max()
+
+
+def test_zipf_zero_is_uniform_and_negative_is_refused():
+    assert routing.zipf_routing(4, 8, 2, 0.0).label == "uniform"
+    with pytest.raises(ValueError, match="Zipf exponent"):
+        routing.zipf_routing(4, 8, 2, -1.0)
+
+
+@pytest.mark.parametrize(("spec", "message"), [("zipf:abc", "bad Zipf spec"), ("normal", "unknown routing spec"),
+                                               ("uniform", None)])
+def test_bad_specs_and_sizes(spec, message):
+    if message:
+        with pytest.raises(ValueError, match=message):
+            routing.make_routing(spec, 4, 8, 2)
+    with pytest.raises(ValueError, match="1 <= k <= E"):
+        routing.make_routing("uniform", 4, 8, 9)
+    with pytest.raises(ValueError, match="at least one token"):
+        routing.make_routing("uniform", 0, 8, 2)
+
+
+@pytest.mark.parametrize("E", [1, 8, 60])
+def test_synthetic_similarity(E):
+    sim = routing.synthetic_similarity(E, seed=2)
+    assert sim.shape == (E, E) and sim.dtype == torch.float32
+    assert torch.equal(sim, sim.T)
+    assert torch.equal(sim.diagonal(), torch.ones(E))
+    assert ((sim >= 0) & (sim <= 1)).all()
+
+
+# --- traces ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trace_file(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    ids = {l: torch.stack([torch.randperm(16, generator=gen)[:4] for _ in range(40)]) for l in (1, 3)}
+    sim = {3: routing.synthetic_similarity(16, seed=9)}
+    path = routing.save_trace(tmp_path / "t.safetensors", ids, num_experts=16, model="toy", source="unit test",
+                              similarity=sim)
+    return path, ids, sim
+
+
+def test_trace_round_trip_and_replay(trace_file):
+    path, ids, sim = trace_file
+    trace = routing.load_trace(path)
+    assert (trace.num_experts, trace.top_k, trace.model, trace.layers) == (16, 4, "toy", [1, 3])
+    assert torch.equal(trace.ids[3].long(), ids[3])
+    r = routing.make_routing(f"trace:{path}@3", 33, 16, 4, seed=1)
+    assert r.ids.shape == (33, 4) and r.label == "trace:t.safetensors@3"
+    pool = {tuple(row) for row in ids[3].tolist()}
+    rows = [tuple(row) for row in r.ids.tolist()]
+    assert set(rows) <= pool and len(set(rows)) == 33, "replay draws distinct recorded tokens"
+    got_sim, label = routing.similarity_for(f"trace:{path}@3", 16)
+    assert torch.equal(got_sim, sim[3]) and label.startswith("trace:")
+    # Layer 1 has no similarity in the file: the synthetic one stands in, and says so.
+    assert routing.similarity_for(f"trace:{path}@1", 16)[1].startswith("synthetic")
+
+
+def test_trace_replay_refuses_what_it_cannot_do(trace_file):
+    path, _, _ = trace_file
+    with pytest.raises(ValueError, match="recorded with E=16, k=4"):
+        routing.make_routing(f"trace:{path}", 8, 60, 4)
+    with pytest.raises(ValueError, match="fewer than the batch"):
+        routing.make_routing(f"trace:{path}", 41, 16, 4)
+    with pytest.raises(ValueError, match="no layer 2"):
+        routing.make_routing(f"trace:{path}@2", 4, 16, 4)
+
+
+def test_load_trace_rejects_other_files(tmp_path):
+    pkl = tmp_path / "x.safetensors"
+    pkl.write_bytes(pickle.dumps({"ids": [1, 2]}))
+    with pytest.raises(ValueError, match="not a safetensors routing trace"):
+        routing.load_trace(pkl)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"layer.0.topk_ids": torch.zeros(2, 2, dtype=torch.int32)}, str(other), metadata={"format": "x"})
+    with pytest.raises(ValueError, match="metadata format"):
+        routing.load_trace(other)
+    with pytest.raises(FileNotFoundError):
+        routing.load_trace(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="one k for all layers"):
+        routing.save_trace(tmp_path / "y.safetensors", {0: torch.zeros(3, 2), 1: torch.zeros(3, 4)},
+                           num_experts=8, model="m", source="s")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_record_trace_from_a_transformers_model(tmp_path, arch):
+    model = build_tiny_model(arch, seed=0)
+    batches = [torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rec = routing.record_trace(model, batches, source="unit test")
+    moe_layers = [1, 2] if arch == "deepseek_v2" else [0, 1]  # DeepSeek's first layer is dense
+    assert sorted(rec["ids"]) == moe_layers
+    assert all(t.shape == (2 * 2 * 5, 4) for t in rec["ids"].values())
+    trace = routing.load_trace(routing.save_trace(tmp_path / "rec.safetensors", **rec))
+    assert trace.num_experts == 8 and trace.layers == moe_layers
+    with pytest.raises(ValueError, match="no transformers MoE router"):
+        routing.record_trace(torch.nn.Linear(2, 2), [], source="x")
+
+
+# --- real-size configs ------------------------------------------------------------------
+
+# name -> (arch, E, k, hidden, moe_intermediate, shared intermediate), from the published configs.
+PUBLISHED = {
+    "Qwen1.5-MoE-A2.7B": ("qwen2_moe", 60, 4, 2048, 1408, 5632),
+    "DeepSeek-V2-Lite": ("deepseek_v2", 64, 6, 2048, 1408, 2816),
+    "Qwen3-30B-A3B": ("qwen3_moe", 128, 8, 2048, 768, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_real_configs_match_the_published_shapes(name):
+    s = layer_shapes(name)
+    assert (s.arch, s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size,
+            s.shared_intermediate_size) == PUBLISHED[name]
+    assert s.expert_params() == 3 * s.hidden_size * s.moe_intermediate_size
+    cfg = real_config(name.lower())  # names are case-insensitive
+    assert cfg.model_type == s.arch and cfg._name_or_path == name
+
+
+def test_real_config_details_and_errors():
+    assert set(REAL_MODELS) == set(PUBLISHED)
+    ds = real_config("DeepSeek-V2-Lite")
+    assert (ds.first_k_dense_replace, ds.num_hidden_layers, ds.kv_lora_rank, ds.q_lora_rank) == (1, 27, 512, None)
+    assert ds.rope_parameters["rope_type"] == "yarn" and ds.rope_parameters["factor"] == 40.0
+    q3 = real_config("Qwen3-30B-A3B", num_hidden_layers=2)
+    assert (q3.num_hidden_layers, q3.num_key_value_heads, q3.head_dim, q3.norm_topk_prob) == (2, 4, 128, True)
+    assert real_config("Qwen1.5-MoE-A2.7B").norm_topk_prob is False
+    assert layer_shapes("Qwen1.5-MoE-A2.7B").shared_params() == 3 * 2048 * 5632 + 2048
+    with pytest.raises(ValueError, match="unknown model"):
+        real_config("Mixtral-8x7B")

@@ -1,0 +1,138 @@
+"""Tests of `python -m sere.report`: table values, plots, errors, and a real tiny bench run.
+
+    pytest tests/test_report.py            # the last test runs the layer bench (slow, ~15 s)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sere import report
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _bench(model, routing, T, setting, median_s, before, after, name=None):
+    return {
+        "name": name or f"test_moe_layer[{model}-{routing}-T{T}-{setting}]",
+        "stats": {"median": median_s},
+        "extra_info": {"model": model, "routing": routing, "tokens": T, "setting": setting,
+                       "experts_before": before, "experts_after": after,
+                       "expert_bytes": after * 1_000_000, "hbm_floor_us": after * 0.5},
+    }
+
+
+# Stock and two settings at two batch sizes, one model; plus a case of another bench.
+FAKE_RUN = {
+    "machine_info": {}, "commit_info": {}, "benchmarks": [
+        _bench("M", "uniform", 1, "stock", 100e-6, 8, 8),
+        _bench("M", "uniform", 1, "S1-rho0", 50e-6, 8, 1),
+        _bench("M", "uniform", 16, "stock", 300e-6, 84, 84),
+        _bench("M", "uniform", 16, "S1-rho0", 100e-6, 84, 15),
+        _bench("M", "uniform", 16, "S2-rho0.1", 150e-6, 84, 29),
+        {"name": "test_reroute_kernel[T64]", "stats": {"median": 3e-6}, "extra_info": {"backend": "numba"}},
+    ],
+}
+
+
+@pytest.fixture
+def fake_json(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(FAKE_RUN))
+    return path
+
+
+def test_speedup_comes_from_medians_of_the_same_run(fake_json):
+    cases = report.load_cases(fake_json)
+    assert len(cases) == 5  # the kernel-bench entry is not a layer case
+    ratio = {(c.tokens, c.setting): r for c, r in report.speedups(cases).items()}
+    assert ratio[(16, "S1-rho0")] == pytest.approx(3.0)
+    assert ratio[(16, "S2-rho0.1")] == pytest.approx(2.0)
+    assert ratio[(1, "S1-rho0")] == pytest.approx(2.0)
+    assert ratio[(1, "stock")] == pytest.approx(1.0)
+
+
+def test_table_rows_hold_experts_bandwidth_and_floor_share(fake_json):
+    rows = {(r[2], r[3]): r for r in report.table_rows(report.load_cases(fake_json))}
+    _, _, _, _, before, after, us, gbps, share, speedup = rows[(16, "S1-rho0")]
+    assert (before, after) == (84, 15)
+    assert us == pytest.approx(100.0)
+    assert gbps == pytest.approx(15e6 / 100e-6 / 1e9)  # 150 GB/s
+    assert share == pytest.approx(7.5 / 100.0)
+    assert speedup == pytest.approx(3.0)
+
+
+def test_missing_stock_gives_no_speedup(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [_bench("M", "uniform", 4, "S1-rho0", 1e-4, 8, 2)]}))
+    (case,) = report.load_cases(path)
+    assert report.speedups([case]) == {case: None}
+
+
+def test_cli_writes_table_and_plots(fake_json, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert report.main([str(fake_json), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "S2-rho0.1" in printed and "speed-up" in printed
+    md = (out / "report.md").read_text()
+    assert md.count("| M ") == 5
+    for kind in ("speedup", "experts"):
+        png = out / f"{kind}_M_uniform.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_default_out_dir_is_next_to_the_json(fake_json):
+    _, paths = report.render(fake_json)
+    assert paths[0] == fake_json.with_name("bench_report") / "report.md"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("not json", "not JSON"),
+        ('{"results": []}', "not a pytest-benchmark JSON"),
+        ('{"benchmarks": [{"name": "x", "stats": {"median": 1}, "extra_info": {}}]}', "no MoE-layer cases"),
+        ('{"benchmarks": [{"name": "x", "extra_info": {"setting": "stock"}}]}', "incomplete extra_info"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "b.json"
+    if content is not None:
+        path.write_text(content)
+    assert report.main([str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_on_a_tiny_layer_bench_run(tmp_path):
+    """End to end: the layer bench writes JSON (one model, two batches, CPU shapes), the
+    report command renders it."""
+    bench_json = tmp_path / "layer.json"
+    env = dict(os.environ, SERE_BENCH_SIZE="small", SERE_BENCH_ROUTING="uniform", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_bench_layer.py", "-q", "-p", "no:cacheprovider",
+         "-k", "Qwen3 and (T1- or T16-) and (stock or S1-rho0)",
+         f"--benchmark-json={bench_json}", f"--benchmark-storage=file://{tmp_path / 'store'}",
+         "--benchmark-max-time=0.02", "--benchmark-min-rounds=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "rep"
+    cli = subprocess.run([sys.executable, "-m", "sere.report", str(bench_json), "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    cases = report.load_cases(bench_json)
+    assert {(c.tokens, c.setting) for c in cases} == {(1, "stock"), (1, "S1-rho0"), (16, "stock"), (16, "S1-rho0")}
+    ratio = report.speedups(cases)
+    assert all(r is not None and r > 0 for r in ratio.values())
+    by = {(c.tokens, c.setting): c for c in cases}
+    assert by[(16, "S1-rho0")].experts_after < by[(16, "stock")].experts_after
+    assert (out / "speedup_Qwen3-30B-A3B_uniform.png").read_bytes()[:8] == PNG_MAGIC
+    assert "Qwen3-30B-A3B" in cli.stdout
