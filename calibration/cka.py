@@ -30,7 +30,7 @@ from sere.calibration.finalize import finalize_similarity
 KERNELS = ("linear", "rbf", "polynomial")
 POLY_DEGREE = 3
 RBF_MEDIAN_TOKENS = 1024
-DEFAULT_BLOCK_ELEMENTS = 1 << 27  # ~512 MB of float32 per intermediate block
+DEFAULT_BLOCK_ELEMENTS = 1 << 28  # ~1 GB of float32 per intermediate block
 
 
 # ---------------------------------------------------------------------------- kernel pieces
@@ -137,21 +137,41 @@ def linear_hsic_matrix(yc: torch.Tensor, *, block_elements: int = DEFAULT_BLOCK_
     the feature cross-covariance form (D^2 per pair).
     """
     e, n, d = yc.shape
-    gram_cost = e * n * n * d + e * e * n * n / 2
+    gram_cost = (e * n * n * d + e * e * n * n) / 2  # upper half of the Grams only
     feature_cost = e * e * n * d * d / 2
     if feature_cost < gram_cost:
         return _feature_cross_hsic(yc, block_elements)
     return _gram_cross_hsic(yc, block_elements)
 
 
+def _upper_row_blocks(e: int, n: int, block_elements: int):
+    """(start, stop) of token-row blocks; each block takes columns start..N of a symmetric Gram."""
+    rows = max(1, block_elements // (e * n))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
+def _accumulate_symmetric(acc: torch.Tensor, k: torch.Tensor) -> None:
+    """acc += <K_i, K_j> over one row block of symmetric Grams K, given as k = K[:, rows, start:].
+
+    The block's square part (columns of its own rows) counts once; the part right of it
+    stands for itself and its mirror image below the diagonal, so it counts twice.
+    """
+    e, b, _ = k.shape
+    square = k[:, :, :b].reshape(e, -1)  # E, B*B
+    acc += (square @ square.T).double()
+    if k.shape[2] > b:
+        right = k[:, :, b:].reshape(e, -1)  # E, B*(N - stop)
+        acc += 2 * (right @ right.T).double()
+
+
 def _gram_cross_hsic(yc: torch.Tensor, block_elements: int) -> torch.Tensor:
     e, n, _ = yc.shape
-    rows = max(1, block_elements // (e * n))
     ycT = yc.transpose(1, 2)  # E, D, N
     acc = torch.zeros(e, e, dtype=torch.float64, device=yc.device)
-    for start in range(0, n, rows):
-        k_rows = torch.bmm(yc[:, start : start + rows], ycT).reshape(e, -1)  # E, B*N
-        acc += (k_rows @ k_rows.T).double()  # E, E
+    # Grams are symmetric: only blocks on or right of the diagonal are computed (half the work).
+    for start, stop in _upper_row_blocks(e, n, block_elements):
+        k = torch.bmm(yc[:, start:stop], ycT[:, :, start:])  # E, B, N - start
+        _accumulate_symmetric(acc, k)
     return acc
 
 
@@ -174,7 +194,7 @@ def gram_hsic_matrix(
 
     Two passes over blocks of token rows: the first gets every Gram's row means (centering
     needs them), the second centers each block exactly and accumulates block Gram products,
-    so no N x N Gram of any expert is ever held whole.
+    so no N x N Gram of any expert is ever held whole; both use only the upper half.
     """
     e, n, _ = y.shape
     if kernel == "polynomial":
@@ -183,25 +203,32 @@ def gram_hsic_matrix(
     else:
         param = rbf_sigma2(y)  # E
     sq_norms = y.square().sum(-1)  # E, N
-    rows = max(1, block_elements // (e * n))
     yT = y.transpose(1, 2)  # E, D, N
+    blocks = _upper_row_blocks(e, n, block_elements)
 
-    def gram_rows(start: int) -> torch.Tensor:
-        dots = torch.bmm(y[:, start : start + rows], yT)  # E, B, N
+    def gram_block(start: int, stop: int) -> torch.Tensor:  # K[:, start:stop, start:]
+        dots = torch.bmm(y[:, start:stop], yT[:, :, start:])  # E, B, N - start
         if kernel == "polynomial":
             return (param[:, None, None] * dots + 1.0).pow(POLY_DEGREE)
-        d2 = (sq_norms[:, start : start + rows, None] + sq_norms[:, None, :] - 2 * dots).clamp_min(0)
-        return rbf_from_sq_dist(d2, param)  # E, B, N
+        d2 = (sq_norms[:, start:stop, None] + sq_norms[:, None, start:] - 2 * dots).clamp_min(0)
+        return rbf_from_sq_dist(d2, param)
 
-    row_mean = torch.cat([gram_rows(s).mean(-1) for s in range(0, n, rows)], dim=1)  # E, N
-    grand_mean = row_mean.mean(-1)  # E
+    # Pass 1: row sums. A block's rows get its row sums; by symmetry, the rows below the block
+    # get the column sums of its part right of the diagonal square.
+    row_sum = torch.zeros(e, n, dtype=torch.float64, device=y.device)
+    for start, stop in blocks:
+        k = gram_block(start, stop)  # E, B, N - start
+        row_sum[:, start:stop] += k.sum(-1)
+        row_sum[:, stop:] += k[:, :, stop - start :].sum(1)
+    row_mean = (row_sum / n).to(y.dtype)  # E, N
+    grand_mean = (row_sum.sum(-1) / (n * n)).to(y.dtype)  # E
+    # Pass 2: center each block exactly, H K H = K - row mean - column mean + grand mean,
+    # and accumulate the Gram products.
     acc = torch.zeros(e, e, dtype=torch.float64, device=y.device)
-    for start in range(0, n, rows):
-        k = gram_rows(start)  # E, B, N
-        # Centered Gram H K H = K - row mean - column mean + grand mean (K is symmetric).
-        k = k - row_mean[:, start : start + rows, None] - row_mean[:, None, :] + grand_mean[:, None, None]
-        flat = k.reshape(e, -1)  # E, B*N
-        acc += (flat @ flat.T).double()
+    for start, stop in blocks:
+        k = gram_block(start, stop)
+        k = k - row_mean[:, start:stop, None] - row_mean[:, None, start:] + grand_mean[:, None, None]
+        _accumulate_symmetric(acc, k)
     return acc
 
 
