@@ -286,6 +286,7 @@ class PointerKernel:
         self._handles: dict[int, object] = {}
         self._streams: dict[int, object] = {}
         self.direct = None
+        self.fallback_reason = ""
         for module in ("cuda.core", "cuda.core.experimental"):
             try:
                 mod = __import__(module, fromlist=["launch"])
@@ -315,9 +316,17 @@ class PointerKernel:
                     stream = self._streams[stream_ptr] = Stream.from_handle(stream_ptr)
                 launch(stream, config, self._handle(device_index), *args)
                 return
-            except (AttributeError, TypeError):
-                self.direct = None  # not the layout we expect: use numba's own launch from now on
-        self.compiled.launch(args, blocks, self.threads, cuda.external_stream(stream_ptr), 0)
+            except Exception as exc:  # noqa: BLE001 - a real launch error re-raises just below
+                self.direct = None  # not the numba-cuda layout we expect: numba's launch from now on
+                self.fallback_reason = repr(exc)
+        self.compiled.launch(args, blocks, self.threads, _numba_stream(stream_ptr), 0)
+
+
+def _numba_stream(stream_ptr: int):
+    """The stream object numba's own launch takes (a cuda.core stream in numba-cuda >= 0.2x)."""
+    stream = cuda.external_stream(stream_ptr) if stream_ptr else 0
+    to_core = getattr(cuda.cudadrv.driver, "_to_core_stream", None)
+    return to_core(stream) if to_core is not None else stream
 
 
 _build_lock = threading.Lock()
@@ -335,11 +344,13 @@ def cached_pointer_kernel(key: tuple, build) -> PointerKernel:
     return kern
 
 
-def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAULT_THREADS) -> PointerKernel:
+def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAULT_THREADS,
+                   lanes: int = WARP) -> PointerKernel:
     """The compiled reroute kernel for this signature (compiled on first use, then cached)."""
     return cached_pointer_kernel(
-        ("reroute", id_name, sim_kind, cols, threads),
-        lambda: PointerKernel(_make_kernel(sim_kind, cols, threads), pointer_signature(id_name, sim_kind), threads),
+        ("reroute", id_name, sim_kind, cols, threads, lanes),
+        lambda: PointerKernel(_make_kernel(sim_kind, cols, threads, lanes), pointer_signature(id_name, sim_kind),
+                              threads),
     )
 
 
@@ -382,27 +393,29 @@ def launch_reroute(
     *,
     threads: int = DEFAULT_THREADS,
     max_blocks: int | None = None,
+    lanes: int = WARP,
 ) -> None:
     """Write re-routed ids into `out` (contiguous, like topk_ids) on torch's current stream.
 
     topk_ids [T, k] int32/int64 contiguous, sim [E, E] float32/float16/bfloat16 contiguous.
     No allocation, no sync: safe inside CUDA-graph capture once the kernel is compiled.
+    threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks.
     """
     T, k = topk_ids.shape
     E = sim.shape[0]
     if T * k == 0:
         return
-    cols = columns_per_lane(E)
+    cols = columns_per_lane(E, lanes)
     sim_kind = TORCH_SIM_KIND[sim.dtype]
     if sim_kind == "bfloat16":
         sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
-    kern = pointer_kernel("int32" if topk_ids.dtype == torch.int32 else "int64", sim_kind, cols, threads)
+    kern = pointer_kernel("int32" if topk_ids.dtype == torch.int32 else "int64", sim_kind, cols, threads, lanes)
     device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
     if max_blocks is None:
         max_blocks = max_blocks_for(device_index)
-    blocks = grid_blocks(T, k, select_top_k, threads, max_blocks)
-    stream_ptr = torch.cuda.current_stream(device_index).cuda_stream
     S = max(-1, min(int(select_top_k), k))  # keep it in int32; any S <= 0 or >= k is identity
+    blocks = grid_blocks(T, k, S, threads, max_blocks, lanes)
+    stream_ptr = torch.cuda.current_stream(device_index).cuda_stream
     args = (
         topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr(),
         np.int32(T), np.int32(k), np.int32(E), np.int32(S), np.float32(threshold),
