@@ -21,6 +21,9 @@ What this file adds:
   --benchmark-min-rounds or ask to save/compare, each case is timed for at most 0.1 s
   (min 3 rounds) so `pytest bench` stays a couple of minutes on two cores while still
   printing a table. Saving, comparing or a GPU gives the normal pytest-benchmark budget.
+- One CPU thread: without a GPU, torch runs with one intra-op thread during the benches
+  (SERE_BENCH_THREADS=n to change). On a shared machine an OpenMP region waits for its
+  slowest thread; with two threads on two busy cores a 50 us op measured 13 ms.
 - Session fixtures: `copy_bandwidth` (bytes/s, measured once per session: a large copy,
   read + write counted, the floor every weight-streaming kernel is measured against),
   `stock_times` (a dict in which benches store the stock time of a case so that SERE cases
@@ -150,6 +153,20 @@ def pytest_report_header(config):
 
 
 # --- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_threads():
+    """One intra-op thread on the CPU (see the module docstring), restored afterwards."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SERE_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,15 @@
 """Report of a MoE-layer benchmark run: a table and plots from pytest-benchmark JSON.
 
     pytest bench/test_bench_layer.py --benchmark-json BENCH.json
-    python -m sere.report BENCH.json [--out DIR]        # or: sere-report BENCH.json
+    python -m sere.report BENCH.json [MORE.json ...] [--out DIR]     # or: sere-report ...
 
 Reads the cases of bench/test_bench_layer.py (those whose extra_info names a `setting`; a
 saved run under .benchmarks/ works too), prints a table (tabulate) of time, activated experts,
 GB/s, share of the HBM floor and speed-up against stock, and writes into DIR (default:
-BENCH_report/ next to the JSON):
+BENCH_report/ next to the first JSON):
   report.md                          the table, GitHub markdown
+Several JSON files (e.g. one per model, from separate runs) are merged; a speed-up still only
+pairs cases of the same file, i.e. of the same run.
   speedup_<model>_<routing>.png      speed-up against stock vs batch size, one line per setting
   experts_<model>_<routing>.png      activated experts vs batch size, one line per setting
 Speed-ups are computed from the medians in the file (stock and SERE of the same model,
@@ -37,10 +39,11 @@ class LayerCase:
     median_s: float | None  # None: the run had benchmarks disabled
     expert_bytes: int | None
     hbm_floor_us: float | None
+    run: str = ""  # the file it came from: speed-ups pair cases of one run only
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.model, self.routing, self.tokens)
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.run, self.model, self.routing, self.tokens)
 
 
 class ReportError(ValueError):
@@ -73,6 +76,7 @@ def load_cases(path) -> list[LayerCase]:
                 setting=str(info["setting"]), experts_before=int(info["experts_before"]),
                 experts_after=int(info["experts_after"]), median_s=None if median is None else float(median),
                 expert_bytes=info.get("expert_bytes"), hbm_floor_us=info.get("hbm_floor_us"),
+                run=str(path),
             ))
         except (KeyError, TypeError, ValueError) as exc:
             raise ReportError(f"{path}: benchmark {bench.get('name')!r} has incomplete extra_info ({exc})") from None
@@ -83,7 +87,7 @@ def load_cases(path) -> list[LayerCase]:
 
 
 def speedups(cases: list[LayerCase]) -> dict[LayerCase, float | None]:
-    """Stock median / case median, for cases whose stock case (same model, routing, T) is there."""
+    """Stock median / case median, for cases whose stock case (same run, model, routing, T) is there."""
     stock = {c.key: c.median_s for c in cases if c.setting == "stock" and c.median_s}
     return {c: (stock[c.key] / c.median_s if c.key in stock and c.median_s else None) for c in cases}
 
@@ -118,18 +122,21 @@ def plot(cases: list[LayerCase], out: Path) -> list[Path]:
         settings = sorted({c.setting for c in group}, key=lambda s: (s != "stock", s))
         for kind in ("speedup", "experts"):
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            for setting in settings:
-                pts = sorted((c.tokens, ratio[c] if kind == "speedup" else c.experts_after)
-                             for c in group if c.setting == setting)
-                pts = [(t, v) for t, v in pts if v is not None]
+            for n, setting in enumerate(settings):  # colour by setting: the same in both plots
+                pts = [(c.tokens, ratio[c] if kind == "speedup" else c.experts_after)
+                       for c in group if c.setting == setting]
+                pts = sorted((t, v) for t, v in pts if v is not None)
                 if pts and not (kind == "speedup" and setting == "stock"):
-                    ax.plot(*zip(*pts), marker="o", label=setting)
+                    ax.plot(*zip(*pts), marker="o", label=setting, color=f"C{n % 10}")
             if kind == "speedup":
                 ax.axhline(1.0, color="grey", lw=0.8, ls="--")
                 ax.set_ylabel("speed-up vs stock (same run)")
             else:
                 ax.set_ylabel("activated experts")
             ax.set_xscale("log", base=2)
+            batches = sorted({c.tokens for c in group})
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.minorticks_off()
             ax.set_xlabel("batch size (tokens per decode step)")
             ax.set_title(f"{model}, routing {routing}", fontsize=10)
             if ax.get_legend_handles_labels()[0]:
@@ -142,13 +149,14 @@ def plot(cases: list[LayerCase], out: Path) -> list[Path]:
     return written
 
 
-def render(json_path, out_dir=None) -> tuple[str, list[Path]]:
-    """Write report.md and the plots; returns (the plain-text table, paths written)."""
+def render(json_paths, out_dir=None) -> tuple[str, list[Path]]:
+    """Write report.md and the plots for one or several JSON files; returns (the plain-text
+    table, paths written)."""
     from tabulate import tabulate
 
-    json_path = Path(json_path)
-    cases = load_cases(json_path)
-    out = Path(out_dir) if out_dir else json_path.with_name(json_path.stem + "_report")
+    paths = [Path(p) for p in ([json_paths] if isinstance(json_paths, (str, Path)) else json_paths)]
+    cases = [c for p in paths for c in load_cases(p)]
+    out = Path(out_dir) if out_dir else paths[0].with_name(paths[0].stem + "_report")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -156,13 +164,14 @@ def render(json_path, out_dir=None) -> tuple[str, list[Path]]:
     rows = table_rows(cases)
     fmt = dict(headers=COLUMNS, floatfmt=".3g", missingval="-")
     md = out / "report.md"
-    md.write_text(f"# MoE layer benchmark: {json_path.name}\n\n{tabulate(rows, tablefmt='github', **fmt)}\n")
+    title = ", ".join(p.name for p in paths)
+    md.write_text(f"# MoE layer benchmark: {title}\n\n{tabulate(rows, tablefmt='github', **fmt)}\n")
     return tabulate(rows, **fmt), [md, *plot(cases, out)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sere.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench_json", help="pytest-benchmark JSON (--benchmark-json, or a saved run)")
+    parser.add_argument("bench_json", nargs="+", help="pytest-benchmark JSON (--benchmark-json, or a saved run)")
     parser.add_argument("--out", help="output folder (default: <BENCH>_report next to the JSON)")
     args = parser.parse_args(argv)
     try:

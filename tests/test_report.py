@@ -68,6 +68,23 @@ def test_table_rows_hold_experts_bandwidth_and_floor_share(fake_json):
     assert speedup == pytest.approx(3.0)
 
 
+def test_several_files_merge_but_speedups_stay_within_a_run(fake_json, tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"benchmarks": [
+        _bench("N", "uniform", 1, "stock", 40e-6, 8, 8),
+        _bench("N", "uniform", 1, "S1-rho0", 20e-6, 8, 1),
+        _bench("M", "uniform", 16, "S1-rho0", 60e-6, 84, 15),  # M's stock is in the other run
+    ]}))
+    text, paths = report.render([fake_json, other], tmp_path / "both")
+    cases = report.load_cases(fake_json) + report.load_cases(other)
+    ratio = {(c.run == str(other), c.model, c.tokens, c.setting): r for c, r in report.speedups(cases).items()}
+    assert ratio[(True, "N", 1, "S1-rho0")] == pytest.approx(2.0)
+    assert ratio[(True, "M", 16, "S1-rho0")] is None
+    assert ratio[(False, "M", 16, "S1-rho0")] == pytest.approx(3.0)
+    assert {p.name for p in paths} >= {"report.md", "speedup_N_uniform.png", "experts_M_uniform.png"}
+    assert "other.json" in (tmp_path / "both" / "report.md").read_text()
+
+
 def test_missing_stock_gives_no_speedup(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": [_bench("M", "uniform", 4, "S1-rho0", 1e-4, 8, 2)]}))
