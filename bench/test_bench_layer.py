@@ -5,6 +5,7 @@
     pytest bench/test_bench_layer.py                      # GPU: real shapes, bf16, graph replay
     SERE_BENCH_SIZE=real|small    force the shapes (default: real on CUDA, small on the CPU)
     SERE_BENCH_ROUTING=uniform,zipf:1.2,trace:PATH[@LAYER]   routings to run (bench/routing.py)
+    SERE_BENCH_BACKEND=auto|torch|numba   the re-routing backend (default auto)
 
 The layer is the transformers MoE block of each model (Qwen2MoeSparseMoeBlock, DeepseekV2Moe,
 Qwen3MoeSparseMoeBlock) built from the published config (sere.model_configs.real_config) with
@@ -45,6 +46,7 @@ from routing import make_routing, similarity_for
 import sere.hf
 from sere import reroute, reroute_with_stats
 from sere.model_configs import REAL_MODELS, layer_shapes, real_config
+from sere.routing import resolve_backend
 from sere.stats import distinct_experts
 
 SIZE = os.environ.get("SERE_BENCH_SIZE") or ("real" if torch.cuda.is_available() else "small")
@@ -68,6 +70,7 @@ GPU_CALLS, GPU_ROUNDS = 3 * GPU_COPIES, 10  # calls per captured graph, timed re
 # The first routing gets every setting at real size; the others (and the CPU) the paper's two.
 SETTINGS = SETTINGS_REAL if SIZE == "real" else PAPER_SETTINGS
 BATCHES = BATCHES_REAL if SIZE == "real" else BATCHES_SMALL
+BACKEND = os.environ.get("SERE_BENCH_BACKEND", "auto")
 ROUTINGS = tuple(s.strip() for s in os.environ.get("SERE_BENCH_ROUTING", ",".join(ROUTINGS_DEFAULT)).split(",") if s.strip())
 
 _BLOCKS = {
@@ -211,9 +214,10 @@ def _run_and_capture(stack: LayerStack, x: torch.Tensor):
     return [seen[i] for i in range(len(stack))], outs
 
 
-def time_layer(benchmark, stack: LayerStack, x: torch.Tensor) -> float | None:
-    """Median seconds per layer call (None with benchmarks disabled). GPU: CUDA-graph replay of
-    calls cycling through the copies; CPU: pytest-benchmark around one call."""
+def time_layer(benchmark, stack: LayerStack, x: torch.Tensor, experts_impl: str) -> tuple[float | None, str]:
+    """(median seconds per layer call or None with benchmarks disabled, how it was timed).
+    GPU: CUDA-graph replay of calls cycling through the copies (CUDA events around eager calls
+    where the experts path cannot be captured); CPU: pytest-benchmark around one call."""
     if DEVICE == "cuda":
         from timing import benchmark_device
 
@@ -222,13 +226,17 @@ def time_layer(benchmark, stack: LayerStack, x: torch.Tensor) -> float | None:
         def next_layer():
             return stack.block(next(turn) % len(stack))(x)
 
+        # transformers' eager experts loop syncs with the host (nonzero): it cannot be captured.
+        method = "graph" if experts_impl == "grouped_mm" else "events"
         with torch.no_grad():
-            benchmark_device(benchmark, next_layer, method="graph", calls=GPU_CALLS, rounds=GPU_ROUNDS)
+            benchmark_device(benchmark, next_layer, method=method, calls=GPU_CALLS, rounds=GPU_ROUNDS)
+        how = f"{'cuda-graph replay' if method == 'graph' else 'cuda events, eager'}, {GPU_CALLS} calls over {len(stack)} layer copies"
     else:
         with torch.no_grad():
             benchmark(stack.block(0), x)
+        how = "pytest-benchmark (host clock), one thread"
     stats = getattr(benchmark, "stats", None)
-    return float(stats.stats.median) if stats is not None else None
+    return (float(stats.stats.median) if stats is not None else None), how
 
 
 @pytest.mark.parametrize(("model", "routing", "T", "setting", "S", "rho"), _cases())
@@ -249,7 +257,7 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
     handle = None
     if S is not None:
         sims = {i: sim for i in range(len(stack))}
-        handle = sere.hf.enable(stack, sims, select_top_k=S, threshold=rho, record_stats=False)
+        handle = sere.hf.enable(stack, sims, select_top_k=S, threshold=rho, record_stats=False, backend=BACKEND)
     try:
         # Validate first: the ids every copy's experts see, and a finite output.
         got, outs = _run_and_capture(stack, x)
@@ -257,7 +265,7 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
         for ids in got:
             torch.testing.assert_close(ids, want.long(), rtol=0, atol=0)
         assert all(torch.isfinite(o).all() for o in outs), "MoE layer output has NaN/inf"
-        seconds = time_layer(benchmark, stack, x)
+        seconds, timer = time_layer(benchmark, stack, x, layer.experts_impl)
     finally:
         if handle is not None:
             handle.remove()
@@ -279,9 +287,9 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
         model=model, arch=shapes.arch, size=SIZE, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
         E=E, k=k, hidden=H, moe_intermediate=shapes.moe_intermediate_size,
         shared_intermediate=shapes.shared_intermediate_size, experts_impl=layer.experts_impl,
-        timer=(f"cuda-graph replay, {GPU_CALLS} calls over {GPU_COPIES} layer copies" if DEVICE == "cuda"
-               else "pytest-benchmark (host clock)"),
+        timer=timer,
         routing=r.label, similarity=sim_label, tokens=T, setting=setting, S=S, rho=rho,
+        sere_backend=None if S is None else resolve_backend(BACKEND, torch.device(DEVICE)),
         experts_before=before, experts_after=after, rerouted=rerouted, critical=critical,
         expert_bytes=expert_bytes, copy_bw_gbps=round(copy_bandwidth / 1e9, 1),
         hbm_floor_us=round(floor_s * 1e6, 2),
