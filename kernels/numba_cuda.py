@@ -32,6 +32,11 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+if not hasattr(np, "row_stack"):
+    # NumPy 2.5 removed the row_stack alias of vstack; numba-cuda 0.30 still registers an
+    # overload for it when its typing registry loads (the first kernel compile) and fails.
+    np.row_stack = np.vstack
+
 try:  # numba-cuda is an optional dependency (extra `cuda`)
     import numba
     from numba import cuda

@@ -56,7 +56,11 @@ def host_us_per_call(fn, calls: int = 2000) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="probe.json")
+    parser.add_argument("--quick", action="store_true", help="a small sweep (T 64/4096, S 1)")
     args = parser.parse_args()
+    global T_VALUES, S_VALUES, BLOCKS_PER_SM, LANES
+    if args.quick:
+        T_VALUES, S_VALUES, BLOCKS_PER_SM, LANES = (64, 4096), (1,), (2, 4, 8), (16, 32)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     report: dict = {"device": torch.cuda.get_device_name(), "sms": sms, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device run of the kernel work (issue 2): install the package, run the GPU kernel tests, the
 # launch probe and the kernel bench; logs and JSON land in $OUT (default /tmp/sere_kernel_out).
-# Run from the repo root on a CUDA machine:  bash bench/gpu/run_kernel.sh [fast]
-# "fast" skips the CPU bench cases and the graph/events duplication is kept (targets need both).
+# Run from the repo root on a CUDA machine:  bash bench/gpu/run_kernel.sh [full|fast|quick]
+# full: every bench case; fast: GPU cases only; quick: numba cases only (each also times the
+# baseline and torch for its ratios), uniform routing, and a small launch sweep.
 set -uo pipefail
 OUT=${OUT:-/tmp/sere_kernel_out}
 mkdir -p "$OUT"
@@ -23,22 +24,27 @@ status=0
 } > "$OUT/env_install.txt" 2>&1
 cat "$OUT/env_install.txt"
 
-echo "== GPU kernel tests"
-timeout 300 $PY -m pytest tests/test_gpu_kernels.py -m gpu -q -rfEs --durations=10 -p no:cacheprovider \
-  > "$OUT/gpu_tests.log" 2>&1 || status=1
-tail -n 40 "$OUT/gpu_tests.log"
-
 echo "== launch probe"
-timeout 180 $PY bench/gpu/probe_kernel.py --out "$OUT/probe.json" > "$OUT/probe.log" 2>&1 || status=1
+probe_args=""
+if [ "${1:-full}" = "quick" ]; then probe_args="--quick"; fi
+timeout ${PROBE_TIMEOUT:-180} $PY bench/gpu/probe_kernel.py --out "$OUT/probe.json" $probe_args > "$OUT/probe.log" 2>&1 || status=1
 tail -n 30 "$OUT/probe.log"
 
 echo "== kernel bench"
-select="gpu"
-if [ "${1:-}" != "fast" ]; then select="gpu or (cpu and (reference-1- or torch-1- or reference-64- or torch-64-))"; fi
-timeout 300 $PY -m pytest bench/test_bench_reroute.py -k "$select" -q -s -p no:cacheprovider \
+case "${1:-full}" in
+  quick) select="gpu and numba and uniform" ;;
+  fast) select="gpu" ;;
+  *) select="gpu or (cpu and (reference-1- or torch-1- or reference-64- or torch-64-))" ;;
+esac
+timeout ${BENCH_TIMEOUT:-300} $PY -m pytest bench/test_bench_reroute.py -k "$select" -q -s -p no:cacheprovider \
   --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=min,median,max --benchmark-sort=name \
   > "$OUT/bench.log" 2>&1 || status=1
 grep -E "^\[reroute|passed|failed|error" "$OUT/bench.log" | tail -n 60
 $PY bench/gpu/summarize_kernel.py "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 || status=1
 cat "$OUT/summary.md"
+echo "== GPU kernel tests"
+timeout ${TESTS_TIMEOUT:-300} $PY -m pytest tests/test_gpu_kernels.py -m gpu -q -rfEs --durations=10 -p no:cacheprovider \
+  > "$OUT/gpu_tests.log" 2>&1 || status=1
+tail -n 40 "$OUT/gpu_tests.log"
+
 exit $status
