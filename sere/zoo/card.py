@@ -1,0 +1,139 @@
+"""Write the card of a trained zoo model: README.md (for people) and card.json (for tools).
+
+    python -m sere.zoo.card --model qwen2_moe          # after sere.zoo.train and calibration
+
+Measures on the committed held-out text: perplexity, the unigram baseline of the same
+tokenizer (token frequencies of the training split, add-one smoothed), and the routing
+entropies per MoE layer (sere.zoo.evaluate); reads the training log for seed, steps, wall
+time and the loss curve; names the similarity artifact if one is there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from sere.zoo import heldout_ids, load_zoo_model, model_dir
+from sere.zoo.data import DEFAULT_VOCAB, HELDOUT_EVERY, HELDOUT_OFFSET, encode, prepare
+from sere.zoo.evaluate import heldout_perplexity, routing_entropy, unigram_perplexity
+from sere.zoo.models import ZOO_MODELS, count_parameters
+from sere.zoo.train import DEFAULT_DATA_DIR
+
+EVAL_SEQ_LEN = 128
+
+
+def measure(name: str, data_dir: Path) -> dict:
+    """Held-out numbers of zoo model `name` (needs the training split for the unigram baseline)."""
+    model, tok = load_zoo_model(name)
+    held = heldout_ids(tok)  # N
+    train_ids = encode(tok, Path(prepare(data_dir)["train"]).read_text())  # N'
+    ppl = heldout_perplexity(model, held, EVAL_SEQ_LEN)
+    uni = unigram_perplexity(train_ids, held, len(tok))
+    return {
+        "parameters": count_parameters(model),
+        "heldout_tokens": held.numel(),
+        "heldout_ppl": round(ppl, 3),
+        "unigram_ppl": round(uni, 3),
+        "ppl_vs_unigram": round(ppl / uni, 4),
+        "routing": {str(k): {m: round(v, 4) for m, v in d.items()} for k, d in routing_entropy(model, held).items()},
+    }
+
+
+def _curve_points(curve: list[dict], n: int = 8) -> list[dict]:
+    """n evenly spaced points of the loss curve, the last step included."""
+    if not curve:
+        return []
+    idx = sorted({round(i * (len(curve) - 1) / (n - 1)) for i in range(n)})
+    return [curve[i] for i in idx]
+
+
+def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
+    E = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts")
+    shared = {
+        "qwen2_moe": f"1 gated shared expert (intermediate {getattr(cfg, 'shared_expert_intermediate_size', '-')})",
+        "deepseek_v2": f"{getattr(cfg, 'n_shared_experts', '-')} shared experts; layer 0 dense (first_k_dense_replace=1); top-k unsorted",
+        "qwen3_moe": "no shared expert",
+    }[name]
+    a = log["args"]
+    rows = "\n".join(
+        f"| {k} | {d['load_entropy']:.3f} | {d['router_entropy']:.3f} | {d['max_load_share']:.3f} | {d['min_load_share']:.4f} |"
+        for k, d in m["routing"].items()
+    )
+    curve = "\n".join(
+        f"| {p['step']} | {p['loss']:.3f} | {p['aux_loss']:.3f} | {p['lr']:.2e} | {p['elapsed_s']} |"
+        for p in _curve_points(log["curve"])
+    )
+    stop = "the step count bound" if log["steps_done"] >= a["steps"] else "the time budget bound first; the schedule ran by time"
+    return f"""# Zoo model `{name}` ({cfg.model_type})
+
+A small Mixture-of-Experts causal LM trained in this project on the King James Bible, to
+measure what SERE re-routing costs in quality (tests/test_accuracy.py). Not a useful language
+model for anything else.
+
+## Architecture
+transformers `{type(cfg).__name__}`: {cfg.num_hidden_layers} decoder layers, hidden {cfg.hidden_size},
+{cfg.num_attention_heads} heads, {E} routed experts, top-{cfg.num_experts_per_tok} (expert
+intermediate {cfg.moe_intermediate_size}), {shared}; vocabulary {cfg.vocab_size}, tied
+embeddings. {m['parameters']:,} parameters; `model.safetensors` {log['checkpoint_bytes']:,} bytes (fp16).
+
+## Data
+King James Bible (public domain) from the Debian packages `bible-kjv-text` / `bible-kjv` 4.38,
+see ../DATA.md. Split by chapter: chapter c (0..1188, canonical order) is held out when
+c % {HELDOUT_EVERY} == {HELDOUT_OFFSET}; the held-out text is ../heldout.txt. Tokenizer:
+byte-level BPE, {DEFAULT_VOCAB} tokens, trained with `tokenizers` on the training split
+(`tokenizer.json`, shared by the three zoo models).
+
+## Training
+`python -m sere.zoo.train --model {name} --steps {a['steps']} --max-minutes {a['max_minutes']} --batch {a['batch']} --seq-len {a['seq_len']} --lr {a['lr']} --warmup {a['warmup']} --seed {a['seed']} --threads {a['threads']}`
+on {log['device']} ({log['threads']} threads), torch {log['torch']}, {log['date']}: {log['steps_done']} steps,
+{log['tokens_seen']:,} tokens seen ({log['tokens_seen'] / log['train_tokens']:.2f} epochs of {log['train_tokens']:,}),
+{log['wall_s'] / 60:.1f} min wall ({stop}). AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine
+decay to 10 %, gradient clip 1.0, load-balancing loss coefficient {cfg.router_aux_loss_coef}.
+The loss curve (means over {a['log_every']} steps) is in `train_log.json`; evenly spaced points
+(loss = LM loss without the aux loss; the held-out perplexity along the way is in the log too):
+
+| step | loss | aux loss | lr | elapsed s |
+|---:|---:|---:|---:|---:|
+{curve}
+
+## Held-out numbers ({m['heldout_tokens']:,} tokens, windows of {EVAL_SEQ_LEN})
+| perplexity | unigram baseline (same tokenizer) | ratio |
+|---:|---:|---:|
+| {m['heldout_ppl']:.2f} | {m['unigram_ppl']:.2f} | {m['ppl_vs_unigram']:.3f} |
+
+Routing per MoE layer (entropies divided by log E, so 1.0 = uniform): load entropy = entropy
+of the share of top-k slots each expert gets over the held-out text (the load-balancing loss
+keeps it high on purpose); router entropy = mean entropy of a token's softmax over experts
+(low = the router picks decisively); max / min load share of one expert (uniform = {1 / E:.4f}).
+
+| layer | load entropy | router entropy | max share | min share |
+|---:|---:|---:|---:|---:|
+{rows}
+
+## Similarity artifact
+{"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128` (linear CKA on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
+"""
+
+
+def write_card(name: str, data_dir: Path) -> Path:
+    path = model_dir(name)
+    log = json.loads((path / "train_log.json").read_text())
+    m = measure(name, data_dir)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    (path / "card.json").write_text(json.dumps(m, indent=1) + "\n")
+    (path / "README.md").write_text(render(name, cfg, log, m, (path / "sere_similarity.safetensors").exists()))
+    return path / "README.md"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=ZOO_MODELS)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    args = p.parse_args(argv)
+    print(write_card(args.model, args.data_dir))
+
+
+if __name__ == "__main__":
+    main()

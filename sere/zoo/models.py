@@ -1,0 +1,114 @@
+"""The zoo's model definitions: three small MoE causal LMs of the paper's architectures.
+
+Each is a transformers config written here (no hub), small enough that its fp16 checkpoint
+stays under 6 MB (the working tree travels to the GPU machine), yet with the features SERE
+cares about: at least 32 routed experts, top-4 or top-8 routing, shared experts where the
+family has them, DeepSeek-V2's dense first layer and unsorted top-k.
+
+    from sere.zoo.models import ZOO_MODELS, zoo_config
+    config = zoo_config("qwen3_moe", vocab_size=2048)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ZOO_MODELS = ("qwen2_moe", "deepseek_v2", "qwen3_moe")
+MAX_CHECKPOINT_BYTES = 6 * 1024 * 1024
+
+# Shared by the three: hidden 128, 4 heads of 32, context 256, tied embeddings (they are
+# a large share of such a small model), load-balancing loss on as in the real models.
+_COMMON: dict[str, Any] = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    output_router_logits=True,
+    router_aux_loss_coef=0.01,
+    rms_norm_eps=1e-6,
+    attention_dropout=0.0,
+)
+
+# name -> (what it mirrors, config keyword arguments)
+_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Qwen1.5-MoE-A2.7B: 60 experts top-4 + one gated shared expert; here 32 experts top-4.
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_hidden_layers=3,
+            num_experts=32,
+            num_experts_per_tok=4,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=192,
+            intermediate_size=192,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+        ),
+    ),
+    # DeepSeek-V2-Lite: dense first layer, 64 experts top-6 + 2 shared, MLA attention;
+    # here 1 dense + 2 MoE layers, 32 experts top-4 + 2 shared.
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            n_routed_experts=32,
+            n_shared_experts=2,
+            num_experts_per_tok=4,
+            moe_intermediate_size=48,
+            intermediate_size=256,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            head_dim=16,
+            num_key_value_heads=4,
+            n_group=1,
+            topk_group=1,
+            topk_method="greedy",
+            routed_scaling_factor=1.0,
+        ),
+    ),
+    # Qwen3-30B-A3B: 128 experts top-8, no shared expert; here 64 experts top-8.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_hidden_layers=3,
+            num_experts=64,
+            num_experts_per_tok=8,
+            moe_intermediate_size=24,
+            intermediate_size=192,
+            head_dim=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+        ),
+    ),
+}
+
+
+def zoo_config(name: str, *, vocab_size: int, eos_token_id: int = 0):
+    """The transformers config of zoo model `name` (one of ZOO_MODELS)."""
+    import transformers as tf
+
+    if name not in _SPECS:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_MODELS)}")
+    cls_name, spec = _SPECS[name]
+    kw = dict(_COMMON)
+    kw.update(spec)
+    kw.update(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    return getattr(tf, cls_name)(**kw)
+
+
+def build_model(name: str, *, vocab_size: int, seed: int = 0):
+    """A freshly initialised zoo model (float32, train mode)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(zoo_config(name, vocab_size=vocab_size))
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
