@@ -177,33 +177,19 @@ def bench_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure_copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 5) -> float:
-    """Best-of-`repeats` device-to-same-device copy bandwidth in bytes/s, read + write counted
-    (so a copy of N bytes moves 2N). On the GPU, 1 GiB timed with CUDA events; on the CPU,
-    64 MiB timed with perf_counter."""
-    import time
-
+def measure_copy_bandwidth(device: str, nbytes: int | None = None) -> float:
+    """Copy bandwidth of `device` in bytes/s, read + write counted (a copy of N bytes moves 2N):
+    the fastest of a few copies of 1 GiB (GPU, CUDA events) or 64 MiB (CPU, host clock),
+    timed with the shared helpers of bench/timing.py."""
     import torch
+    from timing import time_events, time_host
 
     nbytes = nbytes or (2**30 if device == "cuda" else 2**26)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up (allocation, first touch)
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds)
-    return 2 * nbytes / best
+    timer = time_events if device == "cuda" else time_host
+    timing = timer(lambda: dst.copy_(src), calls=1, repeats=5, warmup=1)
+    return 2 * nbytes / (timing.min_us * 1e-6)
 
 
 @pytest.fixture(scope="session")

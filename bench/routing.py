@@ -211,9 +211,11 @@ def record_trace(model, batches, *, source: str) -> dict:
     """Run a transformers MoE model over `batches` (input_ids tensors) and collect every
     router's top-k ids and weights per MoE layer; returns kwargs for `save_trace`
     (`save_trace(path, **record_trace(model, batches, source=...))`)."""
+    from sere.hf import find_routers
+    from sere.model_configs import num_experts_of
+
     ids: dict[int, list[torch.Tensor]] = {}
     weights: dict[int, list[torch.Tensor]] = {}
-    handles = []
 
     def hook_for(layer: int):
         def hook(module, args, output):
@@ -222,12 +224,10 @@ def record_trace(model, batches, *, source: str) -> dict:
             weights.setdefault(layer, []).append(w.detach().reshape(-1, w.shape[-1]).float().cpu())
         return hook
 
-    for name, module in model.named_modules():
-        m = re.search(r"layers\.(\d+)\.mlp\.gate$", name)
-        if m and type(module).__name__.lower().endswith("topkrouter"):
-            handles.append(module.register_forward_hook(hook_for(int(m.group(1)))))
-    if not handles:
-        raise ValueError(f"{type(model).__name__} has no transformers MoE router (mlp.gate *TopKRouter) to record")
+    sites = find_routers(model)
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no transformers MoE router to record")
+    handles = [site.module.register_forward_hook(hook_for(site.layer)) for site in sites]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -235,8 +235,6 @@ def record_trace(model, batches, *, source: str) -> dict:
     finally:
         for h in handles:
             h.remove()
-    from sere.model_configs import num_experts_of
-
     return dict(ids={layer: torch.cat(v) for layer, v in ids.items()},
                 weights={layer: torch.cat(v) for layer, v in weights.items()},
                 num_experts=num_experts_of(model.config),
