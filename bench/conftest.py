@@ -42,7 +42,6 @@ from functools import lru_cache
 
 import pytest
 
-_DEFAULT_STORAGE = "file://./.benchmarks"
 _QUICK_MAX_TIME = "0.1"
 _QUICK_MIN_ROUNDS = 3
 _PACKAGES = ("torch", "triton", "numba", "numba-cuda", "transformers", "vllm", "pytest-benchmark")

@@ -23,11 +23,13 @@ Then it is timed: on the GPU by CUDA-graph replay (bench/timing.py `benchmark_de
 CPU by pytest-benchmark. Cold weights: on the GPU the bench holds GPU_COPIES independent copies
 of the layer and each timed call runs the next copy, as a model's successive layers would; a
 single layer called again and again would find its few activated experts still in the 50 MB
-L2 (one Qwen3-30B-A3B expert is 9.4 MB) and flatter SERE. extra_info holds the routing, activated experts before/after, bytes of
+L2 (one Qwen3-30B-A3B expert is 9.4 MB) and flatter SERE.
+
+extra_info holds the routing and similarity used, activated experts before/after, bytes of
 expert weights read (activated routed experts + the shared expert; router weights left out),
 achieved GB/s, the HBM floor (those bytes / measured copy bandwidth) and its share of the
 measured time, and the speed-up against the stock case of the same model, routing and batch
-measured earlier in the same run (stock cases come first).
+measured earlier in the same run (stock cases come first). Results: bench/results/layer.md.
 Index letters: T = tokens (batch of decode steps), k = experts per token, E = experts,
 H = hidden size, I = expert intermediate size.
 """
