@@ -8,12 +8,12 @@ saved run under .benchmarks/ works too), prints a table (tabulate) of time, acti
 GB/s, share of the HBM floor and speed-up against stock, and writes into DIR (default:
 BENCH_report/ next to the first JSON):
   report.md                          the table, GitHub markdown
-Several JSON files (e.g. one per model, from separate runs) are merged; a speed-up still only
-pairs cases of the same file, i.e. of the same run.
   speedup_<model>_<routing>.png      speed-up against stock vs batch size, one line per setting
   experts_<model>_<routing>.png      activated experts vs batch size, one line per setting
 Speed-ups are computed from the medians in the file (stock and SERE of the same model,
 routing and batch, which the bench measures in one run), not taken on trust from extra_info.
+Several JSON files (e.g. one per model, from separate runs) are merged; a speed-up still only
+pairs cases of the same file, i.e. of the same run.
 """
 from __future__ import annotations
 
