@@ -34,6 +34,7 @@ import re
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -52,7 +53,18 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _SORTED_ON_CUDA = ("FusedTopKRouter",)
 
 _RECORDER: ExpertStatsRecorder | None = None
-_TRACE: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+
+class RoutingCall(NamedTuple):
+    """One router call seen by the trace hook, host copies, slots in contract order."""
+
+    layer: int
+    ids: torch.Tensor  # T, k: the router's ids
+    new_ids: torch.Tensor  # T, k: after SERE
+    weights: torch.Tensor  # T, k: the router's weights (non-increasing along k)
+
+
+_TRACE: list[RoutingCall] = []
 _ACTIVE: list[weakref.ref] = []  # routers wrapped by the last apply_sere in this process
 
 
@@ -61,9 +73,9 @@ def recorder() -> ExpertStatsRecorder | None:
     return _RECORDER
 
 
-def trace() -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """SERE_TRACE_ROUTING=1: one (layer, ids in contract order, re-routed ids) per router call,
-    host copies, in call order (the test hook; it syncs on every call)."""
+def trace() -> list[RoutingCall]:
+    """SERE_TRACE_ROUTING=1: one RoutingCall per router call, in call order (the test hook;
+    it copies to the host, so it syncs on every call)."""
     return _TRACE
 
 
@@ -193,7 +205,8 @@ class LayerRerouter:
         if self.trace:
             if compiling:
                 raise RuntimeError("SERE_TRACE_ROUTING=1 copies ids to the host on every call: use enforce_eager=True")
-            _TRACE.append((self.layer, ids_in.cpu(), new_in.cpu()))
+            w = topk_weights.sort(dim=-1, descending=True, stable=True).values if self.sort_slots else topk_weights
+            _TRACE.append(RoutingCall(self.layer, ids_in.cpu(), new_in.cpu(), w.float().cpu()))
         return new_ids
 
     def _record(self, ids_in: torch.Tensor, new_in: torch.Tensor, S: int) -> None:

@@ -39,12 +39,14 @@ VLLM_CPU_OVERRIDES = {
 }
 
 
-def random_similarity(num_experts: int, layers: Iterable[int], seed: int = 0) -> dict[int, torch.Tensor]:
-    """{layer: [E, E] float32}: symmetric, uniform in [-1, 1) off the diagonal, 1 on it."""
+def random_similarity(num_experts: int, layers: Iterable[int], seed: int = 0,
+                      low: float = -1.0) -> dict[int, torch.Tensor]:
+    """{layer: [E, E] float32}: symmetric, uniform in [low, 1) off the diagonal, 1 on it.
+    low=-1 (tests) makes critical experts common at threshold 0; low=0 is CKA's range."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in layers:
-        m = torch.rand(num_experts, num_experts, generator=gen) * 2 - 1  # E, E
+        m = torch.rand(num_experts, num_experts, generator=gen) * (1 - low) + low  # E, E
         m = (m + m.T) / 2
         m.fill_diagonal_(1.0)
         out[int(layer)] = m
@@ -52,7 +54,8 @@ def random_similarity(num_experts: int, layers: Iterable[int], seed: int = 0) ->
 
 
 def save_random_similarity(model_dir: str | Path, config, *, seed: int = 0, num_experts: int | None = None,
-                           layers: Iterable[int] | None = None, path: str | Path | None = None) -> Path:
+                           layers: Iterable[int] | None = None, path: str | Path | None = None,
+                           low: float = -1.0) -> Path:
     """Write a random artifact that fits `config` (or the given expert count / layers)."""
     from sere.artifact import moe_layer_indices, save_similarity
     from sere.model_configs import num_experts_of
@@ -60,7 +63,7 @@ def save_random_similarity(model_dir: str | Path, config, *, seed: int = 0, num_
     E = num_experts if num_experts is not None else num_experts_of(config)
     layers = list(layers) if layers is not None else moe_layer_indices(config)
     meta = {"model_type": config.model_type, "method": "random", "note": "random matrices for tests/benchmarks"}
-    return save_similarity(path or model_dir, random_similarity(E, layers, seed), meta)
+    return save_similarity(path or model_dir, random_similarity(E, layers, seed, low), meta)
 
 
 def save_byte_tokenizer(model_dir: str | Path, vocab_size: int = 256) -> None:
