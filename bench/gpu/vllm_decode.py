@@ -175,10 +175,16 @@ def child(args) -> None:
 def parent(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model_dir = make_model_dir(args.out / "model", args.smoke)
-    engines = ["stock", "sere-s1", "sere-s2", "counts"] if not args.only else args.only.split(",")
+    engines = ["stock", "sere-s1", "counts", "sere-s2"] if not args.only else args.only.split(",")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
     results, status = {}, 0
+    started = time.perf_counter()
     for name in engines:
+        left = args.deadline - (time.perf_counter() - started)
+        if left < 60:
+            print(f"== {name}: skipped, {left:.0f} s left of --deadline {args.deadline}", flush=True)
+            status = 1
+            continue
         cmd = [sys.executable, __file__, "--engine", name, "--model-dir", str(model_dir), "--out", str(args.out),
                "--batches", ",".join(map(str, args.batches)), "--reps", str(args.reps), "--short", str(args.short),
                "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens)]
@@ -186,7 +192,8 @@ def parent(args) -> int:
         t0 = time.perf_counter()
         with open(args.out / f"{name}.log", "w") as log:
             try:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.engine_timeout).returncode
+                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    timeout=min(args.engine_timeout, left)).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         print(f"== {name}: rc={rc} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -236,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--only", default="", help="comma-separated engines (default: all)")
     p.add_argument("--engine-timeout", type=int, default=240)
+    p.add_argument("--deadline", type=float, default=3600, help="seconds for all engines together")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
