@@ -109,7 +109,7 @@ def _artifact_name() -> str:
 
 
 def _after_load(model, vllm_config, model_config) -> None:
-    from sere.vllm.router import apply_sere, check_routed_through_router, find_moe_sites, is_rerouted
+    from sere.vllm.router import apply_sere, check_routed_through_router
     from sere.vllm.settings import read_settings
 
     if model_config is not getattr(vllm_config, "model_config", model_config):
@@ -117,5 +117,5 @@ def _after_load(model, vllm_config, model_config) -> None:
     settings = read_settings(vllm_config)
     if settings is None:
         return
-    sites = apply_sere(model, vllm_config, settings)
-    check_routed_through_router([s for s in find_moe_sites(model) if is_rerouted(s.router)] or sites)
+    # The SERE model classes have wrapped their routers already; apply_sere then returns them.
+    check_routed_through_router(apply_sere(model, vllm_config, settings))
