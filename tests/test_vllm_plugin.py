@@ -234,7 +234,7 @@ def test_compiled_engine_with_max_tokens_matches_eager(slot, models):
     prefill = [r for r in rows if r["tokens"] > max_tokens]
     decode = [r for r in rows if r["tokens"] <= max_tokens]
     assert prefill and decode
-    assert all(r["rerouted"] == 0 and r["experts_after"] == r["experts_before"] for r in prefill)
+    assert all(r["rerouted"] == 0 and r["critical"] == 0 and r["experts_after"] == r["experts_before"] for r in prefill)
     assert all(r["experts_after"] <= r["experts_before"] for r in decode)
     assert any(r["rerouted"] > 0 for r in decode)
 

@@ -151,6 +151,22 @@ def test_max_tokens_as_a_tensor_select_when_compiled():
         assert torch.equal(fn(ids, w), rerouter(sim, 1, 0.0, max_tokens=3, sort_slots=False)(ids, w)), T
 
 
+def test_compiled_statistics_equal_eager_ones_skipped_calls_included():
+    sim = random_similarity(np.random.default_rng(0), 8)  # E, E in [0, 1]: some move, some critical
+    # Ring buffers: a list-mode recorder appends in Python, which a compiled graph does not replay.
+    rec_compiled, rec_eager = ExpertStatsRecorder(capacity=16), ExpertStatsRecorder(capacity=16)
+    r = rerouter(sim, 1, 0.5, max_tokens=3, sort_slots=False, stats=rec_compiled)
+    fn = torch.compile(lambda ids, w: r(ids, w), fullgraph=True, dynamic=True)
+    for T in (9, 2, 3, 4):
+        ids = (torch.arange(T * 4, dtype=torch.int32).view(T, 4) % 8)  # T, k
+        w = torch.linspace(1, 0, 4).expand(T, 4)
+        fn(ids, w)
+        rerouter(sim, 1, 0.5, max_tokens=3, sort_slots=False, stats=rec_eager)(ids, w)
+    rows = rec_compiled.rows()
+    assert rows == rec_eager.rows()
+    assert [r["critical"] > 0 for r in rows] == [False, True, True, False]  # skipped calls: none
+
+
 def test_identity_settings_return_the_router_ids_unchanged():
     ids = torch.tensor([[3, 1, 2, 0]], dtype=torch.int32)
     w = torch.rand(1, 4)

@@ -28,6 +28,7 @@ Index letters: T = tokens, k = experts per token, E = experts, S = primary slots
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -196,12 +197,13 @@ class LayerRerouter:
         else:
             new_ids = self._transform(topk_ids)  # T, k
             ids_in, new_in = topk_ids, new_ids
+        skip = None
         if compiling and self.max_tokens is not None:
             tokens = torch.ones_like(topk_ids[:, 0]).sum()  # T as a tensor, no shape guard
             skip = tokens > self.max_tokens
             new_ids = torch.where(skip, topk_ids, new_ids)
             new_in = torch.where(skip, ids_in, new_in)
-        self._record(ids_in, new_in, S)
+        self._record(ids_in, new_in, S, skipped=skip)
         if self.trace:
             if compiling:
                 raise RuntimeError("SERE_TRACE_ROUTING=1 copies ids to the host on every call: use enforce_eager=True")
@@ -209,13 +211,18 @@ class LayerRerouter:
             _TRACE.append(RoutingCall(self.layer, ids_in.cpu(), new_in.cpu(), w.float().cpu()))
         return new_ids
 
-    def _record(self, ids_in: torch.Tensor, new_in: torch.Tensor, S: int) -> None:
+    def _record(self, ids_in: torch.Tensor, new_in: torch.Tensor, S: int, skipped=None) -> None:
+        """One row per call; `skipped` (a bool tensor, compiled max_tokens) zeroes the critical
+        count, as a skipped eager call (recorded with S=0) has none."""
         if self.stats is None:
             return
         tokens = ids_in.shape[0]
         if torch.compiler.is_compiling():  # a Python int would pin the batch size into the graph
             tokens = torch.ones_like(ids_in[:, 0], dtype=torch.int64).sum()
-        self.stats.record_stats(self.layer, reroute_stats(ids_in, new_in, self.num_experts, S), tokens=tokens)
+        stats = reroute_stats(ids_in, new_in, self.num_experts, S)
+        if skipped is not None:
+            stats = dataclasses.replace(stats, critical=stats.critical * ~skipped)
+        self.stats.record_stats(self.layer, stats, tokens=tokens)
 
     def __repr__(self) -> str:
         return (f"LayerRerouter(layer={self.layer}, E={self.num_experts}, S={self.select_top_k}, "
