@@ -40,26 +40,46 @@ def primary_slots(k: int) -> tuple[int, ...]:
     return tuple(sorted({s for s in (1, 2, k // 2) if 0 < s < k}))
 
 
+def similarity_variants(name: str) -> dict[str, Path]:
+    """label -> artifact: "sere" is the committed default (tests/zoo/<name>/, linear CKA);
+    "sere[<metric>]" for each other calibration in tests/zoo/<name>/similarity_<metric>/."""
+    d = model_dir(name)
+    out = {"sere": d / "sere_similarity.safetensors"}
+    for sub in sorted(d.glob("similarity_*/sere_similarity.safetensors")):
+        out[f"sere[{sub.parent.name.removeprefix('similarity_')}]"] = sub
+    return out
+
+
 def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, seq_len=SEQ_LEN, num_windows=NUM_WINDOWS):
-    """All rows for one zoo model: dicts of Fidelity fields plus model, part and stock experts."""
+    """All rows for one zoo model: dicts of Fidelity fields plus model, part, stock experts
+    and the similarity artifact used (method "sere[frobenius]" = SERE with that artifact)."""
     model, tok = load_zoo_model(name)
     ids = heldout_ids(tok)
-    sim = model_dir(name) / "sere_similarity.safetensors"
+    sims = similarity_variants(name)
+    default = sims["sere"]
     k = model.config.num_experts_per_tok
-    jobs = []
+    jobs = []  # (part, B, label, method, S, rho, artifact)
     for S in primary_slots(k):
         for rho in thresholds:
-            jobs += [("methods", MAIN_BATCH, "sere", S, rho), ("methods", MAIN_BATCH, "random", S, rho)]
-        jobs += [("methods", MAIN_BATCH, c, S, 0.0) for c in CONTROLS]
+            jobs += [("methods", MAIN_BATCH, "sere", "sere", S, rho, default),
+                     ("methods", MAIN_BATCH, "random", "random", S, rho, default)]
+        jobs += [("methods", MAIN_BATCH, c, c, S, 0.0, default) for c in CONTROLS]
+        for label, path in sims.items():
+            if label != "sere":  # other metrics: their threshold scales differ, so rho = 0 and the paper's
+                jobs += [("methods", MAIN_BATCH, label, "sere", S, 0.0, path)]
+    for label, path in sims.items():
+        if label != "sere" and (2, 0.1) in PAPER_SETTINGS and 2 < k:
+            jobs += [("methods", MAIN_BATCH, label, "sere", 2, 0.1, path)]
     for B in batch_sizes:
         for S, rho in PAPER_SETTINGS:
-            jobs += [("batch", B, "sere", S, rho), ("batch", B, "random", S, rho)]
+            jobs += [("batch", B, "sere", "sere", S, rho, default), ("batch", B, "random", "random", S, rho, default)]
     refs, rows = {}, []
-    for part, B, method, S, rho in tqdm(jobs, desc=f"sweep {name}", unit="setting"):
+    for part, B, label, method, S, rho, sim in tqdm(jobs, desc=f"sweep {name}", unit="setting"):
         if B not in refs:
             refs[B] = reference_pass(model, ids, Composition(B, seq_len, num_windows))
         m = fidelity(model, refs[B], sim, select_top_k=S, threshold=rho, method=method)
-        rows.append({"model": name, "part": part, "stock_experts": refs[B].experts, **m.as_dict()})
+        rows.append({"model": name, "part": part, "stock_experts": refs[B].experts, **m.as_dict(),
+                     "method": label, "similarity": str(Path(sim).relative_to(model_dir(name).parent))})
     return rows
 
 
@@ -76,15 +96,18 @@ _HEADER = ("| method | S | rho | experts per step (of stock) | KL | top-1 agree 
 
 
 def claim_rows(rows) -> list[dict]:
-    """Per model and paper setting (at the main batch size): SERE vs random on KL and top-1."""
+    """Per model, paper setting and SERE similarity (at the main batch size): SERE vs random
+    re-routing on KL and top-1 agreement."""
     out = []
     for name in dict.fromkeys(r["model"] for r in rows):
         for S, rho in PAPER_SETTINGS:
             pick = {r["method"]: r for r in rows if r["model"] == name and r["part"] == "methods"
-                    and r["select_top_k"] == S and r["threshold"] == rho and r["method"] in ("sere", "random")}
-            if len(pick) == 2:
-                s, x = pick["sere"], pick["random"]
-                out.append({"model": name, "S": S, "rho": rho, "sere_kl": s["kl"], "random_kl": x["kl"],
+                    and r["select_top_k"] == S and r["threshold"] == rho}
+            x = pick.get("random")
+            for label, s in pick.items():
+                if x is None or not label.startswith("sere"):
+                    continue
+                out.append({"model": name, "method": label, "S": S, "rho": rho, "sere_kl": s["kl"], "random_kl": x["kl"],
                             "sere_top1": s["top1_agreement"], "random_top1": x["top1_agreement"],
                             "holds": s["kl"] < x["kl"] and s["top1_agreement"] > x["top1_agreement"]})
     return out
@@ -97,16 +120,18 @@ def standing(rows) -> list[str]:
     for name in dict.fromkeys(r["model"] for r in rows):
         for S in sorted({r["select_top_k"] for r in rows if r["model"] == name}):
             cands = [r for r in rows if r["model"] == name and r["part"] == "methods" and r["select_top_k"] == S
-                     and r["threshold"] == 0.0 and r["method"] in ("sere", "random", "truncate", "oea")]
+                     and r["threshold"] == 0.0]
             if len(cands) < 4:
                 continue
             ranked = sorted(cands, key=lambda r: r["kl"])
             order = " < ".join(f"{r['method']} {r['kl']:.4f}" for r in ranked)
-            lines.append(f"- {name}, S={S}: KL {order} (experts per step {cands[0]['experts_after']:.2f} for all)")
+            spread = max(r["experts_after"] for r in cands) - min(r["experts_after"] for r in cands)
+            lines.append(f"- {name}, S={S}: KL {order} (experts per step {cands[0]['experts_after']:.2f}, "
+                         f"equal within {spread:.2f})")
     return lines
 
 
-def write_markdown(rows, path: Path, meta: dict) -> None:
+def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
     parts = [f"# Accuracy of SERE and the controls on the zoo models\n\nGenerated by `{meta['command']}` on "
              f"{meta['date']} ({meta['machine']}, torch {meta['torch']}, float32, CPU; {meta['minutes']:.1f} min). "
              "Do not edit by hand.\n",
@@ -120,10 +145,13 @@ def write_markdown(rows, path: Path, meta: dict) -> None:
              "SERE moves, sent to a random primary expert (same experts per step as SERE); truncate = top-S "
              "routing; oea = Opportunistic Expert Activation (keep top-S plus secondaries the batch already "
              "loads). ![quality vs activated experts](accuracy.png)\n"]
+    if notes:
+        parts.append(notes.strip() + "\n")
     parts.append("## The claim: SERE's similarity beats random re-routing (batch 16)\n")
-    parts.append("| model | S | rho | KL sere | KL random | top-1 sere | top-1 random | holds |\n|---|---:|---:|---:|---:|---:|---:|---|")
+    parts.append("| model | SERE similarity | S | rho | KL sere | KL random | top-1 sere | top-1 random | holds |\n"
+                 "|---|---|---:|---:|---:|---:|---:|---:|---|")
     for c in claim_rows(rows):
-        parts.append(f"| {c['model']} | {c['S']} | {c['rho']:g} | {c['sere_kl']:.4f} | {c['random_kl']:.4f} | "
+        parts.append(f"| {c['model']} | {c['method']} | {c['S']} | {c['rho']:g} | {c['sere_kl']:.4f} | {c['random_kl']:.4f} | "
                      f"{c['sere_top1']:.4f} | {c['random_top1']:.4f} | {'yes' if c['holds'] else 'NO'} |")
     parts.append("\n## Where SERE stands at equal budget (rho = 0, batch 16)\n")
     parts += standing(rows)
@@ -143,7 +171,8 @@ def write_plot(rows, path: Path) -> None:
 
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7.5), squeeze=False)
-    style = {"sere": ("C0", "o"), "random": ("C3", "x"), "truncate": ("C2", "s"), "oea": ("C1", "^")}
+    style = {"sere": ("C0", "o"), "random": ("C3", "x"), "truncate": ("C2", "s"), "oea": ("C1", "^"),
+             "sere[frobenius]": ("C4", "D"), "sere[cosine]": ("C5", "v")}
     for j, name in enumerate(names):
         mine = [r for r in rows if r["model"] == name and r["part"] == "methods"]
         for i, (metric, label) in enumerate((("kl", "KL(stock || re-routed), nats"), ("top1_agreement", "top-1 agreement"))):
@@ -171,9 +200,18 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--notes", type=Path, default=None, help="markdown to put under the header (findings)")
+    p.add_argument("--from-json", action="store_true", help="only re-render accuracy.md/png from accuracy.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    notes = args.notes.read_text() if args.notes else ""
+    if args.from_json:  # re-render the report from a previous run's rows
+        saved = json.loads((args.out / "accuracy.json").read_text())
+        write_markdown(saved["rows"], args.out / "accuracy.md", saved["meta"], notes)
+        write_plot(saved["rows"], args.out / "accuracy.png")
+        print(f"re-rendered {args.out / 'accuracy.md'} and accuracy.png from accuracy.json")
+        return
     start = time.time()
     rows = []
     for name in args.models:
@@ -187,7 +225,7 @@ def main(argv=None) -> None:
         "minutes": (time.time() - start) / 60,
     }
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    write_markdown(rows, args.out / "accuracy.md", meta)
+    write_markdown(rows, args.out / "accuracy.md", meta, notes)
     write_plot(rows, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.md'}, accuracy.png, accuracy.json ({len(rows)} rows, {meta['minutes']:.1f} min)")
 
