@@ -63,6 +63,11 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
         f"| {p['step']} | {p['loss']:.3f} | {p['aux_loss']:.3f} | {p['lr']:.2e} | {p['elapsed_s']} |"
         for p in _curve_points(log["curve"])
     )
+    found = sorted(p.name.removeprefix("similarity_") for p in model_dir(name).glob("similarity_*") if p.is_dir())
+    variants = "".join(
+        f"`similarity_{v}/`: the same command with `--similarity_method {v} --output_path tests/zoo/{name}/similarity_{v}` "
+        "(compared in bench/results/accuracy.md).\n" for v in found
+    )
     stop = "the step count bound" if log["steps_done"] >= a["steps"] else "the time budget bound first; the schedule ran by time"
     return f"""# Zoo model `{name}` ({cfg.model_type})
 
@@ -111,8 +116,8 @@ keeps it high on purpose); router entropy = mean entropy of a token's softmax ov
 {rows}
 
 ## Similarity artifact
-{"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128` (linear CKA on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
-"""
+{"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128` (linear CKA, the command's default, on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
+{variants}"""
 
 
 def write_card(name: str, data_dir: Path) -> Path:
