@@ -71,12 +71,12 @@ def training_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     out = model(input_ids=x, labels=x, output_router_logits=True)
     coef = cfg.router_aux_loss_coef
     if getattr(out, "aux_loss", None) is not None:
-        aux = out.aux_loss
-        return out.loss, float(out.loss) - coef * float(aux), float(aux)
+        aux = float(out.aux_loss.detach())
+        return out.loss, float(out.loss.detach()) - coef * aux, aux
     if not out.router_logits:
         raise RuntimeError(f"{type(model).__name__} returned no router logits to balance")
     aux = load_balancing_loss_func(out.router_logits, num_experts_of(cfg), cfg.num_experts_per_tok)
-    return out.loss + coef * aux, float(out.loss), float(aux)
+    return out.loss + coef * aux, float(out.loss.detach()), float(aux.detach())
 
 
 def train(args) -> Path:
