@@ -42,7 +42,9 @@ TRACE_VERSION = "1"
 @dataclass(frozen=True)
 class Routing:
     """One batch of router output: ids [T, k] int64 (slot 0 = largest weight), weights [T, k]
-    float32 (descending per row, summing to 1), and a label naming where it came from."""
+    float32 (descending per row; summing to 1 from the generators, as recorded from a trace,
+    where a model without top-k renormalisation gives sums below 1), and a label naming where
+    it came from."""
 
     ids: torch.Tensor
     weights: torch.Tensor
@@ -208,9 +210,10 @@ def trace_routing(trace: RoutingTrace, T: int, *, layer: int | None = None, seed
 
 
 def record_trace(model, batches, *, source: str) -> dict:
-    """Run a transformers MoE model over `batches` (input_ids tensors) and collect every
-    router's top-k ids and weights per MoE layer; returns kwargs for `save_trace`
-    (`save_trace(path, **record_trace(model, batches, source=...))`)."""
+    """Run a transformers MoE model over `batches` and collect every router's top-k ids and
+    weights per MoE layer, rows in call order; returns kwargs for `save_trace`
+    (`save_trace(path, **record_trace(model, batches, source=...))`). A batch is an input_ids
+    tensor, or a dict of forward kwargs (e.g. one decode step with `past_key_values`)."""
     from sere.hf import find_routers
     from sere.model_configs import num_experts_of
 
@@ -220,8 +223,12 @@ def record_trace(model, batches, *, source: str) -> dict:
     def hook_for(layer: int):
         def hook(module, args, output):
             _, w, i = output  # transformers *TopKRouter: (logits, weights [T, k], ids [T, k])
-            ids.setdefault(layer, []).append(i.detach().reshape(-1, i.shape[-1]).cpu())
-            weights.setdefault(layer, []).append(w.detach().reshape(-1, w.shape[-1]).float().cpu())
+            w = w.detach().reshape(-1, w.shape[-1]).float().cpu()  # T, k
+            i = i.detach().reshape(-1, i.shape[-1]).cpu()  # T, k
+            # DeepSeek's greedy top-k leaves the slots unsorted; the format wants slot 0 = largest.
+            w, order = torch.sort(w, dim=-1, descending=True, stable=True)  # T, k
+            ids.setdefault(layer, []).append(torch.gather(i, 1, order))
+            weights.setdefault(layer, []).append(w)
         return hook
 
     sites = find_routers(model)
@@ -231,7 +238,7 @@ def record_trace(model, batches, *, source: str) -> dict:
     try:
         with torch.no_grad():
             for batch in batches:
-                model(input_ids=batch)
+                model(**batch) if isinstance(batch, dict) else model(input_ids=batch)
     finally:
         for h in handles:
             h.remove()

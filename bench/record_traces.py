@@ -1,0 +1,98 @@
+"""Record the routing traces of the zoo models into bench/traces/<model>.safetensors.
+
+    python bench/record_traces.py                       # all three zoo models
+    python bench/record_traces.py --model qwen3_moe     # one
+    python bench/record_traces.py --check               # regenerate in memory, compare with the files
+
+What is recorded, per zoo model (tests/zoo/<model>, trained on the KJV, see tests/zoo/README.md):
+the top-k ids and weights of every MoE router while the model decodes the held-out text
+(tests/zoo/heldout.txt) in decode batches: SEQUENCES windows of the text, evenly spaced, are
+prefilled with PREFILL tokens (not recorded), then STEPS decode steps follow, each one token per
+sequence through the KV cache, teacher-forced (the next token of the text, not a sampled one).
+Each step is a batch of SEQUENCES tokens from different sequences, as in serving; the trace
+rows are in step order (rows [t*SEQUENCES, (t+1)*SEQUENCES) are step t). The model's calibrated
+similarity (`sere_similarity.safetensors`, linear CKA) goes into the same file, so that a bench
+replaying the trace runs SERE on the similarity the model was calibrated with.
+
+Deterministic: no sampling, fixed windows, float32 on one CPU thread; `--check` verifies that a
+regeneration gives the committed ids exactly. Replay: bench/routing.py (`trace:PATH[@LAYER]`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `routing` next to this file
+from routing import load_trace, record_trace, save_trace  # noqa: E402
+
+TRACE_DIR = Path(__file__).resolve().parent / "traces"
+SEQUENCES, PREFILL, STEPS = 32, 64, 32  # 1024 recorded tokens per MoE layer
+
+
+def decode_windows(num_tokens: int) -> list[int]:
+    """Start offsets of SEQUENCES windows of PREFILL + STEPS tokens spread over the text."""
+    span = PREFILL + STEPS
+    if num_tokens < span * SEQUENCES:
+        raise ValueError(f"held-out text has {num_tokens} tokens, fewer than {SEQUENCES} windows of {span}")
+    stride = (num_tokens - span) // (SEQUENCES - 1)
+    return [i * stride for i in range(SEQUENCES)]
+
+
+def record_model(name: str) -> dict:
+    """save_trace kwargs for zoo model `name`: decode-step routing plus calibrated similarity."""
+    from transformers import DynamicCache
+
+    from sere.artifact import load_similarity
+    from sere.zoo import heldout_ids, load_zoo_model, model_dir
+
+    model, tokenizer = load_zoo_model(name)
+    text = heldout_ids(tokenizer)  # N
+    starts = decode_windows(text.numel())
+    windows = torch.stack([text[s:s + PREFILL + STEPS] for s in starts])  # B, PREFILL + STEPS
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():  # the prefill fills the cache; only the decode steps are recorded
+        model(input_ids=windows[:, :PREFILL], past_key_values=cache, use_cache=True)
+    steps = (dict(input_ids=windows[:, PREFILL + t:PREFILL + t + 1], past_key_values=cache, use_cache=True)
+             for t in range(STEPS))  # each: B, 1
+    source = (f"tests/zoo/heldout.txt: {SEQUENCES} sequences x {STEPS} decode steps (KV cache, teacher-forced) "
+              f"after a {PREFILL}-token prefill; rows in step order")
+    rec = record_trace(model, tqdm(steps, total=STEPS, desc=f"{name} decode", leave=False), source=source)
+    rec["model"] = f"zoo/{name}"  # not the checkout's absolute path: the file must not depend on it
+    rec["similarity"] = load_similarity(model_dir(name), config=model.config).matrices
+    return rec
+
+
+def main(argv=None) -> None:
+    from sere.zoo import ZOO_MODELS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=ZOO_MODELS, action="append", help="zoo model(s); default: all")
+    ap.add_argument("--out", type=Path, default=TRACE_DIR, help=f"folder of the trace files (default {TRACE_DIR})")
+    ap.add_argument("--check", action="store_true", help="regenerate in memory and compare with the files")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # one thread: the same float32 sums, so the same top-k, every run
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in args.model or ZOO_MODELS:
+        rec = record_model(name)
+        path = args.out / f"{name}.safetensors"
+        if args.check:
+            stored = load_trace(path)
+            same = stored.layers == sorted(rec["ids"]) and all(
+                torch.equal(stored.ids[layer].long(), rec["ids"][layer].long()) for layer in stored.layers)
+            print(f"{path}: {'matches' if same else 'DIFFERS from'} a regeneration")
+            failed += [] if same else [name]
+        else:
+            save_trace(path, **rec)
+            print(f"{path}: layers {sorted(rec['ids'])}, {next(iter(rec['ids'].values())).shape[0]} tokens each, "
+                  f"{path.stat().st_size / 1024:.0f} KiB")
+    if failed:
+        raise SystemExit(f"traces differ from a regeneration: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
