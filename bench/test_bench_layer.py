@@ -6,6 +6,8 @@
     SERE_BENCH_SIZE=real|small    force the shapes (default: real on CUDA, small on the CPU)
     SERE_BENCH_ROUTING=uniform,zipf:1.2,trace:PATH[@LAYER]   routings to run (bench/routing.py)
     SERE_BENCH_BACKEND=auto|torch|numba   the re-routing backend (default auto)
+    SERE_BENCH_ZOO=0              leave out the zoo cases (below)
+    pytest bench/test_bench_layer.py -k zoo               # only the zoo cases
 
 The layer is the transformers MoE block of each model (Qwen2MoeSparseMoeBlock, DeepseekV2Moe,
 Qwen3MoeSparseMoeBlock) built from the published config (sere.model_configs.real_config) with
@@ -16,6 +18,13 @@ experts a batch activates. The router is a `ScriptedTopKRouter`: it does a real 
 trace), so that the routing is known and stated. SERE runs through `sere.hf.enable` (a forward
 hook on the router; backend "auto": the Numba kernel on CUDA, torch on the CPU) with a
 synthetic similarity (bench/routing.py) unless a trace brings its own.
+
+Zoo cases (on every device, at their own size: they are small): the MoE layer shapes of the
+three trained zoo models (tests/zoo/<model>/config.json: E = 32 top-4 / 32 top-4 / 64 top-8,
+hidden 128), random weights, routing replayed from the trace recorded on that model
+(bench/traces/<model>.safetensors, first MoE layer, made by bench/record_traces.py) and SERE on
+the model's own calibrated similarity stored in the trace; stock and the paper's two settings
+at ZOO_BATCHES. Their extra_info says `routing=trace:<model>.safetensors@<layer>`.
 
 Every case first checks its output: the ids reaching the experts equal the router's ids
 (stock) or `sere.reroute(backend="reference")` of them (SERE), and the output is finite.
@@ -39,6 +48,7 @@ import importlib
 import itertools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +83,10 @@ GPU_CALLS, GPU_ROUNDS = 3 * GPU_COPIES, 10  # calls per captured graph, timed re
 SETTINGS = SETTINGS_REAL if SIZE == "real" else PAPER_SETTINGS
 BATCHES = BATCHES_REAL if SIZE == "real" else BATCHES_SMALL
 BACKEND = os.environ.get("SERE_BENCH_BACKEND", "auto")
+ZOO_BATCHES = (1, 16, 64, 256)  # the traces hold 1024 tokens per layer
+ZOO_TRACE_DIR = Path(__file__).resolve().parent / "traces"
+ZOO_PREFIX = "zoo/"  # model key of a zoo case: zoo/<name>, <name> one of sere.zoo.ZOO_MODELS
+WITH_ZOO = os.environ.get("SERE_BENCH_ZOO", "1") != "0"
 ROUTINGS = tuple(s.strip() for s in os.environ.get("SERE_BENCH_ROUTING", ",".join(ROUTINGS_DEFAULT)).split(",") if s.strip())
 
 _BLOCKS = {
@@ -82,8 +96,19 @@ _BLOCKS = {
 }
 
 
+def zoo_trace_spec(name: str) -> str:
+    """Routing spec replaying zoo model `name`'s recorded trace."""
+    return f"trace:{ZOO_TRACE_DIR / f'{name}.safetensors'}"
+
+
 def bench_config(model: str):
-    """The model's config at the size this run uses (see SIZE)."""
+    """The model's config at the size this run uses (see SIZE); a zoo model's as trained."""
+    if model.startswith(ZOO_PREFIX):
+        from transformers import AutoConfig
+
+        from sere.zoo import model_dir
+
+        return AutoConfig.from_pretrained(model_dir(model[len(ZOO_PREFIX):]))
     cfg = real_config(model)
     if SIZE == "real":
         return cfg
@@ -197,6 +222,14 @@ def _cases():
             for T in BATCHES:
                 for label, S, rho in settings:
                     out.append(pytest.param(model, routing, T, label, S, rho, id=f"{model}-{routing}-T{T}-{label}"))
+    if WITH_ZOO:
+        from sere.zoo import ZOO_MODELS
+
+        for name in ZOO_MODELS:
+            for T in ZOO_BATCHES:
+                for label, S, rho in PAPER_SETTINGS:
+                    out.append(pytest.param(ZOO_PREFIX + name, zoo_trace_spec(name), T, label, S, rho,
+                                            id=f"zoo-{name}-trace-T{T}-{label}"))
     return out
 
 
@@ -249,8 +282,12 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
     try:
         r = make_routing(routing, T, E, k, seed=SEED)
     except ValueError as exc:  # e.g. a trace recorded with another E or k
+        if model.startswith(ZOO_PREFIX):  # a zoo model's own trace must fit it: fail, never skip
+            raise
         pytest.skip(str(exc))
     sim, sim_label = similarity_for(routing, E, seed=SEED)
+    if model.startswith(ZOO_PREFIX) and not sim_label.startswith("trace:"):
+        raise AssertionError(f"{routing} holds no calibrated similarity for the replayed layer (got {sim_label})")
     stack = layer.stack
     for i in range(len(stack)):
         stack.block(i).gate.script(r.ids, r.weights)
@@ -286,7 +323,7 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
         stock_times[key] = seconds
     stock = stock_times.get(key)
     benchmark.extra_info.update(
-        model=model, arch=shapes.arch, size=SIZE, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
+        model=model, arch=shapes.arch, size="zoo" if model.startswith(ZOO_PREFIX) else SIZE, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
         E=E, k=k, hidden=H, moe_intermediate=shapes.moe_intermediate_size,
         shared_intermediate=shapes.shared_intermediate_size, experts_impl=layer.experts_impl,
         timer=timer,

@@ -152,6 +152,102 @@ def test_record_trace_from_a_transformers_model(tmp_path, arch):
         routing.record_trace(torch.nn.Linear(2, 2), [], source="x")
 
 
+# --- traces recorded on the zoo models (bench/traces, bench/record_traces.py) ---------------
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+ZOO_TRACE_TOKENS = 1024  # 32 sequences x 32 decode steps, see bench/record_traces.py
+
+
+def _zoo_config(name):
+    from transformers import AutoConfig
+
+    from sere.zoo import model_dir
+
+    return AutoConfig.from_pretrained(model_dir(name))
+
+
+def test_zoo_trace_files_are_small():
+    files = sorted((BENCH_DIR / "traces").glob("*.safetensors"))
+    from sere.zoo import ZOO_MODELS
+
+    assert [f.stem for f in files] == sorted(ZOO_MODELS)
+    assert sum(f.stat().st_size for f in files) < 600 * 1024
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "qwen3_moe"])
+def test_zoo_trace_matches_its_model(name):
+    from sere.artifact import load_similarity, moe_layer_indices
+    from sere.model_configs import num_experts_of
+    from sere.zoo import model_dir
+
+    cfg = _zoo_config(name)
+    trace = routing.load_trace(BENCH_DIR / "traces" / f"{name}.safetensors")
+    assert (trace.num_experts, trace.top_k, trace.model) == (num_experts_of(cfg), cfg.num_experts_per_tok, f"zoo/{name}")
+    assert trace.layers == moe_layer_indices(cfg) == sorted(trace.weights) == sorted(trace.similarity)
+    calibrated = load_similarity(model_dir(name), config=cfg).matrices
+    for layer in trace.layers:
+        ids, w = trace.ids[layer].long(), trace.weights[layer]  # N, k
+        assert ids.shape == w.shape == (ZOO_TRACE_TOKENS, trace.top_k)
+        assert ((ids >= 0) & (ids < trace.num_experts)).all()
+        assert (torch.sort(ids, 1).values.diff(dim=1) > 0).all(), "experts of a token must be distinct"
+        assert (w[:, :-1] >= w[:, 1:]).all(), "slot 0 must hold the largest weight (DeepSeek's top-k is unsorted)"
+        assert torch.equal(trace.similarity[layer], calibrated[layer]), "the trace must carry the calibrated similarity"
+        # A trained router spreads its load, but not evenly: neither one expert nor uniform.
+        load = torch.bincount(ids.flatten(), minlength=trace.num_experts)
+        assert 1 < torch.count_nonzero(load) and load.max() > 1.5 * load.float().mean()
+
+
+@pytest.mark.parametrize(("name", "T", "layer"), [("qwen2_moe", 1, None), ("deepseek_v2", 33, 2), ("qwen3_moe", 1024, 1)])
+def test_zoo_trace_replay_gives_the_recorded_ids(name, T, layer):
+    path = BENCH_DIR / "traces" / f"{name}.safetensors"
+    trace = routing.load_trace(path)
+    spec = f"trace:{path}" + (f"@{layer}" if layer is not None else "")
+    r = routing.make_routing(spec, T, trace.num_experts, trace.top_k, seed=5)
+    want_layer = trace.layers[0] if layer is None else layer
+    rows = torch.randperm(ZOO_TRACE_TOKENS, generator=torch.Generator().manual_seed(5))[:T]  # T
+    assert torch.equal(r.ids, trace.ids[want_layer][rows].long())
+    assert torch.equal(r.weights, trace.weights[want_layer][rows])
+    assert r.label == f"trace:{name}.safetensors@{want_layer}"
+    sim, label = routing.similarity_for(spec, trace.num_experts)
+    assert torch.equal(sim, trace.similarity[want_layer]) and label == r.label
+
+
+class _DisabledBenchmark:
+    """What pytest-benchmark's fixture does under --benchmark-disable: call once, keep no stats."""
+
+    def __init__(self):
+        self.extra_info, self.stats = {}, None
+
+    def __call__(self, fn, *args):
+        return fn(*args)
+
+
+def test_zoo_trace_bench_cases_run_in_smoke_mode(monkeypatch):
+    """Every zoo case of the layer bench (bench/test_bench_layer.py) validates its output
+    (ids reaching the experts = reference re-routing, finite output) and fills extra_info."""
+    if "routing" not in sys.modules:  # the bench imports its sibling as `routing`
+        monkeypatch.setitem(sys.modules, "routing", routing)
+    spec = importlib.util.spec_from_file_location("sere_bench_layer", BENCH_DIR / "test_bench_layer.py")
+    layer_bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, layer_bench)  # its dataclasses look their module up
+    spec.loader.exec_module(layer_bench)
+    cases = [c for c in layer_bench._cases() if c.id.startswith("zoo-")]
+    assert len(cases) == 3 * len(layer_bench.ZOO_BATCHES) * len(layer_bench.PAPER_SETTINGS)
+    stock_times, infos = {}, {}
+    for case in cases:
+        bench = _DisabledBenchmark()
+        layer_bench.test_moe_layer(bench, 1e10, stock_times, *case.values)
+        infos[case.id] = info = bench.extra_info
+        name = case.values[0].removeprefix("zoo/")
+        assert info["routing"].startswith(f"trace:{name}.safetensors@") and info["similarity"] == info["routing"]
+        assert info["size"] == "zoo" and info["time_us"] is None
+        assert 1 <= info["experts_after"] <= info["experts_before"] <= info["E"]
+    # S = 1, rho = 0 keeps only the batch's primary experts: fewer than stock from 16 tokens on.
+    for name in ("qwen2_moe", "deepseek_v2", "qwen3_moe"):
+        stock, s1 = infos[f"zoo-{name}-trace-T16-stock"], infos[f"zoo-{name}-trace-T16-S1-rho0"]
+        assert s1["experts_after"] < stock["experts_after"] == s1["experts_before"]
+
+
 # --- real-size configs ------------------------------------------------------------------
 
 # name -> (arch, E, k, hidden, moe_intermediate, shared intermediate), from the published configs.
