@@ -15,7 +15,10 @@ similarity (`sere_similarity.safetensors`, linear CKA) goes into the same file, 
 replaying the trace runs SERE on the similarity the model was calibrated with.
 
 Deterministic: no sampling, fixed windows, float32 on one CPU thread; `--check` verifies that a
-regeneration gives the committed ids exactly. Replay: bench/routing.py (`trace:PATH[@LAYER]`).
+regeneration gives the committed tensors (ids, weights, similarity) and metadata exactly (the
+bytes may differ: safetensors writes the metadata keys in no fixed order), and that one full causal forward over the same
+windows routes the decode positions to the same experts (the KV-cache decode is what a plain
+forward would give). Replay: bench/routing.py (`trace:PATH[@LAYER]`).
 """
 from __future__ import annotations
 
@@ -42,17 +45,35 @@ def decode_windows(num_tokens: int) -> list[int]:
     return [i * stride for i in range(SEQUENCES)]
 
 
+def zoo_windows(name: str):
+    """(model, windows [B, PREFILL + STEPS] of held-out token ids) of zoo model `name`."""
+    from sere.zoo import heldout_ids, load_zoo_model
+
+    model, tokenizer = load_zoo_model(name)
+    text = heldout_ids(tokenizer)  # N
+    windows = torch.stack([text[s:s + PREFILL + STEPS] for s in decode_windows(text.numel())])  # B, PREFILL + STEPS
+    return model, windows
+
+
+def full_forward_ids(model, windows) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the ids one causal forward over `windows` gives the decode positions,
+    in the trace's step order (step-major), each row sorted (to compare as sets)."""
+    rec = record_trace(model, [windows], source="full forward")
+    out = {}
+    for layer, ids in rec["ids"].items():  # B * (PREFILL + STEPS), k
+        per_seq = ids.view(SEQUENCES, PREFILL + STEPS, -1)[:, PREFILL:]  # B, STEPS, k
+        out[layer] = torch.sort(per_seq.transpose(0, 1).reshape(-1, ids.shape[-1]), dim=1).values  # STEPS * B, k
+    return out
+
+
 def record_model(name: str) -> dict:
     """save_trace kwargs for zoo model `name`: decode-step routing plus calibrated similarity."""
     from transformers import DynamicCache
 
     from sere.artifact import load_similarity
-    from sere.zoo import heldout_ids, load_zoo_model, model_dir
+    from sere.zoo import model_dir
 
-    model, tokenizer = load_zoo_model(name)
-    text = heldout_ids(tokenizer)  # N
-    starts = decode_windows(text.numel())
-    windows = torch.stack([text[s:s + PREFILL + STEPS] for s in starts])  # B, PREFILL + STEPS
+    model, windows = zoo_windows(name)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():  # the prefill fills the cache; only the decode steps are recorded
         model(input_ids=windows[:, :PREFILL], past_key_values=cache, use_cache=True)
@@ -82,10 +103,18 @@ def main(argv=None) -> None:
         path = args.out / f"{name}.safetensors"
         if args.check:
             stored = load_trace(path)
-            same = stored.layers == sorted(rec["ids"]) and all(
-                torch.equal(stored.ids[layer].long(), rec["ids"][layer].long()) for layer in stored.layers)
-            print(f"{path}: {'matches' if same else 'DIFFERS from'} a regeneration")
-            failed += [] if same else [name]
+            same = (stored.layers == sorted(rec["ids"]) and (stored.model, stored.source) == (rec["model"], rec["source"])
+                    and all(torch.equal(stored.ids[layer].long(), rec["ids"][layer].long())
+                            and torch.equal(stored.weights[layer], rec["weights"][layer])
+                            and torch.equal(stored.similarity[layer], rec["similarity"][layer])
+                            for layer in stored.layers))
+            model, windows = zoo_windows(name)
+            full = full_forward_ids(model, windows)
+            as_forward = all(torch.equal(torch.sort(stored.ids[layer].long(), 1).values, full[layer].long())
+                             for layer in stored.layers)
+            print(f"{path}: {'matches' if same else 'DIFFERS from'} a regeneration; decode routing "
+                  f"{'equals' if as_forward else 'DIFFERS from'} a full causal forward")
+            failed += [] if same and as_forward else [name]
         else:
             save_trace(path, **rec)
             print(f"{path}: layers {sorted(rec['ids'])}, {next(iter(rec['ids'].values())).shape[0]} tokens each, "

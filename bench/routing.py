@@ -24,6 +24,8 @@ Trace file format (safetensors, no pickle), written by `save_trace`, read by `lo
   metadata  format = "sere-routing-trace", version = "1", num_experts, top_k, model, source
 Replay draws T rows without replacement: a decode batch holds one token from each of T
 different sequences, which a random draw from a pool of recorded tokens approximates.
+Committed traces of the three trained zoo models (decode steps over held-out text, with their
+calibrated similarity): bench/traces/<model>.safetensors, made by bench/record_traces.py.
 
 Index letters: T = tokens, k = experts per token, E = experts, N = recorded tokens.
 """
