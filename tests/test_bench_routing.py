@@ -213,12 +213,18 @@ def test_zoo_trace_replay_gives_the_recorded_ids(name, T, layer):
 
 
 class _DisabledBenchmark:
-    """What pytest-benchmark's fixture does under --benchmark-disable: call once, keep no stats."""
+    """What pytest-benchmark's fixture does under --benchmark-disable: call once, keep no stats
+    (`benchmark(fn, *args)` on the CPU path, `benchmark.pedantic(fn, ...)` on the GPU path)."""
+
+    disabled = True
 
     def __init__(self):
         self.extra_info, self.stats = {}, None
 
     def __call__(self, fn, *args):
+        return fn(*args)
+
+    def pedantic(self, fn, args=(), **_):
         return fn(*args)
 
 
