@@ -1,4 +1,4 @@
-"""One-launch Numba CUDA kernel of the SERE routing contract, as the torch custom op `sere::reroute`.
+"""Numba CUDA kernel of the SERE routing contract (one launch; two at large T), as the custom op `sere::reroute`.
 
 Run its checks: `pytest tests/test_numba_simulator.py` (CPU, CUDA simulator, NumPy inputs) and
 `pytest -m gpu tests/test_gpu_kernels.py` (a CUDA GPU). The contract is written out in
@@ -13,11 +13,18 @@ How the kernel works (one launch, no other kernels, no host sync):
   2. Every block builds P itself in shared memory from slots 0..S-1 of ALL tokens (a flag per
      expert: clear, barrier, set, barrier). Redundant across blocks, but at decode sizes it is
      a few hundred L2-resident ids, and it removes the separate clear/scatter launches of the
-     research kernel. At prefill sizes (T = 4096) this redundant read dominates and the
-     multi-launch baseline wins: see bench/results/kernel.md.
+     research kernel. At prefill sizes this redundant read dominates (22 - 33 us at T = 4096),
+     hence the two-launch path below.
   3. Each lane takes the best primary column among its own (value, then smallest index), a
      butterfly shuffle gives the warp's argmax, lane 0 writes the new id. Blocks loop over
      slots grid-stride, so the grid stays small for large T (each block rebuilds P once).
+Large T (T >= TWO_LAUNCH_MIN_TOKENS, a rule on shapes and S only, so graph- and compile-safe):
+two launches instead. Launch 1, one block, builds P in shared memory from all head ids and writes
+all E flags to a per-call int32 workspace (no clearing launch needed); launch 2 is the kernel
+above with P copied from that workspace (E reads per block instead of T*S), and a group reads
+its slot's flag BEFORE loading the row, skipping the row for primary and invalid ids. Same ids,
+bit for bit. Measured on an H100: 13 us at T = 4096 (S = 1, 2) against 22 / 33 us in one launch;
+the baseline is still faster there (7 us): see bench/results/kernel.md.
 Invalid ids (< 0 or >= E) are never primary and pass through; S <= 0, S >= k, or an empty P
 give the input back (the kernel then only copies).
 Measured on an H100 (bench/results/kernel.md): 2.3 - 3.5 us per call in CUDA-graph replay for
@@ -58,6 +65,12 @@ MAX_EXPERTS = WARP * COLUMNS_PER_LANE_BUCKETS[-1]  # 1024: beyond, the prefetch 
 DEFAULT_THREADS = 256  # 8 warps per block
 BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 SIM_KINDS = ("float32", "float16", "bfloat16")
+# Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
+# reads it (bench/results/kernel.md, "Large T: the two-launch path"; H100: one launch wins at
+# T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
+# batches (T <= 256) stay on the one-launch kernel whatever S.
+TWO_LAUNCH_MIN_TOKENS = 1024
+FLAG_THREADS = 1024  # the one block of launch 1: T*S / 1024 head ids per thread
 _NO_EXPERT = 0x7FFFFFFF  # index sentinel: loses every tie against a real expert
 
 
@@ -154,13 +167,14 @@ if cuda is not None:
     SIM_LOADERS = {"float32": _to_f32, "float16": _to_f32, "bfloat16": _bf16_bits_to_f32}
 
 
-def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP):
+def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
     size (`lanes` lanes share one secondary slot: 32 on the GPU, fewer under the simulator,
-    where every block barrier is expensive).
+    where every block barrier is expensive). two_launch=True gives launch 2 of the large-T path
+    (P read from a flags buffer) instead of the one-launch kernel.
 
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
-    ids [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k].
+    ids [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
     """
     if lanes < 1 or lanes > WARP or lanes & (lanes - 1) or threads % lanes or threads % WARP:
         raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
@@ -250,7 +264,106 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP):
                     if j < E:
                         row[c] = load_f32(sim[e * E + j])
 
-    return reroute_kernel
+    def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
+        """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1), so a
+        group knows whether its slot's expert is primary before it loads the row, and skips the
+        load for primary and invalid ids. Called only with 0 < S < k."""
+        is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags, copied from flags
+        scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
+        scratch_i = cuda.shared.array(threads, numba.int64)
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        group = tid // lanes
+        block = cuda.blockIdx.x
+        blocks = cuda.gridDim.x
+        K2 = k - S
+        n_head = T * S
+        n_sec = T * K2
+
+        # 1. This group's first slot: the row is loaded (before the barrier) only if it is needed.
+        row = cuda.local.array(cols, numba.float32)  # registers after unrolling
+        slot = block * groups_per_block + group
+        e = -1
+        pos = 0
+        needs_row = False
+        if slot < n_sec:
+            t = slot // K2
+            pos = t * k + S + (slot - t * K2)
+            e = ids[pos]
+            needs_row = e >= 0 and e < E and flags[e] == 0
+        if needs_row:
+            for c in range(cols):
+                j = lane + lanes * c
+                if j < E:
+                    row[c] = load_f32(sim[e * E + j])
+
+        # 2. P into shared memory (E reads per block, not T*S); the primary slots copy through.
+        for j in range(tid, E, threads):
+            is_primary[j] = flags[j]
+        for i in range(block * threads + tid, n_head, blocks * threads):
+            t = i // S
+            out[t * k + (i - t * S)] = ids[t * k + (i - t * S)]
+        cuda.syncthreads()
+
+        # 3. Re-route, as in the one-launch kernel; slots that need no row do no column work.
+        base = block * groups_per_block
+        while base < n_sec:
+            best_v = neg_inf
+            best_i = no_expert
+            if needs_row:
+                for c in range(cols):  # ascending columns: strict > keeps the smallest index
+                    j = lane + lanes * c
+                    if j < E and is_primary[j] != 0:
+                        if best_i == no_expert or row[c] > best_v:
+                            best_v = row[c]
+                            best_i = j
+            best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+            if lane == 0 and slot < n_sec:
+                if best_i != no_expert and best_v >= rho:
+                    out[pos] = best_i
+                else:
+                    out[pos] = e  # invalid, already primary, critical, or P empty
+
+            base += blocks * groups_per_block
+            slot = base + group
+            e = -1
+            needs_row = False
+            if slot < n_sec:
+                t = slot // K2
+                pos = t * k + S + (slot - t * K2)
+                e = ids[pos]
+                needs_row = e >= 0 and e < E and is_primary[e] == 0
+            if needs_row:
+                for c in range(cols):
+                    j = lane + lanes * c
+                    if j < E:
+                        row[c] = load_f32(sim[e * E + j])
+
+    return reroute_after_flags_kernel if two_launch else reroute_kernel
+
+
+def _make_flags_kernel(threads: int):
+    """Launch 1 of the two-launch path, ONE block of `threads` threads: the primary flags of all
+    E experts from slots 0..S-1 of all tokens, built in shared memory and written out whole
+    (every flag is written, so the buffer needs no clearing launch). Called only with 0 < S < k.
+    ids [T*k], flags [E] int32."""
+
+    def primary_flags_kernel(ids, flags, T, k, E, S):
+        mask = cuda.shared.array(MAX_EXPERTS, numba.int32)
+        tid = cuda.threadIdx.x
+        for j in range(tid, E, threads):
+            mask[j] = 0
+        cuda.syncthreads()
+        for i in range(tid, T * S, threads):
+            t = i // S
+            h = ids[t * k + (i - t * S)]
+            if h >= 0 and h < E:
+                mask[h] = 1
+        cuda.syncthreads()
+        for j in range(tid, E, threads):
+            flags[j] = mask[j]
+
+    return primary_flags_kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +392,23 @@ def pointer_signature(id_name: str, sim_kind: str):
         types.CPointer(idt), types.CPointer(_numba_type(sim_kind)), types.CPointer(idt),
         types.int32, types.int32, types.int32, types.int32, types.float32,
     )
+
+
+def after_flags_signature(id_name: str, sim_kind: str):
+    """void(ids*, sim*, flags*, out*, T, k, E, S, rho): launch 2 of the two-launch path."""
+    types = numba.types
+    idt = _numba_type(id_name)
+    return types.void(
+        types.CPointer(idt), types.CPointer(_numba_type(sim_kind)), types.CPointer(types.int32),
+        types.CPointer(idt), types.int32, types.int32, types.int32, types.int32, types.float32,
+    )
+
+
+def flags_signature(id_name: str):
+    """void(ids*, flags*, T, k, E, S): launch 1 of the two-launch path."""
+    types = numba.types
+    return types.void(types.CPointer(_numba_type(id_name)), types.CPointer(types.int32),
+                      types.int32, types.int32, types.int32, types.int32)
 
 
 class PointerKernel:
@@ -363,6 +493,31 @@ def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAUL
     )
 
 
+def after_flags_pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAULT_THREADS,
+                               lanes: int = WARP) -> PointerKernel:
+    """The compiled launch 2 of the two-launch path (compiled on first use, then cached)."""
+    return cached_pointer_kernel(
+        ("after_flags", id_name, sim_kind, cols, threads, lanes),
+        lambda: PointerKernel(_make_kernel(sim_kind, cols, threads, lanes, two_launch=True),
+                              after_flags_signature(id_name, sim_kind), threads),
+    )
+
+
+def flags_pointer_kernel(id_name: str, threads: int = FLAG_THREADS) -> PointerKernel:
+    """The compiled launch 1 of the two-launch path (one block builds all E flags)."""
+    return cached_pointer_kernel(
+        ("flags", id_name, threads),
+        lambda: PointerKernel(_make_flags_kernel(threads), flags_signature(id_name), threads),
+    )
+
+
+def use_two_launch(T: int, k: int, S: int) -> bool:
+    """The shape rule (shapes and S only: graph- and compile-safe): two launches once T reaches
+    TWO_LAUNCH_MIN_TOKENS (read at call time, so tests can lower it), where the one-launch
+    kernel's per-block rebuild of P from all T*S head ids costs more than a second launch."""
+    return 0 < S < k and T >= TWO_LAUNCH_MIN_TOKENS
+
+
 @lru_cache(maxsize=None)
 def max_blocks_for(device_index: int) -> int:
     return BLOCKS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -403,12 +558,17 @@ def launch_reroute(
     threads: int = DEFAULT_THREADS,
     max_blocks: int | None = None,
     lanes: int = WARP,
+    two_launch: bool | None = None,
 ) -> None:
     """Write re-routed ids into `out` (contiguous, like topk_ids) on torch's current stream.
 
     topk_ids [T, k] int32/int64 contiguous, sim [E, E] float32/float16/bfloat16 contiguous.
-    No allocation, no sync: safe inside CUDA-graph capture once the kernel is compiled.
-    threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks.
+    No sync; safe inside CUDA-graph capture once the kernels are compiled. The one-launch path
+    allocates nothing; the two-launch path (large T, see `use_two_launch`) allocates an
+    E-flag int32 workspace per call from torch's allocator (stream-ordered, graph-capturable;
+    a cached buffer shared by streams or graphs would race).
+    threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks;
+    two_launch forces a path (None: the shape rule).
     """
     T, k = topk_ids.shape
     E = sim.shape[0]
@@ -418,17 +578,25 @@ def launch_reroute(
     sim_kind = TORCH_SIM_KIND[sim.dtype]
     if sim_kind == "bfloat16":
         sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
-    kern = pointer_kernel("int32" if topk_ids.dtype == torch.int32 else "int64", sim_kind, cols, threads, lanes)
+    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
     device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
     if max_blocks is None:
         max_blocks = max_blocks_for(device_index)
     S = max(-1, min(int(select_top_k), k))  # keep it in int32; any S <= 0 or >= k is identity
     blocks = grid_blocks(T, k, S, threads, max_blocks, lanes)
     stream_ptr = torch.cuda.current_stream(device_index).cuda_stream
-    args = (
-        topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr(),
-        np.int32(T), np.int32(k), np.int32(E), np.int32(S), np.float32(threshold),
-    )
+    shape = (np.int32(T), np.int32(k), np.int32(E), np.int32(S))
+    if two_launch is None:
+        two_launch = use_two_launch(T, k, S)
+    if two_launch and 0 < S < k:
+        flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
+        flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
+        kern = after_flags_pointer_kernel(id_name, sim_kind, cols, threads, lanes)
+        args = (topk_ids.data_ptr(), sim.data_ptr(), flags.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
+        kern.launch(blocks, stream_ptr, device_index, args)
+        return
+    kern = pointer_kernel(id_name, sim_kind, cols, threads, lanes)
+    args = (topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
     kern.launch(blocks, stream_ptr, device_index, args)
 
 
@@ -476,6 +644,7 @@ def warm_up(id_dtypes=_TORCH_ID_TYPES, sim_dtypes=tuple(TORCH_SIM_KIND), num_exp
         for sim_dtype in sim_dtypes:
             sim = torch.zeros(num_experts, num_experts, dtype=sim_dtype, device=device)
             reroute_numba(ids, sim, 1, 0.0)
+            launch_reroute(ids, sim, torch.empty_like(ids), 1, 0.0, two_launch=True)  # the large-T path
     torch.cuda.synchronize(device)
 
 
@@ -486,8 +655,13 @@ _NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float
 
 
 @lru_cache(maxsize=None)
-def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int):
-    return cuda.jit(_make_kernel(sim_kind, cols, threads, lanes))
+def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch: bool = False):
+    return cuda.jit(_make_kernel(sim_kind, cols, threads, lanes, two_launch))
+
+
+@lru_cache(maxsize=None)
+def _array_flags_kernel(threads: int):
+    return cuda.jit(_make_flags_kernel(threads))
 
 
 SIMULATOR_LANES = 4  # lanes per slot under the simulator: fewer barrier rounds, same code path
@@ -503,6 +677,7 @@ def reroute_numba_numpy(
     threads: int | None = None,
     max_blocks: int | None = None,
     lanes: int | None = None,
+    two_launch: bool | None = None,
 ) -> np.ndarray:
     """The kernel on NumPy arrays; returns new ids (same shape and dtype).
 
@@ -511,6 +686,7 @@ def reroute_numba_numpy(
     Works under the CUDA simulator (defaults there: 32 threads, groups of 4 lanes, at most 2
     blocks, so the grid-stride loop runs several rounds; each block barrier costs the simulator
     dearly) and on a real GPU (32 lanes, 256 threads; numba copies the arrays both ways).
+    two_launch forces the large-T path on or off (None: `use_two_launch`, as on torch tensors).
     """
     if cuda is None:
         raise RuntimeError(f"numba-cuda is not importable: {_NUMBA_ERROR}")
@@ -544,7 +720,16 @@ def reroute_numba_numpy(
     blocks = grid_blocks(T, k, S, threads, max_blocks, lanes)
     ids_flat = np.ascontiguousarray(ids).reshape(-1)
     out_flat = out.reshape(-1)
-    kernel = _array_kernel(sim_kind, columns_per_lane(E, lanes), threads, lanes)
-    kernel[blocks, threads](ids_flat, sim_flat, out_flat, np.int32(T), np.int32(k), np.int32(E), np.int32(S),
-                            np.float32(threshold))
+    shape = (np.int32(T), np.int32(k), np.int32(E), np.int32(S))
+    cols = columns_per_lane(E, lanes)
+    if two_launch is None:
+        two_launch = use_two_launch(T, k, S)
+    if two_launch and 0 < S < k:
+        flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
+        _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
+        _array_kernel(sim_kind, cols, threads, lanes, True)[blocks, threads](
+            ids_flat, sim_flat, flags, out_flat, *shape, np.float32(threshold))
+        return out
+    kernel = _array_kernel(sim_kind, cols, threads, lanes)
+    kernel[blocks, threads](ids_flat, sim_flat, out_flat, *shape, np.float32(threshold))
     return out

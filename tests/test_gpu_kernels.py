@@ -5,7 +5,9 @@ Run: `pytest -m gpu tests/test_gpu_kernels.py` on a machine with a CUDA GPU (ski
 Cases: every (T, E) pair of T in {1, 2, 33, 256, 4096} x E in {8, 60, 64, 128, 256}, with k
 rotating over {1, 2, 4, 6, 8} so each k meets every T and every E; inside a case, every S in
 0..k with fresh inputs, thresholds 0 / 0.5 / 1 and the id and similarity dtypes rotating with S.
-Ids compare exactly. Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+The numba kernel runs through its shape rule and forced onto each of its two paths (one launch;
+two launches for large T). Ids compare exactly.
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ CASES = [(T, E, K_VALUES[(i + j) % len(K_VALUES)]) for i, T in enumerate(T_VALUE
 ID_DTYPES = (torch.int32, torch.int64)
 SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 THRESHOLDS = (0.0, 0.5, 1.0)
-BACKENDS = ("numba", "torch", "baseline")
+# numba: the shape rule picks the path; numba_one / numba_two force the one-launch / two-launch
+# (large-T) path, so both are checked at every shape whatever threshold the rule uses.
+BACKENDS = ("numba", "numba_one", "numba_two", "torch", "baseline")
 # Above this many slots the primary set is drawn small, so the Python reference stays fast.
 BIG_SLOTS = 4096
 
@@ -36,6 +40,15 @@ def backend_fn(name):
         from sere.kernels.numba_cuda import reroute_numba
 
         return reroute_numba
+    if name in ("numba_one", "numba_two"):
+        from sere.kernels.numba_cuda import launch_reroute
+
+        def forced(ids, sim, S, rho):
+            out = torch.empty_like(ids)  # T, k
+            launch_reroute(ids, sim.contiguous(), out, S, rho, two_launch=name == "numba_two")
+            return out
+
+        return forced
     if name == "baseline":
         from sere.kernels.research_baseline import reroute_research_baseline
 
@@ -149,9 +162,13 @@ def test_cuda_graph_replay_with_new_inputs(backend, id_dtype, sim_dtype):
     "entry,id_dtype,sim_dtype",
     [("sere.reroute", torch.int32, torch.float32), ("reroute_numba", torch.int64, torch.bfloat16)],
 )
-def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype):
+@pytest.mark.parametrize("min_tokens", (None, 1))
+def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype, min_tokens, monkeypatch):
+    from sere.kernels import numba_cuda as nc
     from sere.kernels.numba_cuda import reroute_numba
 
+    if min_tokens is not None:  # the shape rule runs inside the op: two launches here
+        monkeypatch.setattr(nc, "TWO_LAUNCH_MIN_TOKENS", min_tokens)
     torch._dynamo.reset()
 
     def route(ids, sim):
@@ -168,9 +185,13 @@ def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype):
         assert_ids_equal(compiled(ids, sim), expect(ids, sim32, 1, 0.25), (entry, T))
 
 
-def test_custom_op_and_eager_path_agree():
+@pytest.mark.parametrize("min_tokens", (None, 1))
+def test_custom_op_and_eager_path_agree(min_tokens, monkeypatch):
+    from sere.kernels import numba_cuda as nc
     from sere.kernels.numba_cuda import reroute_numba
 
+    if min_tokens is not None:  # the op and the eager entry on the two-launch path
+        monkeypatch.setattr(nc, "TWO_LAUNCH_MIN_TOKENS", min_tokens)
     gen = np.random.default_rng(11)
     ids, sim, sim32 = random_case(gen, 256, 128, 8, torch.int32, torch.float16, grid=True)
     via_op = torch.ops.sere.reroute(ids, sim, 2, 0.5)
@@ -179,7 +200,7 @@ def test_custom_op_and_eager_path_agree():
     torch.library.opcheck(torch.ops.sere.reroute.default, (ids, sim, 2, 0.5))
 
 
-@pytest.mark.parametrize("backend", ("numba", "baseline"))
+@pytest.mark.parametrize("backend", ("numba", "numba_two", "baseline"))
 def test_runs_on_the_current_non_default_stream(backend):
     """The kernel must run on torch's current stream: its input is produced on a side stream
     behind a ~20 ms sleep, so a launch on any other stream would read stale ids."""
@@ -212,6 +233,22 @@ def test_no_host_sync_and_strided_ids():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_ids_equal(out, expect(ids, sim32, 3, 0.5), "strided")
+
+
+def test_large_t_two_launch_auto_path():
+    """T = 4096, E = 128, k = 8, S = 1 and 2, uniform routing (every expert primary, the case the
+    two-launch path exists for) and a few-expert routing, through the shape rule's own choice."""
+    from sere.kernels import numba_cuda as nc
+
+    gen = torch.Generator().manual_seed(31)
+    sim = torch.rand(128, 128, generator=gen)  # E, E
+    uniform = torch.rand(4096, 128, generator=gen).topk(8, dim=-1).indices  # T, k
+    narrow = torch.randint(0, 6, (4096, 8), generator=gen)  # T, k: few primary experts
+    for ids in (uniform, narrow):
+        for S in (1, 2):
+            assert nc.use_two_launch(4096, 8, S)
+            got = nc.reroute_numba(ids.cuda(), sim.cuda(), S, 0.3)
+            assert_ids_equal(got, torch.from_numpy(reroute_reference(ids.numpy(), sim.numpy(), S, 0.3)), S)
 
 
 def test_zero_tokens():

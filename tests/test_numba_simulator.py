@@ -72,6 +72,55 @@ def test_kernel_matches_reference_every_S(T, E, k):
             assert_same_ids(got, want, (T, E, k, S, rho, id_dtype, sim_dtype))
 
 
+# The two-launch (large-T) path, forced at simulator sizes: it must give the same ids bit for bit.
+TWO_LAUNCH_SHAPES = [(1, 8, 2), (2, 60, 8), (33, 8, 4), (33, 60, 8)]
+
+
+@pytest.mark.parametrize("T,E,k", TWO_LAUNCH_SHAPES)
+def test_two_launch_path_matches_reference_every_S(T, E, k):
+    rng = np.random.default_rng([T, E, k, 2])
+    for S in range(k + 1):
+        rho = THRESHOLDS[S % 3]
+        ids, sim = random_case(rng, T, E, k, ID_DTYPES[S % 2], SIM_DTYPES[(S // 2) % 2])
+        want = reroute_reference(ids, sim, S, rho)
+        assert_same_ids(nc.reroute_numba_numpy(ids, sim, S, rho, two_launch=True), want, (T, E, k, S, rho))
+
+
+def test_two_launch_path_edge_cases():
+    """Ties across lanes, only invalid primary ids (empty P), bfloat16 bits: through the flags buffer."""
+    ties = np.array([[59, 13, 7, 42]], dtype=np.int32)
+    got = nc.reroute_numba_numpy(ties, np.ones((60, 60), np.float32), 2, 1.0, two_launch=True)
+    np.testing.assert_array_equal(got, [[59, 13, 13, 13]])
+    invalid_head = np.array([[-1, 3, 4], [9, 5, 2]], dtype=np.int64)
+    got = nc.reroute_numba_numpy(invalid_head, np.ones((8, 8), np.float32), 1, 0.0, two_launch=True)
+    np.testing.assert_array_equal(got, invalid_head)
+    rng = np.random.default_rng(23)
+    ids, sim32 = random_case(rng, 33, 60, 8, np.int32, np.float32)
+    sim32 = sim32 - np.float32(0.375)
+    bits = (sim32.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+    got = nc.reroute_numba_numpy(ids, bits, 3, -0.125, bf16_bits=True, two_launch=True)
+    assert_same_ids(got, reroute_reference(ids, sim32, 3, -0.125), "bf16")
+
+
+def test_shape_rule_picks_two_launches_from_the_threshold(monkeypatch):
+    """The rule reads only T, k and S; with the threshold lowered, the default call takes the
+    two-launch path (checked by making that path's kernel the only one that can run)."""
+    assert nc.use_two_launch(4096, 8, 1) and not nc.use_two_launch(256, 8, 7)  # decode: one launch
+    monkeypatch.setattr(nc, "TWO_LAUNCH_MIN_TOKENS", 33)
+    assert nc.use_two_launch(33, 8, 2) and not nc.use_two_launch(32, 8, 2)
+    assert not nc.use_two_launch(33, 8, 0) and not nc.use_two_launch(33, 8, 8)  # identity: one launch
+    rng = np.random.default_rng(29)
+    ids, sim = random_case(rng, 33, 60, 8, np.int64, np.float32)
+    one_launch_compiled = nc._array_kernel
+
+    def refuse_one_launch(sim_kind, cols, threads, lanes, two_launch=False):
+        assert two_launch, "the shape rule should have picked the two-launch path"
+        return one_launch_compiled(sim_kind, cols, threads, lanes, two_launch)
+
+    monkeypatch.setattr(nc, "_array_kernel", refuse_one_launch)
+    assert_same_ids(nc.reroute_numba_numpy(ids, sim, 2, 0.5), reroute_reference(ids, sim, 2, 0.5), "auto")
+
+
 @pytest.mark.parametrize("T,E,k,S", [(2, 60, 8, 2), (33, 8, 4, 1)])
 def test_bfloat16_bits_match_reference(T, E, k, S):
     """bfloat16 arrives as int16 bits (torch bf16 has no array interface); the kernel widens them."""
