@@ -95,7 +95,7 @@ def main() -> None:
         ids, sim = inputs(T, seed=T)
         out = torch.empty_like(ids)
         want = reroute_reference(ids.cpu().numpy(), sim.cpu().numpy(), S, RHO) if (threads, lanes, bps) == (THREADS[0], LANES[0], BLOCKS_PER_SM[0]) else None
-        nc.launch_reroute(ids, sim, out, S, RHO, threads=threads, lanes=lanes, max_blocks=bps * sms)
+        nc.launch_reroute(ids, sim, out, S, RHO, threads=threads, lanes=lanes, max_blocks=bps * sms, two_launch=False)
         if want is not None:
             np.testing.assert_array_equal(out.cpu().numpy(), want)
         else:
@@ -103,7 +103,7 @@ def main() -> None:
             nc.launch_reroute(ids, sim, ref, S, RHO)
             assert torch.equal(out, ref), (T, S, threads, lanes, bps)
         timing = time_graph_replay(
-            lambda: nc.launch_reroute(ids, sim, out, S, RHO, threads=threads, lanes=lanes, max_blocks=bps * sms),
+            lambda: nc.launch_reroute(ids, sim, out, S, RHO, threads=threads, lanes=lanes, max_blocks=bps * sms, two_launch=False),
             calls=100, repeats=15,
         )
         sweep.append({"T": T, "S": S, "threads": threads, "lanes": lanes, "blocks_per_sm": bps,
