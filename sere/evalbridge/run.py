@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config)
         return 0
-    work = Path(args.work_dir)
+    work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "sere_eval_config.py"
     cfg_path.write_text(config)
@@ -156,7 +156,9 @@ def main(argv=None) -> int:
         env["COMPASS_DATA_CACHE"] = str(Path(args.data_cache).resolve())
     cmd = [sys.executable, "-m", "opencompass.cli.main", str(cfg_path), "-w", str(work)] + (["--debug"] if args.debug else [])
     print("running:", " ".join(cmd), file=sys.stderr)
-    rc = subprocess.run(cmd, env=env).returncode
+    # OpenCompass writes scratch folders (tmp/, icl_inference_output/) into its working
+    # directory: run it inside the work dir, not wherever the user stands.
+    rc = subprocess.run(cmd, env=env, cwd=work).returncode
     summary, rows = read_summary(work)
     bad = failed_rows(rows)
     print(f"summary: {summary}")
