@@ -10,17 +10,21 @@ from __future__ import annotations
 import torch
 
 
-def primary_mask(topk_ids: torch.Tensor, num_experts: int, select_top_k: int) -> torch.Tensor:
-    """[E] bool: which experts appear in slots 0..S-1 of any token (valid ids only)."""
+def expert_mask(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] bool: which valid experts (0 <= id < E) appear anywhere in `ids` (any shape)."""
     E = num_experts
-    head = topk_ids[:, :select_top_k]  # T, S
-    valid = (head >= 0) & (head < E)
+    valid = (ids >= 0) & (ids < E)
     # Invalid ids land in a spare slot E that is dropped afterwards. index_fill_ rather
     # than mask[idx] = True: the latter copies a CPU scalar and breaks graph capture.
-    idx = torch.where(valid, head, torch.full_like(head, E)).reshape(-1).long()
-    mask = torch.zeros(E + 1, dtype=torch.bool, device=topk_ids.device)
+    idx = torch.where(valid, ids, torch.full_like(ids, E)).reshape(-1).long()
+    mask = torch.zeros(E + 1, dtype=torch.bool, device=ids.device)
     mask.index_fill_(0, idx, True)
     return mask[:E]
+
+
+def primary_mask(topk_ids: torch.Tensor, num_experts: int, select_top_k: int) -> torch.Tensor:
+    """[E] bool: which experts appear in slots 0..S-1 of any token (valid ids only)."""
+    return expert_mask(topk_ids[:, :select_top_k], num_experts)  # E
 
 
 def reroute_torch(

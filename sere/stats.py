@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sere.kernels.vectorized import primary_mask
+from sere.kernels.vectorized import expert_mask, primary_mask
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,7 @@ class RerouteStats:
 
 def distinct_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """0-dim int64: how many distinct valid expert ids appear anywhere in `ids`."""
-    E = num_experts
-    valid = (ids >= 0) & (ids < E)
-    idx = torch.where(valid, ids, torch.full_like(ids, E)).reshape(-1).long()
-    seen = torch.zeros(E + 1, dtype=torch.bool, device=ids.device)
-    seen.index_fill_(0, idx, True)
-    return seen[:E].sum()
+    return expert_mask(ids, num_experts).sum()
 
 
 def reroute_stats(
