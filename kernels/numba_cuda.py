@@ -184,6 +184,31 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
     groups_per_block = threads // lanes
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
+    # The two kernels share their per-slot work through these; on the GPU they are inlined at
+    # NVVM level, so `row` (a local array) still lives in registers after unrolling.
+    device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+
+    @device_fn
+    def load_row(row, sim, e, E, lane):
+        """This lane's columns of similarity row e: row[c] = sim[e, lane + lanes*c]."""
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E:
+                row[c] = load_f32(sim[e * E + j])
+
+    @device_fn
+    def best_primary(row, is_primary, E, lane):
+        """(value, index) of this lane's most similar primary column; (-inf, no_expert) if none.
+        Ascending columns with a strict > keep the smallest index among ties."""
+        best_v = neg_inf
+        best_i = no_expert
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E and is_primary[j] != 0:
+                if best_i == no_expert or row[c] > best_v:
+                    best_v = row[c]
+                    best_i = j
+        return best_v, best_i
 
     def reroute_kernel(ids, sim, out, T, k, E, S, rho):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
@@ -214,10 +239,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
             pos = t * k + S + (slot - t * K2)
             e = ids[pos]
         if e >= 0 and e < E:
-            for c in range(cols):
-                j = lane + lanes * c
-                if j < E:
-                    row[c] = load_f32(sim[e * E + j])
+            load_row(row, sim, e, E, lane)
 
         # 2. The primary set P, built by every block from slots 0..S-1 of all tokens.
         for j in range(tid, E, threads):
@@ -238,12 +260,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
             best_v = neg_inf
             best_i = no_expert
             if e >= 0 and e < E and is_primary[e] == 0:
-                for c in range(cols):  # ascending columns: strict > keeps the smallest index
-                    j = lane + lanes * c
-                    if j < E and is_primary[j] != 0:
-                        if best_i == no_expert or row[c] > best_v:
-                            best_v = row[c]
-                            best_i = j
+                best_v, best_i = best_primary(row, is_primary, E, lane)
             best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
             if lane == 0 and slot < n_sec:
                 if best_i != no_expert and best_v >= rho:
@@ -259,10 +276,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
                 pos = t * k + S + (slot - t * K2)
                 e = ids[pos]
             if e >= 0 and e < E:
-                for c in range(cols):
-                    j = lane + lanes * c
-                    if j < E:
-                        row[c] = load_f32(sim[e * E + j])
+                load_row(row, sim, e, E, lane)
 
     def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
         """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1), so a
@@ -292,10 +306,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
             e = ids[pos]
             needs_row = e >= 0 and e < E and flags[e] == 0
         if needs_row:
-            for c in range(cols):
-                j = lane + lanes * c
-                if j < E:
-                    row[c] = load_f32(sim[e * E + j])
+            load_row(row, sim, e, E, lane)
 
         # 2. P into shared memory (E reads per block, not T*S); the primary slots copy through.
         for j in range(tid, E, threads):
@@ -311,12 +322,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
             best_v = neg_inf
             best_i = no_expert
             if needs_row:
-                for c in range(cols):  # ascending columns: strict > keeps the smallest index
-                    j = lane + lanes * c
-                    if j < E and is_primary[j] != 0:
-                        if best_i == no_expert or row[c] > best_v:
-                            best_v = row[c]
-                            best_i = j
+                best_v, best_i = best_primary(row, is_primary, E, lane)
             best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
             if lane == 0 and slot < n_sec:
                 if best_i != no_expert and best_v >= rho:
@@ -334,10 +340,7 @@ def _make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_
                 e = ids[pos]
                 needs_row = e >= 0 and e < E and is_primary[e] == 0
             if needs_row:
-                for c in range(cols):
-                    j = lane + lanes * c
-                    if j < E:
-                        row[c] = load_f32(sim[e * E + j])
+                load_row(row, sim, e, E, lane)
 
     return reroute_after_flags_kernel if two_launch else reroute_kernel
 
