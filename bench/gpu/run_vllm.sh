@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The device run of issue 5's vLLM GPU gaps: one MoE layer on vLLM's fused MoE kernel (all
+# three real shapes), then end-to-end decode in vLLM, stock vs SERE, for DeepSeek-V2-Lite,
+# Qwen3-30B-A3B and (batches 128, 256) Qwen1.5-MoE-A2.7B, all within one time budget.
+#
+# On the GPU host, repo root, vLLM 0.26 bundle unpacked and this package installed:
+#   export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH && bash bench/gpu/run_vllm.sh
+# Env: OUT (default /tmp/sere_vllm_out), BUDGET_S (default 520: seconds for the whole script;
+# every step gets a deadline from what is left, so the script ends in time).
+#
+# What comes back is at most 8 files, so $OUT holds only: run_vllm.log (everything printed),
+# summary.md (all tables), vllm_results.tar.gz (every JSON, log and table; rewritten after
+# each step, so a cut-off run still returns what it finished).
+set -uo pipefail
+OUT=${OUT:-/tmp/sere_vllm_out}
+BUDGET_S=${BUDGET_S:-520}
+WORK=${WORK:-/tmp/sere_vllm_work}
+PY=${PY:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+status=0
+exec > >(tee -a "$OUT/run_vllm.log") 2>&1
+
+left() { echo $((BUDGET_S - SECONDS)); }
+
+pack() {  # everything small from $WORK (model folders left out) into one archive, plus the summary
+  cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/e2e-*/summary.md > "$OUT/summary.md" 2>/dev/null
+  tar -czf "$OUT/vllm_results.tar.gz" -C "$WORK" --exclude='*/model' . 2>/dev/null
+}
+
+{
+  date -u +"%Y-%m-%d %H:%M:%S UTC"
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+  $PY -c "import torch, vllm, triton; print('torch', torch.__version__, 'vllm', vllm.__version__, 'triton', triton.__version__)"
+  $PY -c "import sere.kernels.numba_cuda as m; print('numba kernel available:', m.available())"
+  git rev-parse HEAD 2>/dev/null || echo "no git history here (working-tree copy)"
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
+
+step() {  # name, seconds (capped by what is left), command...
+  local name=$1 want=$2; shift 2
+  local limit=$(( want < $(left) ? want : $(left) ))
+  if [ "$limit" -lt 45 ]; then
+    echo "== $name: skipped, $(left) s left of $BUDGET_S"
+    status=1
+    return
+  fi
+  local t0=$SECONDS
+  echo "== $name: up to $limit s"
+  timeout -k 5 "$limit" "$@"
+  local rc=$?
+  echo "== $name: rc $rc in $((SECONDS - t0)) s ($(left) s left)"
+  [ $rc -eq 0 ] || status=1
+  pack
+}
+
+# 1. One layer on vLLM's fused MoE (all three shapes; the script skips cases past its deadline).
+step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80
+
+# 2. End to end. Per model: stock and the two SERE settings (CUDA graphs), then the eager
+#    statistics engine (activated experts, trace check) only where time is left for it.
+e2e() {  # model, seconds, min seconds per engine, batches, engines
+  local model=$1 want=$2 min_left=$3 batches=$4 engines=$5
+  local limit=$(( want < $(left) ? want : $(left) ))
+  step "e2e $model" "$limit" $PY "$HERE/vllm_decode.py" --model "$model" --out "$WORK/e2e-$model" \
+    --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170
+}
+e2e deepseek-v2-lite 210 55 1,16,64,128,256 stock,sere-s1,sere-s2,counts
+e2e qwen3-30b-a3b 260 90 1,16,64,128,256 stock,sere-s1,sere-s2,counts
+e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2
+
+pack
+echo "== run_vllm.sh: status $status in $SECONDS s"
+exit $status
