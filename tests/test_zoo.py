@@ -14,10 +14,21 @@ import pytest
 import torch
 
 from sere.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, zoo_dir
-from sere.zoo.data import HELDOUT_EVERY, HELDOUT_OFFSET, chapters, is_heldout, parse_verses, split_text
+from sere.zoo.data import (
+    HELDOUT_EVERY,
+    HELDOUT_OFFSET,
+    VALIDATION_EVERY,
+    VALIDATION_OFFSET,
+    chapters,
+    is_heldout,
+    parse_verses,
+    split_text,
+    split_validation,
+)
 from sere.zoo.evaluate import unigram_perplexity, windows
-from sere.zoo.models import MAX_CHECKPOINT_BYTES, build_model, count_parameters, zoo_config
-from sere.zoo.train import _dump_log, lr_at, run_progress, training_loss
+from sere.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, UPCYCLE_SHARDS, build_model, count_parameters, zoo_config
+from sere.zoo.train import _dump_log, ensure_experts_kernel, lr_at, run_progress, training_loss
+from sere.zoo.upcycle import shard_of, upcycle
 
 GENESIS_CHAPTERS = 50
 
@@ -54,18 +65,37 @@ def test_no_genesis_chapter_is_held_out():
     assert not any(is_heldout(c) for c in range(GENESIS_CHAPTERS))
 
 
+def test_validation_split_takes_whole_training_chapters():
+    train, _, _ = split_text(parse_verses(_listing(121)))  # 120 training chapters
+    fit, val = split_validation(train)
+    assert VALIDATION_OFFSET >= GENESIS_CHAPTERS  # Genesis stays in training (calibration text)
+    assert val == "Verse 1 of chapter 61.\nVerse 2 of chapter 61.\n"  # training chapter 60 = chapter 61 (57 is held out)
+    assert "of chapter 61." not in fit and fit.count("\n\n") == 118
+    with pytest.raises(ValueError, match="none for validation"):
+        split_validation("a\n\nb\n")
+    assert VALIDATION_EVERY > 1
+
+
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_configs_have_the_features_sere_needs(name):
     cfg = zoo_config(name, vocab_size=2048)
     experts = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
     assert experts >= 32
     assert cfg.num_experts_per_tok == (8 if name == "qwen3_moe" else 4)
-    if name == "qwen2_moe":
+    if name.startswith("qwen2_moe"):
         assert cfg.shared_expert_intermediate_size > 0
     if name == "deepseek_v2":
         assert cfg.n_shared_experts >= 1 and cfg.first_k_dense_replace == 1
     assert not cfg.output_router_logits  # on in inference, transformers' generate fails with a mask
     assert count_parameters(build_model(name, vocab_size=2048)) * 2 <= MAX_CHECKPOINT_BYTES
+
+
+def test_upcycled_model_has_qwen2_moe_config_and_a_dense_source():
+    assert zoo_config("qwen2_moe_upcycled", vocab_size=64).to_dict() == zoo_config("qwen2_moe", vocab_size=64).to_dict()
+    dense = zoo_config(DENSE_MODELS[0], vocab_size=64)
+    moe = zoo_config("qwen2_moe_upcycled", vocab_size=64)
+    assert dense.model_type == "qwen2" and not hasattr(dense, "router_aux_loss_coef")
+    assert dense.intermediate_size == UPCYCLE_SHARDS * moe.moe_intermediate_size == moe.shared_expert_intermediate_size
 
 
 def test_unknown_zoo_model_is_an_error():
@@ -117,6 +147,104 @@ def test_windows_and_unigram_baseline():
     assert unigram_perplexity(uniform, torch.arange(V), V) == pytest.approx(V)
 
 
+# ---- upcycling (sere.zoo.upcycle) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return build_model("qwen2_dense", vocab_size=64, seed=1).eval()
+
+
+def _upcycled(dense, **kw):
+    return upcycle(dense, zoo_config("qwen2_moe_upcycled", vocab_size=64), seed=3, **kw).eval()
+
+
+def _expert_neurons(moe, layer: int, e: int) -> torch.Tensor:
+    """Expert e's neurons as rows [gate | up | down^T]: I, 3H."""
+    ex = moe.model.layers[layer].mlp.experts
+    I = ex.down_proj.shape[-1]
+    return torch.cat([ex.gate_up_proj[e, :I], ex.gate_up_proj[e, I:], ex.down_proj[e].T], dim=1)  # I, 3H
+
+
+def _shard_neurons(dense, layer: int, s: int, I: int) -> torch.Tensor:
+    mlp = dense.model.layers[layer].mlp
+    rows = slice(s * I, (s + 1) * I)
+    return torch.cat([mlp.gate_proj.weight[rows], mlp.up_proj.weight[rows], mlp.down_proj.weight[:, rows].T], dim=1)
+
+
+# Experts picking one copy of every shard (expert e is shard e mod 4): first copies, last copies, mixed.
+ONE_COPY_OF_EACH_SHARD = ([0, 1, 2, 3], [28, 29, 30, 31], [4, 13, 2, 31])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_unperturbed_upcycle_reproduces_the_dense_ffn(dense, shuffle):
+    moe = _upcycled(dense, reinit_fraction=0.0, shuffle=shuffle)
+    x = torch.randn(7, dense.config.hidden_size, generator=torch.Generator().manual_seed(0))  # T, H
+    for layer in (0, 2):
+        want = dense.model.layers[layer].mlp(x)  # T, H
+        mlp = moe.model.layers[layer].mlp
+        torch.testing.assert_close(mlp.shared_expert(x), want)
+        for experts in ONE_COPY_OF_EACH_SHARD:
+            ids = torch.tensor([experts] * 7)  # T, k
+            torch.testing.assert_close(mlp.experts(x, ids, torch.ones(7, 4)), want, atol=1e-6, rtol=1e-5)
+        # Two copies of one shard are not the whole FFN.
+        ids = torch.tensor([[0, 4, 2, 3]] * 7)
+        assert (mlp.experts(x, ids, torch.ones(7, 4)) - want).abs().max() > 1e-3
+
+
+def test_upcycle_copies_everything_but_the_ffn_and_leaves_the_router_fresh(dense):
+    moe = _upcycled(dense)
+    ms = moe.state_dict()
+    copied = [k for k in dense.state_dict() if ".mlp." not in k]
+    assert any("self_attn.q_proj.bias" in k for k in copied) and "model.embed_tokens.weight" in copied
+    for key in copied:
+        assert torch.equal(ms[key], dense.state_dict()[key]), key
+    for layer in moe.model.layers:
+        assert torch.all(layer.mlp.shared_expert_gate.weight == 0)  # sigmoid gate 0.5 at the start
+        assert layer.mlp.gate.weight.std() > 0  # a fresh router, not zeros
+    assert count_parameters(moe) == count_parameters(build_model("qwen2_moe", vocab_size=64))
+    assert upcycle(dense, zoo_config("qwen2_moe_upcycled", vocab_size=64)).training  # ready to train
+
+
+def test_each_copy_keeps_a_shuffled_half_of_its_shard(dense):
+    moe = _upcycled(dense, reinit_fraction=0.5)
+    I = moe.config.moe_intermediate_size
+    for e in (0, 5, 31):
+        shard = _shard_neurons(dense, 1, shard_of(e, UPCYCLE_SHARDS), I)  # I, 3H
+        mine = _expert_neurons(moe, 1, e)  # I, 3H
+        match = (mine[:, None, :] == shard[None, :, :]).all(-1)  # I, I: expert neuron i is shard neuron j
+        assert match.sum(1).max() == 1 and match.sum() == I // 2, f"expert {e}"
+        assert not match[: I // 2].any()  # the re-initialised neurons come first
+    # Copies of one shard differ (own permutation, own re-initialisation) but share some neurons.
+    a, b = _expert_neurons(moe, 1, 0), _expert_neurons(moe, 1, 4)
+    assert not torch.equal(a, b)
+    assert (a[:, None, :] == b[None, :, :]).all(-1).any()
+
+
+def test_upcycle_is_deterministic_and_checks_shapes(dense):
+    one, two = _upcycled(dense), _upcycled(dense)
+    assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters()))
+    wrong = zoo_config("qwen2_moe_upcycled", vocab_size=64)
+    wrong.moe_intermediate_size = 40
+    with pytest.raises(ValueError, match="shards x expert intermediate"):
+        upcycle(dense, wrong)
+    with pytest.raises(ValueError, match="reinit_fraction"):
+        upcycle(dense, zoo_config("qwen2_moe_upcycled", vocab_size=64), reinit_fraction=1.5)
+    with pytest.raises(ValueError, match="vocab_size"):
+        upcycle(dense, zoo_config("qwen2_moe_upcycled", vocab_size=128))
+
+
+def test_dense_training_loss_and_expert_kernel_probe(dense):
+    model = build_model("qwen2_dense", vocab_size=64, seed=0)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    loss, lm, aux = training_loss(model, x)
+    assert aux == 0.0 and float(loss.detach()) == pytest.approx(lm)
+    assert ensure_experts_kernel(model, x) == "dense"
+    moe = build_model("qwen2_moe", vocab_size=64, seed=0, experts_implementation="eager")
+    assert ensure_experts_kernel(moe, x) == "eager"
+    assert all(p.grad is None for p in moe.parameters())  # the probe leaves no gradient behind
+
+
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_committed_checkpoint_loads(name):
     model, tok = load_zoo_model(name)
@@ -125,5 +253,12 @@ def test_committed_checkpoint_loads(name):
     ids = heldout_ids(tok)
     assert ids.numel() == json.loads((zoo_dir() / name / "card.json").read_text())["heldout_tokens"]
     log = json.loads((zoo_dir() / name / "train_log.json").read_text())
-    assert log["seed"] == 0 and log["steps_done"] > 1000 and len(log["curve"]) == log["steps_done"] // 10
-    assert log["curve"][-1]["loss"] < log["curve"][0]["loss"] - 3  # it learned
+    assert log["seed"] == 0 and log["steps_done"] > 1000 and len(log["curve"]) == log["steps_done"] // log["args"]["log_every"]
+    assert log["saved_step"] in {e["step"] for e in log["heldout_evals"]}
+    assert min(e["val_ppl"] for e in log["heldout_evals"]) == log["best_val_ppl"]  # the best evaluation was kept
+    if "upcycle" in log:  # it starts from a trained dense model, so its loss starts low
+        dense_log = log["upcycle"]["dense_log"]
+        assert dense_log["model"] == "qwen2_dense" and dense_log["steps_done"] > 1000
+        assert log["best_val_ppl"] < dense_log["best_val_ppl"]  # the MoE phase improved on the dense model
+    else:
+        assert log["curve"][-1]["loss"] < log["curve"][0]["loss"] - 3  # it learned

@@ -53,6 +53,7 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
         "qwen2_moe": f"1 gated shared expert (intermediate {getattr(cfg, 'shared_expert_intermediate_size', '-')})",
         "deepseek_v2": f"{getattr(cfg, 'n_shared_experts', '-')} shared experts; layer 0 dense (first_k_dense_replace=1); top-k unsorted",
         "qwen3_moe": "no shared expert",
+        "qwen2_moe_upcycled": f"1 gated shared expert (intermediate {getattr(cfg, 'shared_expert_intermediate_size', '-')})",
     }[name]
     a = log["args"]
     rows = "\n".join(
@@ -68,7 +69,14 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
         f"`similarity_{v}/`: the same command with `--similarity_method {v} --output_path tests/zoo/{name}/similarity_{v}` "
         "(compared in bench/results/accuracy.md).\n" for v in found
     )
-    stop = "the step count bound" if log["steps_done"] >= a["steps"] else "the time budget bound first; the schedule ran by time"
+    stop = {"steps": "the step count bound", "time": "the time budget bound first; the schedule ran by time"}.get(
+        log.get("stopped_by", "steps" if log["steps_done"] >= a["steps"] else "time"), log.get("stopped_by"))
+    selection = ""
+    if "saved_step" in log:
+        selection = (f"\nSaved: the weights of step {log['saved_step']}, the best of the evaluations every {a['eval_every']} steps by "
+                     f"perplexity on a validation split of the training text ({log['validation_tokens']:,} tokens, "
+                     f"sere.zoo.data.split_validation; not the held-out text): {log['best_val_ppl']:.2f}.\n")
+    upcycling = _upcycling_section(log.get("upcycle"))
     return f"""# Zoo model `{name}` ({cfg.model_type})
 
 A small Mixture-of-Experts causal LM trained in this project on the King James Bible, to
@@ -86,15 +94,15 @@ King James Bible (public domain) from the Debian packages `bible-kjv-text` / `bi
 see ../DATA.md. Split by chapter: chapter c (0..1188, canonical order) is held out when
 c % {HELDOUT_EVERY} == {HELDOUT_OFFSET}; the held-out text is ../heldout.txt. Tokenizer:
 byte-level BPE, {DEFAULT_VOCAB} tokens, trained with `tokenizers` on the training split
-(`tokenizer.json`, shared by the three zoo models).
+(`tokenizer.json`, shared by the zoo models).
 
 ## Training
-`python -m sere.zoo.train --model {name} --steps {a['steps']} --max-minutes {a['max_minutes']} --batch {a['batch']} --seq-len {a['seq_len']} --lr {a['lr']} --warmup {a['warmup']} --seed {a['seed']} --threads {a['threads']}`
-on {log['device']} ({log['threads']} threads), torch {log['torch']}, {log['date']}: {log['steps_done']} steps,
+{upcycling}`python -m sere.zoo.train --model {name} {_train_flags(a)}`
+on {log['device']} ({log['threads']} CPU threads), torch {log['torch']}, {log['date']}: {log['steps_done']} steps,
 {log['tokens_seen']:,} tokens seen ({log['tokens_seen'] / log['train_tokens']:.2f} epochs of {log['train_tokens']:,}),
 {log['wall_s'] / 60:.1f} min wall ({stop}). AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine
 decay to 10 %, gradient clip 1.0, load-balancing loss coefficient {cfg.router_aux_loss_coef}.
-The loss curve (means over {a['log_every']} steps) is in `train_log.json`; evenly spaced points
+{selection}The loss curve (means over {a['log_every']} steps) is in `train_log.json`; evenly spaced points
 (loss = LM loss without the aux loss; the held-out perplexity along the way is in the log too):
 
 | step | loss | aux loss | lr | elapsed s |
@@ -118,6 +126,41 @@ keeps it high on purpose); router entropy = mean entropy of a token's softmax ov
 ## Similarity artifact
 {"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128` (linear CKA, the command's default, on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
 {variants}"""
+
+
+def _train_flags(a: dict) -> str:
+    """The training command's flags as the log recorded them (older logs lack the newer ones)."""
+    flags = [f"--steps {a['steps']}", f"--max-minutes {a['max_minutes']}", f"--batch {a['batch']}", f"--seq-len {a['seq_len']}",
+             f"--lr {a['lr']}", f"--warmup {a['warmup']}", f"--seed {a['seed']}"]
+    if a.get("device", "cpu") != "cpu":
+        flags.insert(0, f"--device {a['device']}")
+    if a.get("threads"):
+        flags.append(f"--threads {a['threads']}")
+    if "eval_every" in a:
+        flags.append(f"--eval-every {a['eval_every']}")
+    if a.get("patience"):
+        flags.append(f"--patience {a['patience']}")
+    if a.get("init_from"):
+        flags.append(f"--init-from {a['init_from']} --reinit-fraction {a['reinit_fraction']}")
+    return " ".join(flags)
+
+
+def _upcycling_section(up: dict | None) -> str:
+    """How an upcycled model was initialised (sere.zoo.upcycle), with its dense model's training."""
+    if not up:
+        return ""
+    d = up.get("dense_log", {})
+    dense = (f"The dense model (`qwen2_dense`, {d['parameters']:,} parameters, FFN intermediate "
+             f"{up['n_shards'] * up['expert_intermediate']}) was trained first with the same script: {d['steps_done']} steps, "
+             f"{d['wall_s'] / 60:.1f} min on {d['device']}, best validation perplexity {d.get('best_val_ppl', float('nan')):.2f} "
+             f"(step {d.get('saved_step', '-')}).\n" if d else "")
+    return f"""Upcycled, the way Qwen1.5-MoE was made from Qwen-1.8B (sere/zoo/upcycle.py): the trained dense model's
+FFN split into {up['n_shards']} shards of {up['expert_intermediate']} neurons; routed expert e = shard (e mod {up['n_shards']}), so
+{up['copies_per_shard']} copies of each shard; each copy's neurons shuffled, then {up['reinit_neurons_per_expert']} of its {up['expert_intermediate']}
+neurons ({up['reinit_fraction']:.0%}) re-initialised (normal, std 0.02); shared expert = {up['shared_expert']};
+attention, embeddings and norms copied; router {up['router']}; seed {up['seed']}. Then trained as an MoE:
+{dense}
+"""
 
 
 def write_card(name: str, data_dir: Path) -> Path:

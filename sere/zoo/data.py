@@ -28,6 +28,12 @@ from pathlib import Path
 
 HELDOUT_EVERY = 64
 HELDOUT_OFFSET = 57
+# Validation (model selection while training, sere.zoo.train): chapter j of the *training*
+# text (0..1170) when j % VALIDATION_EVERY == VALIDATION_OFFSET; 18 chapters, none of Genesis.
+# Kept apart from the held-out text, so choosing the best step does not tune on what the
+# metrics are measured on.
+VALIDATION_EVERY = 64
+VALIDATION_OFFSET = 60
 DEFAULT_VOCAB = 2048
 EOS_TOKEN = "<|endoftext|>"
 _VERSE_LINE = re.compile(r"^(?P<book>\d?[A-Za-z]+)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)$")
@@ -44,7 +50,7 @@ class Verse:
 def fetch_kjv(cache_dir: str | Path) -> Path:
     """Path of `kjv.txt` (one "Ge1:1 text" line per verse) under cache_dir, fetched from the
     Debian packages on first use. Needs apt-get, dpkg-deb and a package mirror."""
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir).resolve()  # the commands below run in a temporary cwd
     out = cache_dir / "kjv.txt"
     if out.exists() and out.stat().st_size > 4_000_000:
         return out
@@ -106,6 +112,17 @@ def split_text(verses: list[Verse]) -> tuple[str, str, list[str]]:
     train = [ch for i, ch in enumerate(chs) if not is_heldout(i)]
     names = [f"{ch[0].book}{ch[0].chapter}" for ch in held]
     return chapters_to_text(train), chapters_to_text(held), names
+
+
+def split_validation(train_text: str) -> tuple[str, str]:
+    """(text to train on, validation text): whole chapters of the training text (chapters are
+    separated by blank lines, see chapters_to_text), every VALIDATION_EVERY-th one held back."""
+    chs = train_text.strip("\n").split("\n\n")
+    keep = [c for j, c in enumerate(chs) if j % VALIDATION_EVERY != VALIDATION_OFFSET]
+    val = [c for j, c in enumerate(chs) if j % VALIDATION_EVERY == VALIDATION_OFFSET]
+    if not val:
+        raise ValueError(f"{len(chs)} chapters leave none for validation (every {VALIDATION_EVERY}th from {VALIDATION_OFFSET})")
+    return "\n\n".join(keep) + "\n", "\n\n".join(val) + "\n"
 
 
 def train_tokenizer(text: str, vocab_size: int = DEFAULT_VOCAB):

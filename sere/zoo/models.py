@@ -1,9 +1,11 @@
-"""The zoo's model definitions: three small MoE causal LMs of the paper's architectures.
+"""The zoo's model definitions: four small MoE causal LMs of the paper's architectures.
 
 Each is a transformers config written here (no hub), small enough that its fp16 checkpoint
 stays under 6 MB (the working tree travels to the GPU machine), yet with the features SERE
 cares about: at least 32 routed experts, top-4 or top-8 routing, shared experts where the
 family has them, DeepSeek-V2's dense first layer and unsorted top-k.
+`qwen2_moe_upcycled` has qwen2_moe's config but is made the way Qwen1.5-MoE was: upcycled
+from the dense model `qwen2_dense` (sere.zoo.upcycle), then trained as an MoE.
 
     from sere.zoo.models import ZOO_MODELS, zoo_config
     config = zoo_config("qwen3_moe", vocab_size=2048)
@@ -12,7 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-ZOO_MODELS = ("qwen2_moe", "deepseek_v2", "qwen3_moe")
+ZOO_MODELS = ("qwen2_moe", "deepseek_v2", "qwen3_moe", "qwen2_moe_upcycled")
+# Dense models trained only to be upcycled (not zoo members: they have no router).
+DENSE_MODELS = ("qwen2_dense",)
+# qwen2_dense's FFN is this many expert-sized shards (Qwen-1.8B's FFN made 4 shards of
+# Qwen1.5-MoE's expert size; 64 experts = 16 copies of each): FFN intermediate = 4 * 48.
+UPCYCLE_SHARDS = 4
 MAX_CHECKPOINT_BYTES = 6 * 1024 * 1024
 
 # Shared by the three: hidden 128, 4 heads of 32, context 256, tied embeddings (they are
@@ -29,21 +36,27 @@ _COMMON: dict[str, Any] = dict(
     attention_dropout=0.0,
 )
 
+_QWEN2_MOE: dict[str, Any] = dict(
+    num_hidden_layers=3,
+    num_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=192,
+    intermediate_size=192,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+)
+
 # name -> (what it mirrors, config keyword arguments)
 _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     # Qwen1.5-MoE-A2.7B: 60 experts top-4 + one gated shared expert; here 32 experts top-4.
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(
-            num_hidden_layers=3,
-            num_experts=32,
-            num_experts_per_tok=4,
-            moe_intermediate_size=48,
-            shared_expert_intermediate_size=192,
-            intermediate_size=192,
-            norm_topk_prob=False,
-            decoder_sparse_step=1,
-        ),
+    "qwen2_moe": ("Qwen2MoeConfig", _QWEN2_MOE),
+    # The same model upcycled from qwen2_dense (how Qwen1.5-MoE was made from Qwen-1.8B).
+    "qwen2_moe_upcycled": ("Qwen2MoeConfig", _QWEN2_MOE),
+    # The dense Qwen2 it is upcycled from: FFN = UPCYCLE_SHARDS expert-sized shards.
+    "qwen2_dense": (
+        "Qwen2Config",
+        dict(num_hidden_layers=3, intermediate_size=UPCYCLE_SHARDS * _QWEN2_MOE["moe_intermediate_size"]),
     ),
     # DeepSeek-V2-Lite: dense first layer, 64 experts top-6 + 2 shared, MLA attention;
     # here 1 dense + 2 MoE layers, 32 experts top-4 + 2 shared.
@@ -88,25 +101,29 @@ _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def zoo_config(name: str, *, vocab_size: int, eos_token_id: int = 0):
-    """The transformers config of zoo model `name` (one of ZOO_MODELS)."""
+    """The transformers config of zoo model `name` (one of ZOO_MODELS or DENSE_MODELS)."""
     import transformers as tf
 
     if name not in _SPECS:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_MODELS)}")
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_MODELS + DENSE_MODELS)}")
     cls_name, spec = _SPECS[name]
     kw = dict(_COMMON)
+    if name in DENSE_MODELS:  # no router: drop the MoE keys
+        kw = {k: v for k, v in kw.items() if k not in ("output_router_logits", "router_aux_loss_coef")}
     kw.update(spec)
     kw.update(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
     return getattr(tf, cls_name)(**kw)
 
 
-def build_model(name: str, *, vocab_size: int, seed: int = 0):
-    """A freshly initialised zoo model (float32, train mode)."""
+def build_model(name: str, *, vocab_size: int, seed: int = 0, experts_implementation: str | None = None):
+    """A freshly initialised zoo model (float32, train mode). experts_implementation: one of
+    transformers' expert kernels ("eager", "grouped_mm", ...); None = transformers' default."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(zoo_config(name, vocab_size=vocab_size))
+    kw = {} if experts_implementation is None or name in DENSE_MODELS else {"experts_implementation": experts_implementation}
+    return tf.AutoModelForCausalLM.from_config(zoo_config(name, vocab_size=vocab_size), **kw)
 
 
 def count_parameters(model) -> int:

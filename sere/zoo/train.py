@@ -2,12 +2,20 @@
 
     python -m sere.zoo.train --model qwen2_moe                  # CPU, writes tests/zoo/qwen2_moe/
     python -m sere.zoo.train --model qwen3_moe --device cuda --steps 2000 --out /tmp/q3
+    python -m sere.zoo.train --model qwen2_dense --out /tmp/dense          # then upcycle it:
+    python -m sere.zoo.train --model qwen2_moe_upcycled --init-from /tmp/dense
 
 Steps: fetch and split the text (sere.zoo.data; cached in --data-dir), train the shared BPE
 tokenizer once, train with AdamW (linear warm-up, cosine decay) on random windows of the
 training split, the load-balancing loss of the model family included, then save the model in
 fp16 safetensors with its tokenizer, `train_log.json` (arguments, seed, steps, wall time, loss
-curve, held-out loss along the way) and `README.md` (the card, see sere.zoo.card).
+curve, validation and held-out loss along the way) and `README.md` (the card, see sere.zoo.card).
+Model selection: every --eval-every steps the perplexity on a validation split of the training
+text (sere.zoo.data.split_validation; never the held-out text) is measured; the weights saved
+are those of the best evaluation (--select-best, on by default: on a GPU the model sees the
+1.1 M training tokens dozens of times and can overfit), and the run stops early after
+--patience evaluations without improvement. `qwen2_moe_upcycled` starts from a trained
+`qwen2_dense` (--init-from, sere.zoo.upcycle) instead of random weights.
 The run ends at --steps or after --max-minutes of wall time, whichever comes first; the
 learning-rate schedule follows whichever is ahead (so a run cut short by a busy machine still
 decays), and the log records the steps taken and every step's lr. Deterministic for a given
@@ -27,10 +35,13 @@ import torch
 from tqdm import tqdm
 
 from sere.zoo import zoo_dir
-from sere.zoo.data import encode, prepare
+from sere.zoo.data import encode, prepare, split_validation
 from sere.zoo.evaluate import heldout_perplexity
 from sere.model_configs import num_experts_of
-from sere.zoo.models import MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters
+from sere.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters, zoo_config
+from sere.zoo.upcycle import DEFAULT_REINIT_FRACTION, upcycle, upcycle_record
+
+UPCYCLED = "qwen2_moe_upcycled"
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "sere" / "kjv"
 
@@ -68,6 +79,9 @@ def training_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
     cfg = model.config
+    if not hasattr(cfg, "num_experts_per_tok"):  # a dense model (qwen2_dense): no router, no balance loss
+        out = model(input_ids=x, labels=x)
+        return out.loss, float(out.loss.detach()), 0.0
     out = model(input_ids=x, labels=x, output_router_logits=True)
     coef = cfg.router_aux_loss_coef
     if getattr(out, "aux_loss", None) is not None:
@@ -79,19 +93,69 @@ def training_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return out.loss + coef * aux, float(out.loss.detach()), float(aux.detach())
 
 
+def initial_model(args, vocab_size: int):
+    """(model in train mode on CPU, upcycling record or None): fresh weights, or for the
+    upcycled model the trained dense model of --init-from split into experts."""
+    impl = args.experts_impl or None
+    if args.model != UPCYCLED:
+        if args.init_from:
+            raise ValueError(f"--init-from is for {UPCYCLED} only")
+        return build_model(args.model, vocab_size=vocab_size, seed=args.seed, experts_implementation=impl), None
+    if not args.init_from:
+        raise ValueError(f"{UPCYCLED} starts from a trained qwen2_dense: give its directory with --init-from")
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    cfg = zoo_config(UPCYCLED, vocab_size=vocab_size)
+    n_shards = cfg.shared_expert_intermediate_size // cfg.moe_intermediate_size
+    moe = upcycle(dense, cfg, n_shards=n_shards, reinit_fraction=args.reinit_fraction, seed=args.seed,
+                  experts_implementation=impl)
+    record = upcycle_record(cfg, n_shards=n_shards, reinit_fraction=args.reinit_fraction, shuffle=True, seed=args.seed)
+    record["dense_dir"] = str(args.init_from)
+    dense_log = Path(args.init_from) / "train_log.json"
+    if dense_log.exists():
+        record["dense_log"] = {k: v for k, v in json.loads(dense_log.read_text()).items() if k != "curve"}
+    return moe, record
+
+
+def ensure_experts_kernel(model, x: torch.Tensor) -> str:
+    """The expert kernel the model trains with: its configured one (transformers' default
+    grouped_mm) if a forward and backward pass on x [B, L] runs, else "eager" (a grouped_mm
+    without a float32 kernel on this device must not end a GPU run that cannot be watched)."""
+    current = getattr(model.config, "_experts_implementation", None) or "none"
+    if not hasattr(model.config, "num_experts_per_tok"):
+        return "dense"
+    try:
+        training_loss(model, x)[0].backward()
+        return current
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"expert kernel {current!r} failed ({type(e).__name__}: {str(e)[:200]}); training with eager")
+        model.set_experts_implementation("eager")
+        return "eager"
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def train(args) -> Path:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":  # TF32 matmuls: the same float32 model, Hopper's tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     paths = prepare(args.data_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    train_ids = encode(tokenizer, Path(paths["train"]).read_text())  # N
+    train_text, val_text = split_validation(Path(paths["train"]).read_text())
+    train_ids = encode(tokenizer, train_text)  # N
+    val_ids = encode(tokenizer, val_text)  # N''
     held_ids = encode(tokenizer, Path(paths["heldout"]).read_text())  # N'
 
-    model = build_model(args.model, vocab_size=len(tokenizer), seed=args.seed).to(device).train()
+    model, upcycled = initial_model(args, len(tokenizer))
+    model = model.to(device).train()
+    experts_kernel = ensure_experts_kernel(model, train_ids[: 2 * args.seq_len].view(2, -1).to(device))
     n_params = count_parameters(model)
     if n_params * 2 > MAX_CHECKPOINT_BYTES:
         raise ValueError(f"{args.model}: {n_params} parameters would not fit {MAX_CHECKPOINT_BYTES} bytes in fp16")
@@ -99,6 +163,8 @@ def train(args) -> Path:
     gen = torch.Generator().manual_seed(args.seed)
 
     curve, evals, window, steps_done = [], [], [], 0
+    best = {"val_ppl": math.inf, "step": -1, "state": None}
+    stopped_by = "steps"
     start = time.time()
     bar = tqdm(range(args.steps), desc=f"train {args.model}", unit="step")
     for step in bar:
@@ -120,14 +186,25 @@ def train(args) -> Path:
             bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
         steps_done = step + 1
         last = step + 1 == args.steps or run_progress(step + 1, args.steps, time.time() - start, args.max_minutes) >= 1
+        if last and step + 1 < args.steps:
+            stopped_by = "time"
         if (step + 1) % args.eval_every == 0 or last:
             model.eval()
+            val = heldout_perplexity(model, val_ids, args.seq_len, batch_size=64)
             ppl = heldout_perplexity(model, held_ids[: 64 * args.seq_len], args.seq_len)
             model.train()
-            evals.append({"step": step, "heldout_ppl_subset": round(ppl, 3)})
+            evals.append({"step": step, "val_ppl": round(val, 3), "heldout_ppl_subset": round(ppl, 3),
+                          "elapsed_s": round(time.time() - start, 1)})
+            if val < best["val_ppl"]:
+                best.update(val_ppl=val, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            elif args.patience and len([e for e in evals if e["step"] > best["step"]]) >= args.patience:
+                stopped_by = f"patience ({args.patience} evaluations without a better validation perplexity)"
+                last = True
         if last:
             break
     wall = time.time() - start
+    if args.select_best and best["state"] is not None:
+        model.load_state_dict(best["state"])
 
     out_dir = Path(args.out) if args.out else zoo_dir() / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,21 +219,28 @@ def train(args) -> Path:
         "tokens_seen": steps_done * args.batch * args.seq_len,
         "train_tokens": train_ids.numel(),
         "wall_s": round(wall, 1),
+        "stopped_by": stopped_by,
+        "saved_step": best["step"] if args.select_best else steps_done - 1,
+        "best_val_ppl": round(best["val_ppl"], 3),
+        "validation_tokens": val_ids.numel(),
         "parameters": n_params,
         "checkpoint_bytes": size,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
+        "experts_kernel": experts_kernel,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
         "heldout_evals": evals,
+        **({"upcycle": upcycled} if upcycled else {}),
         "curve": curve,
     }
     (out_dir / "train_log.json").write_text(_dump_log(log))
     _sync_heldout(Path(paths["heldout"]), out_dir.parent)
     if size > MAX_CHECKPOINT_BYTES:
         raise RuntimeError(f"checkpoint is {size} bytes, over the {MAX_CHECKPOINT_BYTES} limit")
-    print(f"saved {out_dir} ({size / 2**20:.2f} MB, {steps_done} steps, {wall / 60:.1f} min)")
+    print(f"saved {out_dir} ({size / 2**20:.2f} MB, {steps_done} steps, {wall / 60:.1f} min, "
+          f"step {log['saved_step']} kept: validation ppl {best['val_ppl']:.2f}; stopped by {stopped_by})")
     return out_dir
 
 
@@ -179,7 +263,7 @@ def _sync_heldout(heldout: Path, zoo: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=ZOO_MODELS)
+    p.add_argument("--model", required=True, choices=ZOO_MODELS + DENSE_MODELS)
     p.add_argument("--out", default=None, help="checkpoint directory (default tests/zoo/<model>)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="cache for the text and tokenizer")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -191,6 +275,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--select-best", action=argparse.BooleanOptionalAction, default=True,
+                   help="save the weights of the best validation perplexity (default) instead of the last")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without a better "
+                   "validation perplexity (0: never)")
+    p.add_argument("--init-from", type=Path, default=None, help=f"trained qwen2_dense directory ({UPCYCLED} only)")
+    p.add_argument("--reinit-fraction", type=float, default=DEFAULT_REINIT_FRACTION,
+                   help="share of each upcycled expert's neurons re-initialised (sere.zoo.upcycle)")
+    p.add_argument("--experts-impl", default="", help="transformers expert kernel (eager, grouped_mm; default: its own)")
     p.add_argument("--log-every", type=int, default=10, help="loss curve point = mean over this many steps")
     p.add_argument(
         "--max-minutes", type=float, default=6.0,
