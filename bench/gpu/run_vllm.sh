@@ -6,7 +6,12 @@
 # On the GPU host, repo root, vLLM 0.26 bundle unpacked and this package installed:
 #   export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH && bash bench/gpu/run_vllm.sh
 # Env: OUT (default /tmp/sere_vllm_out), BUDGET_S (default 520: seconds for the whole script;
-# every step gets a deadline from what is left, so the script ends in time).
+# every step gets a deadline from what is left, so the script ends in time), STEPS (default
+# "fused deepseek-v2-lite qwen3-30b-a3b qwen1.5-moe-a2.7b": what to run, in order; the last
+# step gets all the time left, e.g. STEPS=qwen3-30b-a3b runs only that model's engines).
+# Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
+# last number (the first engine of a model ~25 s more: vLLM inspects the architecture in a
+# subprocess once), so one model's three engines need ~330-400 s.
 #
 # What comes back is at most 8 files, so $OUT holds only: run_vllm.log (everything printed),
 # summary.md (all tables), vllm_results.tar.gz (every JSON, log and table; rewritten after
@@ -55,20 +60,30 @@ step() {  # name, seconds (capped by what is left), command...
   pack
 }
 
-# 1. One layer on vLLM's fused MoE (all three shapes; the script skips cases past its deadline).
-step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80
+STEPS=${STEPS:-fused deepseek-v2-lite qwen3-30b-a3b qwen1.5-moe-a2.7b}
+last_step=${STEPS##* }
 
-# 2. End to end. Per model: stock and the two SERE settings (CUDA graphs), then the eager
-#    statistics engine (activated experts, trace check) only where time is left for it.
+# End to end, one model: stock and the two SERE settings (CUDA graphs), then the eager
+# statistics engine (activated experts, trace check) only where time is left for it.
 e2e() {  # model, seconds, min seconds per engine, batches, engines
   local model=$1 want=$2 min_left=$3 batches=$4 engines=$5
+  [ "$model" = "$last_step" ] && want=$(left)
   local limit=$(( want < $(left) ? want : $(left) ))
   step "e2e $model" "$limit" $PY "$HERE/vllm_decode.py" --model "$model" --out "$WORK/e2e-$model" \
     --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170
 }
-e2e deepseek-v2-lite 210 55 1,16,64,128,256 stock,sere-s1,sere-s2,counts
-e2e qwen3-30b-a3b 260 90 1,16,64,128,256 stock,sere-s1,sere-s2,counts
-e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2
+
+for s in $STEPS; do
+  case $s in
+    # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
+    fused) step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
+    deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 stock,sere-s1,sere-s2,counts ;;
+    qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 stock,sere-s1,sere-s2,counts ;;
+    # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
+    qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
+    *) echo "== unknown step $s (fused, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+  esac
+done
 
 pack
 echo "== run_vllm.sh: status $status in $SECONDS s"
