@@ -82,14 +82,22 @@ def training_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     if not hasattr(cfg, "num_experts_per_tok"):  # a dense model (qwen2_dense): no router, no balance loss
         out = model(input_ids=x, labels=x)
         return out.loss, float(out.loss.detach()), 0.0
-    out = model(input_ids=x, labels=x, output_router_logits=True)
+    hooked: list[torch.Tensor] = []  # router logits caught on the way (transformers 5.17's DeepSeek-V2 returns none)
+    hooks = [m.register_forward_hook(lambda mod, args, out: hooked.append(out[0]))  # out: (logits N,E, weights, ids)
+             for name, m in model.named_modules() if name.endswith(".mlp.gate")]
+    try:
+        out = model(input_ids=x, labels=x, output_router_logits=True)
+    finally:
+        for h in hooks:
+            h.remove()
     coef = cfg.router_aux_loss_coef
     if getattr(out, "aux_loss", None) is not None:
         aux = float(out.aux_loss.detach())
         return out.loss, float(out.loss.detach()) - coef * aux, aux
-    if not out.router_logits:
+    router_logits = getattr(out, "router_logits", None) or tuple(hooked)
+    if not router_logits:
         raise RuntimeError(f"{type(model).__name__} returned no router logits to balance")
-    aux = load_balancing_loss_func(out.router_logits, num_experts_of(cfg), cfg.num_experts_per_tok)
+    aux = load_balancing_loss_func(router_logits, num_experts_of(cfg), cfg.num_experts_per_tok)
     return out.loss + coef * aux, float(out.loss.detach()), float(aux.detach())
 
 
