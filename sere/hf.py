@@ -15,7 +15,9 @@ Slot order. The contract takes slot 0 = largest weight. Some routers return thei
 (DeepSeek-V2 uses topk(sorted=False)), so the hook orders each token's slots by weight
 (stable, descending), re-routes in that order, and writes each id back to the slot it came
 from: weights and slot positions stay aligned, and with settings that move nothing the ids are
-exactly the router's own.
+exactly the router's own. Routers of SORTED_ROUTERS return descending weights (torch.topk with
+its default sorted=True; tests/test_hf.py checks each), for which that stable sort is the
+identity, so by default (`sort_slots=None`) their three extra ops per call are skipped.
 
 Statistics. With record_stats, each router call records one step per layer (distinct experts
 before/after, slots re-routed, critical slots, tokens) in a `sere.recorder.ExpertStatsRecorder`
@@ -110,6 +112,15 @@ def reroute_in_weight_order(
     return new_ids, ids_sorted, new_sorted
 
 
+# Router classes whose top-k weights come back in descending order (torch.topk, sorted=True).
+SORTED_ROUTERS = frozenset({"Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "MixtralTopKRouter", "OlmoeTopKRouter"})
+
+
+def router_returns_sorted(module: torch.nn.Module) -> bool:
+    """Whether `module` is a router class known to return its slots sorted by weight."""
+    return type(module).__name__ in SORTED_ROUTERS
+
+
 class SereHandle:
     """What `enable` returns: `remove()` restores the stock model; `stats` holds the recorder
     (None without record_stats); `config` the settings; `layers` the re-routed layers."""
@@ -163,6 +174,7 @@ def enable(
     method: str | Callable = "sere",
     method_options: Mapping[str, Any] | None = None,
     recorder: ExpertStatsRecorder | None = None,
+    sort_slots: bool | None = None,
 ) -> SereHandle:
     """Apply SERE to every MoE router of a transformers model; returns a `SereHandle`.
 
@@ -176,6 +188,8 @@ def enable(
       `method_options` (e.g. {"seed": 1} for "random"), or a callable
       (ids, similarity, S, rho) -> new ids.
     recorder: an `ExpertStatsRecorder` to fill (default: a new one when record_stats).
+    sort_slots: order each token's slots by weight before re-routing (True), trust the router's
+      order (False), or None: sort unless the router is one of SORTED_ROUTERS.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -219,7 +233,8 @@ def enable(
     stats = (recorder if recorder is not None else ExpertStatsRecorder()) if record_stats else None
     handle = SereHandle(model, config, sites, stats)
     for site in sites:
-        hook = _make_router_hook(site, sims[site.layer], config, transform, stats)
+        sort = not router_returns_sorted(site.module) if sort_slots is None else bool(sort_slots)
+        hook = _make_router_hook(site, sims[site.layer], config, transform, stats, sort)
         handle._hooks.append(site.module.register_forward_hook(hook))
     _ACTIVE[model] = handle
     return handle
@@ -287,7 +302,7 @@ def _checked_matrix(mat, site: RouterSite) -> torch.Tensor:
     return mat.detach().to(device=device, dtype=torch.float32).contiguous()
 
 
-def _make_router_hook(site: RouterSite, sim: torch.Tensor, config: SereConfig, transform, stats):
+def _make_router_hook(site: RouterSite, sim: torch.Tensor, config: SereConfig, transform, stats, sort_slots: bool):
     setting = config.for_layer(site.layer)
     S, rho = setting.select_top_k, setting.threshold
     E, layer, max_tokens = site.num_experts, site.layer, config.max_tokens
@@ -310,7 +325,11 @@ def _make_router_hook(site: RouterSite, sim: torch.Tensor, config: SereConfig, t
             if stats is not None:  # a row per call keeps steps aligned across layers
                 stats.record_stats(layer, reroute_stats(ids, ids, E, 0), tokens=T)
             return None  # the router's own output
-        new_ids, ids_sorted, new_sorted = reroute_in_weight_order(ids, weights, lambda x: transform(x, sim, S, rho))
+        if sort_slots:
+            new_ids, ids_sorted, new_sorted = reroute_in_weight_order(ids, weights, lambda x: transform(x, sim, S, rho))
+        else:  # slots already in contract order
+            new_ids = transform(ids, sim, S, rho)
+            ids_sorted, new_sorted = ids, new_ids
         if stats is not None:
             stats.record_stats(layer, reroute_stats(ids_sorted, new_sorted, E, S), tokens=T)
         return logits, weights, new_ids

@@ -140,12 +140,15 @@ def test_identity_settings_bit_identical_in_bf16():
 # ---- S = 1, rho = 0: the experts receive the reference's ids ------------------------------
 
 
+@pytest.mark.parametrize("sort_slots", [None, True])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_experts_receive_reference_rerouted_ids(arch):
+def test_experts_receive_reference_rerouted_ids(arch, sort_slots):
+    """Both the default (sort unless the router is known to sort) and an explicit sort give
+    the contract's result in weight order."""
     model = build_tiny_model(arch)
     sims = similarity_for(arch)
     capture = RoutingCapture(model)
-    handle = sere.hf.enable(model, sims, select_top_k=1, threshold=0.0, backend="torch")
+    handle = sere.hf.enable(model, sims, select_top_k=1, threshold=0.0, backend="torch", sort_slots=sort_slots)
     logits(model, few_tokens())
     handle.remove()
     capture.remove()
@@ -159,6 +162,34 @@ def test_experts_receive_reference_rerouted_ids(arch):
         assert not torch.equal(x_ids, r_ids)  # something did move
         if bool((r_w[:, :-1] >= r_w[:, 1:]).all()):  # the router sorts: no reordering needed
             assert torch.equal(x_ids, sere.reroute(r_ids, sims[layer], 1, 0.0, backend="reference"))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_known_sorted_routers_do_return_sorted_weights(arch):
+    """sere.hf skips the slot sort for SORTED_ROUTERS: each must really return descending
+    weights (here over 512 random tokens), and the others must need the sort."""
+    model = build_tiny_model(arch)
+    site = sere.hf.find_routers(model)[0]
+    hidden = torch.randn(512, model.config.hidden_size, generator=torch.Generator().manual_seed(0))  # T, H
+    with torch.no_grad():
+        weights = site.module(hidden)[1]  # T, k
+    is_sorted = bool((weights[:, :-1] >= weights[:, 1:]).all())
+    assert is_sorted == sere.hf.router_returns_sorted(site.module), type(site.module).__name__
+
+
+def test_sort_slots_false_trusts_the_router_order():
+    """An explicit sort_slots=False re-routes the slots as the router ordered them (here
+    DeepSeek-V2's unsorted order), which differs from the weight-order result."""
+    model = build_tiny_model("deepseek_v2")
+    sims = similarity_for("deepseek_v2")
+    capture = RoutingCapture(model)
+    with sere.hf.enable(model, sims, select_top_k=1, threshold=0.0, backend="torch", sort_slots=False):
+        logits(model, token_batch())
+    capture.remove()
+    r_ids, r_w = capture.router[1]
+    x_ids = capture.experts[1][0]
+    assert torch.equal(x_ids, sere.reroute(r_ids, sims[1], 1, 0.0, backend="reference"))
+    assert not torch.equal(x_ids, expected_ids(r_ids, r_w, sere_reference(sims[1], 1, 0.0)))
 
 
 def test_deepseek_router_is_unsorted_and_is_rerouted_in_weight_order():
