@@ -1,6 +1,6 @@
 """Record the routing traces of the zoo models into bench/traces/<model>.safetensors.
 
-    python bench/record_traces.py                       # all three zoo models
+    python bench/record_traces.py                       # all four zoo models
     python bench/record_traces.py --model qwen3_moe     # one
     python bench/record_traces.py --check               # regenerate in memory, compare with the files
 

@@ -64,12 +64,14 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
         f"| {p['step']} | {p['loss']:.3f} | {p['aux_loss']:.3f} | {p['lr']:.2e} | {p['elapsed_s']} |"
         for p in _curve_points(log["curve"])
     )
+    # On the GPU host bench/gpu/train_zoo.sh calibrates in float32 (the command's default there is bfloat16).
+    calib_flags = " --device cuda --dtype float32" if a.get("device", "cpu") != "cpu" else ""
     found = sorted(p.name.removeprefix("similarity_") for p in model_dir(name).glob("similarity_*") if p.is_dir())
     variants = "".join(
         f"`similarity_{v}/`: the same command with `--similarity_method {v} --output_path tests/zoo/{name}/similarity_{v}` "
         "(compared in bench/results/accuracy.md).\n" for v in found
     )
-    stop = {"steps": "the step count bound", "time": "the time budget bound first; the schedule ran by time"}.get(
+    stop = {"steps": "the step count", "time": "the time budget; the schedule ran by time"}.get(
         log.get("stopped_by", "steps" if log["steps_done"] >= a["steps"] else "time"), log.get("stopped_by"))
     selection = ""
     if "saved_step" in log:
@@ -100,7 +102,7 @@ byte-level BPE, {DEFAULT_VOCAB} tokens, trained with `tokenizers` on the trainin
 {upcycling}`python -m sere.zoo.train --model {name} {_train_flags(a)}`
 on {log['device']} ({log['threads']} CPU threads), torch {log['torch']}, {log['date']}: {log['steps_done']} steps,
 {log['tokens_seen']:,} tokens seen ({log['tokens_seen'] / log['train_tokens']:.2f} epochs of {log['train_tokens']:,}),
-{log['wall_s'] / 60:.1f} min wall ({stop}). AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine
+{log['wall_s'] / 60:.1f} min wall (stopped by {stop}). AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine
 decay to 10 %, gradient clip 1.0, load-balancing loss coefficient {cfg.router_aux_loss_coef}.
 {selection}The loss curve (means over {a['log_every']} steps) is in `train_log.json`; evenly spaced points
 (loss = LM loss without the aux loss; the held-out perplexity along the way is in the log too):
@@ -124,7 +126,7 @@ keeps it high on purpose); router entropy = mean entropy of a token's softmax ov
 {rows}
 
 ## Similarity artifact
-{"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128` (linear CKA, the command's default, on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
+{"`sere_similarity.safetensors`: written by `python -m sere.calibration --model_path tests/zoo/" + name + " --max_len 128" + calib_flags + "` (linear CKA, the command's default, on the shipped Genesis text, which is all training text); `sere_similarity.png` is its heat map." if has_artifact else "not calibrated yet."}
 {variants}"""
 
 
@@ -153,13 +155,15 @@ def _upcycling_section(up: dict | None) -> str:
     dense = (f"The dense model (`qwen2_dense`, {d['parameters']:,} parameters, FFN intermediate "
              f"{up['n_shards'] * up['expert_intermediate']}) was trained first with the same script: {d['steps_done']} steps, "
              f"{d['wall_s'] / 60:.1f} min on {d['device']}, best validation perplexity {d.get('best_val_ppl', float('nan')):.2f} "
-             f"(step {d.get('saved_step', '-')}).\n" if d else "")
+             f"(step {d.get('saved_step', '-')}); its log is `dense_train_log.json` (weights not kept: "
+             "bench/gpu/train_zoo.sh retrains it).\n" if d else "")
     return f"""Upcycled, the way Qwen1.5-MoE was made from Qwen-1.8B (sere/zoo/upcycle.py): the trained dense model's
 FFN split into {up['n_shards']} shards of {up['expert_intermediate']} neurons; routed expert e = shard (e mod {up['n_shards']}), so
 {up['copies_per_shard']} copies of each shard; each copy's neurons shuffled, then {up['reinit_neurons_per_expert']} of its {up['expert_intermediate']}
 neurons ({up['reinit_fraction']:.0%}) re-initialised (normal, std 0.02); shared expert = {up['shared_expert']};
-attention, embeddings and norms copied; router {up['router']}; seed {up['seed']}. Then trained as an MoE:
-{dense}
+attention, embeddings and norms copied; router {up['router']}; seed {up['seed']}.
+{dense}Then trained as an MoE:
+
 """
 
 
