@@ -234,14 +234,34 @@ def test_upcycle_is_deterministic_and_checks_shapes(dense):
         upcycle(dense, zoo_config("qwen2_moe_upcycled", vocab_size=128))
 
 
-def test_dense_training_loss_and_expert_kernel_probe(dense):
+def test_dense_training_loss_has_no_balance_term():
     model = build_model("qwen2_dense", vocab_size=64, seed=0)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     loss, lm, aux = training_loss(model, x)
     assert aux == 0.0 and float(loss.detach()) == pytest.approx(lm)
     assert ensure_experts_kernel(model, x) == "dense"
-    moe = build_model("qwen2_moe", vocab_size=64, seed=0, experts_implementation="eager")
-    assert ensure_experts_kernel(moe, x) == "eager"
+
+
+def test_expert_kernel_probe_falls_back_to_eager(monkeypatch):
+    import sere.zoo.train as train_module
+
+    moe = build_model("qwen2_moe", vocab_size=64, seed=0)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def no_kernel(model, x):
+        raise RuntimeError("grouped_mm has no float32 kernel here")
+
+    monkeypatch.setattr(train_module, "training_loss", no_kernel)
+    assert train_module.ensure_experts_kernel(moe, x) == "eager"
+    assert moe.config._experts_implementation == "eager"
+
+
+@pytest.mark.slow
+def test_expert_kernel_probe_keeps_a_working_kernel_and_no_gradient():
+    moe = build_model("qwen2_moe", vocab_size=64, seed=0)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    configured = moe.config._experts_implementation
+    assert ensure_experts_kernel(moe, x) == configured != "eager"
     assert all(p.grad is None for p in moe.parameters())  # the probe leaves no gradient behind
 
 
