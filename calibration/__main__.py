@@ -2,12 +2,13 @@
 
     python -m sere.calibration --model_path ./Qwen1.5-MoE-A2.7B \
         [--output_path DIR] [--data_path data.parquet|.jsonl|.txt] \
-        [--similarity_method cka|cosine|frobenius] [--kernel linear|rbf|polynomial] \
+        [--similarity_method cka|cosine|frobenius|substitution] [--kernel linear|rbf|polynomial] \
         [--batch_size 8] [--max_len 512] [--max_tokens N] [--device cuda] [--dtype bfloat16]
 
 (also installed as `sere-calibrate`). Writes DIR/sere_similarity.safetensors (one float32
 [E, E] matrix per MoE layer, with metadata) and DIR/sere_similarity.png, and prints a
 per-layer summary. DIR defaults to the model directory. Nothing is written on error.
+`substitution` is asymmetric and lies in [-1, 1] (sere.calibration.substitution).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from sere.calibration.cka import KERNELS
 from sere.calibration.data import DataError, read_texts, token_sequences
 from sere.calibration.metrics import METHODS
 from sere.calibration.report import save_heatmap, summary_table
+from sere.calibration.substitution import WEIGHTINGS, calibrate_substitution
 
 MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v2")
 HEATMAP_FILENAME = "sere_similarity.png"
@@ -47,14 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="parquet with a `text` column, jsonl, or plain text (default: the shipped King James Bible extract)",
     )
     p.add_argument("--similarity_method", choices=METHODS, default="cka")
-    p.add_argument("--kernel", choices=KERNELS, default="linear", help="CKA kernel (ignored by cosine/frobenius)")
+    p.add_argument("--kernel", choices=KERNELS, default="linear", help="CKA kernel (ignored by the other methods)")
+    p.add_argument(
+        "--substitution_weighting",
+        choices=WEIGHTINGS,
+        default="router",
+        help="substitution: weight each routed token by the router's weight squared (router) or 1 (uniform)",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max_len", type=int, default=512, help="tokens per sequence; shorter texts are left out")
     p.add_argument(
         "--max_tokens",
         type=int,
         help=f"tokens to calibrate on (default: {DEFAULT_CKA_MAX_TOKENS} for cka, which holds them all per layer; "
-        "all the data for cosine/frobenius, which accumulate)",
+        "all the data for cosine/frobenius/substitution, which accumulate)",
     )
     p.add_argument(
         "--rbf_features",
@@ -121,16 +129,26 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cka ({args.kernel}{note}) holds at most {max_tokens} tokens per layer (--max_tokens)", file=sys.stderr)
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    result = calibrate(
-        model,
-        seqs.ids,
-        method=args.similarity_method,
-        kernel=args.kernel,
-        batch_size=args.batch_size,
-        max_tokens=max_tokens,
-        rbf_features=rbf_features,
-        progress=not args.no_progress,
-    )
+    if args.similarity_method == "substitution":
+        result = calibrate_substitution(
+            model,
+            seqs.ids,
+            weighting=args.substitution_weighting,
+            batch_size=args.batch_size,
+            max_tokens=max_tokens,
+            progress=not args.no_progress,
+        )
+    else:
+        result = calibrate(
+            model,
+            seqs.ids,
+            method=args.similarity_method,
+            kernel=args.kernel,
+            batch_size=args.batch_size,
+            max_tokens=max_tokens,
+            rbf_features=rbf_features,
+            progress=not args.no_progress,
+        )
     metadata = {
         "model_type": model_type or "",
         "model_name": model_path.resolve().name,
@@ -146,6 +164,8 @@ def _run(args: argparse.Namespace) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "sere_version": _sere_version(),
     }
+    if args.similarity_method == "substitution":  # asymmetric, in [-1, 1]: say how it was weighted
+        metadata.update(weighting=args.substitution_weighting, value_range="[-1, 1]")
     artifact, heatmap = _write_outputs(output_dir, result.matrices, metadata)
     print(summary_table(result.matrices))
     print(f"wrote {artifact} and {heatmap}", file=sys.stderr)
