@@ -174,7 +174,7 @@ def test_zoo_trace_files_are_small():
     assert sum(f.stat().st_size for f in files) < 600 * 1024
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "qwen3_moe", "qwen2_moe_upcycled"])
 def test_zoo_trace_matches_its_model(name):
     from sere.artifact import load_similarity, moe_layer_indices
     from sere.model_configs import num_experts_of
@@ -238,7 +238,9 @@ def test_zoo_trace_bench_cases_run_in_smoke_mode(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, layer_bench)  # its dataclasses look their module up
     spec.loader.exec_module(layer_bench)
     cases = [c for c in layer_bench._cases() if c.id.startswith("zoo-")]
-    assert len(cases) == 3 * len(layer_bench.ZOO_BATCHES) * len(layer_bench.PAPER_SETTINGS)
+    from sere.zoo import ZOO_MODELS
+
+    assert len(cases) == len(ZOO_MODELS) * len(layer_bench.ZOO_BATCHES) * len(layer_bench.PAPER_SETTINGS)
     stock_times, infos = {}, {}
     for case in cases:
         bench = _DisabledBenchmark()
