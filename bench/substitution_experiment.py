@@ -33,7 +33,11 @@ SETTINGS = (
     ("substitution", 2, 0.1, True), ("substitution", 1, 0.0, True),
     ("substitution", 2, -1.0, False), ("substitution", 1, -1.0, False),
 )
-MOVE_ALL_RANDOM = {("substitution", 2, -1.0): ("cka", 2, 0.0), ("substitution", 1, -1.0): ("cka", 1, 0.0)}
+# The clipping check: the same matrices clipped to [0, 1] instead of [-1, 1], where rho = 0 moves
+# every slot too but every candidate worse than dropping ties at 0 (argmax: smallest id).
+CLIP01_SETTINGS = (("substitution[0,1]", 2, 0.0, False), ("substitution[0,1]", 1, 0.0, False))
+MOVE_ALL_RANDOM = {("substitution", 2, -1.0): ("cka", 2, 0.0), ("substitution", 1, -1.0): ("cka", 1, 0.0),
+                   ("substitution[0,1]", 2, 0.0): ("cka", 2, 0.0), ("substitution[0,1]", 1, 0.0): ("cka", 1, 0.0)}
 
 
 def artifact_stats(path: Path, config) -> list[dict]:
@@ -47,16 +51,18 @@ def artifact_stats(path: Path, config) -> list[dict]:
     return out
 
 
-def run_model(name: str, artifacts: Path, seeds: int) -> dict:
+def run_model(name: str, artifacts: Path, seeds: int, settings=SETTINGS) -> dict:
     model, tok = load_zoo_model(name)
     sims = {"cka": model_dir(name) / "sere_similarity.safetensors",
             "substitution": artifacts / name / "sere_similarity.safetensors"}
     for label, p in sims.items():
         if not p.is_file():
             raise FileNotFoundError(f"{name}: no {label} artifact at {p}")
+    sims["substitution[0,1]"] = {layer: m.clamp(0, 1) for layer, m in load_similarity(
+        sims["substitution"], config=model.config).matrices.items()}
     ref = reference_pass(model, heldout_ids(tok), Composition(MAIN_BATCH, SEQ_LEN, NUM_WINDOWS))
     jobs = []
-    for label, S, rho, with_random in SETTINGS:
+    for label, S, rho, with_random in settings:
         jobs.append((label, S, rho, "sere", None))
         if with_random:
             jobs += [(label, S, rho, "random", {"seed": s}) for s in range(seeds)]
@@ -67,7 +73,7 @@ def run_model(name: str, artifacts: Path, seeds: int) -> dict:
                      greedy=False)
         rows.append({"model": name, "similarity": label, "S": S, "rho": rho, "method": method,
                      "seed": opts["seed"] if opts else None, "stock_experts": ref.experts, **m.as_dict()})
-    stats = {label: artifact_stats(p, model.config) for label, p in sims.items()}
+    stats = {label: artifact_stats(p, model.config) for label, p in sims.items() if isinstance(p, Path)}
     return {"rows": rows, "artifact_stats": stats}
 
 
@@ -77,10 +83,14 @@ def table(results: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for name, res in results.items():
         rows = res["rows"]
-        for label, S, rho, _ in SETTINGS:
-            s = next(r for r in rows if r["similarity"] == label and r["S"] == S and r["rho"] == rho and r["method"] == "sere")
+        for label, S, rho, _ in SETTINGS + CLIP01_SETTINGS:
+            s = next((r for r in rows if r["similarity"] == label and r["S"] == S and r["rho"] == rho and r["method"] == "sere"), None)
+            if s is None:
+                continue
             rl, rS, rr = MOVE_ALL_RANDOM.get((label, S, rho), (label, S, rho))
             rnd = [r for r in rows if r["similarity"] == rl and r["S"] == rS and r["rho"] == rr and r["method"] == "random"]
+            if not rnd:  # its random rows are in another results file
+                continue
             kls, t1 = [r["kl"] for r in rnd], [r["top1_agreement"] for r in rnd]
             beats = s["kl"] < min(kls) and s["top1_agreement"] > max(t1)
             rho_txt = "-1 (all move)" if rho == -1 else f"{rho:g}"
@@ -106,6 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--artifacts", type=Path, default=Path("/tmp/sere_subst"))
     p.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
     p.add_argument("--seeds", type=int, default=RANDOM_SEEDS)
+    p.add_argument("--clip-check", action="store_true", help="only the [0, 1]-clipped variant (CLIP01_SETTINGS)")
     p.add_argument("--out", type=Path, help="results json (default: <artifacts>/substitution_results.json)")
     p.add_argument("--from-json", nargs="*", type=Path, help="only print the tables of previous runs' json files")
     args = p.parse_args(argv)
@@ -113,10 +124,14 @@ def main(argv=None) -> None:
     if args.from_json is not None:
         results = {}
         for f in args.from_json or [out]:
-            results.update(json.loads(f.read_text())["results"])
+            for name, res in json.loads(f.read_text())["results"].items():  # rows of one model add up
+                mine = results.setdefault(name, {"rows": [], "artifact_stats": {}})
+                mine["rows"] += res["rows"]
+                mine["artifact_stats"].update(res["artifact_stats"])
     else:
         start = time.time()
-        results = {name: run_model(name, args.artifacts, args.seeds) for name in args.models}
+        settings = CLIP01_SETTINGS if args.clip_check else SETTINGS
+        results = {name: run_model(name, args.artifacts, args.seeds, settings) for name in args.models}
         meta = {"minutes": (time.time() - start) / 60, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
