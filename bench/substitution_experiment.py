@@ -10,7 +10,11 @@ SERE with the committed linear-CKA artifact and with the substitution artifact, 
 (S=2, rho=0.1; S=1, rho=0) and, for substitution, at rho=-1 (every secondary slot moves, as CKA
 does at rho=0; random is then the same as CKA's rho=0 random). Also, per artifact and layer, how
 many experts have a stand-in better than dropping them (best off-diagonal sim > 0).
-Writes <artifacts>/substitution_results.json and prints the markdown tables.
+--clip-check runs only the same matrices clipped to [0, 1] (rho = 0, every slot moves);
+--uniform-check only artifacts calibrated with --substitution_weighting uniform, from
+<artifacts>/uniform/<m> (both at equal budget against CKA's rho = 0 random rows).
+Writes <artifacts>/substitution_results.json (or --out) and prints the markdown tables;
+--from-json a.json b.json ... merges earlier runs and only prints.
 """
 from __future__ import annotations
 
@@ -36,8 +40,11 @@ SETTINGS = (
 # The clipping check: the same matrices clipped to [0, 1] instead of [-1, 1], where rho = 0 moves
 # every slot too but every candidate worse than dropping ties at 0 (argmax: smallest id).
 CLIP01_SETTINGS = (("substitution[0,1]", 2, 0.0, False), ("substitution[0,1]", 1, 0.0, False))
+# The weighting check: artifacts calibrated with --substitution_weighting uniform, in <artifacts>/uniform/<m>.
+UNIFORM_SETTINGS = (("substitution[uniform]", 2, -1.0, False), ("substitution[uniform]", 1, -1.0, False))
 MOVE_ALL_RANDOM = {("substitution", 2, -1.0): ("cka", 2, 0.0), ("substitution", 1, -1.0): ("cka", 1, 0.0),
-                   ("substitution[0,1]", 2, 0.0): ("cka", 2, 0.0), ("substitution[0,1]", 1, 0.0): ("cka", 1, 0.0)}
+                   ("substitution[0,1]", 2, 0.0): ("cka", 2, 0.0), ("substitution[0,1]", 1, 0.0): ("cka", 1, 0.0),
+                   ("substitution[uniform]", 2, -1.0): ("cka", 2, 0.0), ("substitution[uniform]", 1, -1.0): ("cka", 1, 0.0)}
 
 
 def artifact_stats(path: Path, config) -> list[dict]:
@@ -55,6 +62,8 @@ def run_model(name: str, artifacts: Path, seeds: int, settings=SETTINGS) -> dict
     model, tok = load_zoo_model(name)
     sims = {"cka": model_dir(name) / "sere_similarity.safetensors",
             "substitution": artifacts / name / "sere_similarity.safetensors"}
+    if any(label == "substitution[uniform]" for label, *_ in settings):
+        sims["substitution[uniform]"] = artifacts / "uniform" / name / "sere_similarity.safetensors"
     for label, p in sims.items():
         if not p.is_file():
             raise FileNotFoundError(f"{name}: no {label} artifact at {p}")
@@ -83,7 +92,7 @@ def table(results: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|"]
     for name, res in results.items():
         rows = res["rows"]
-        for label, S, rho, _ in SETTINGS + CLIP01_SETTINGS:
+        for label, S, rho, _ in SETTINGS + CLIP01_SETTINGS + UNIFORM_SETTINGS:
             s = next((r for r in rows if r["similarity"] == label and r["S"] == S and r["rho"] == rho and r["method"] == "sere"), None)
             if s is None:
                 continue
@@ -117,6 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
     p.add_argument("--seeds", type=int, default=RANDOM_SEEDS)
     p.add_argument("--clip-check", action="store_true", help="only the [0, 1]-clipped variant (CLIP01_SETTINGS)")
+    p.add_argument("--uniform-check", action="store_true", help="only the uniform-weighting artifacts (UNIFORM_SETTINGS)")
     p.add_argument("--out", type=Path, help="results json (default: <artifacts>/substitution_results.json)")
     p.add_argument("--from-json", nargs="*", type=Path, help="only print the tables of previous runs' json files")
     args = p.parse_args(argv)
@@ -130,7 +140,7 @@ def main(argv=None) -> None:
                 mine["artifact_stats"].update(res["artifact_stats"])
     else:
         start = time.time()
-        settings = CLIP01_SETTINGS if args.clip_check else SETTINGS
+        settings = CLIP01_SETTINGS if args.clip_check else UNIFORM_SETTINGS if args.uniform_check else SETTINGS
         results = {name: run_model(name, args.artifacts, args.seeds, settings) for name in args.models}
         meta = {"minutes": (time.time() - start) / 60, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

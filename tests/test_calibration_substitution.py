@@ -104,14 +104,16 @@ def test_asymmetric_as_the_contract_reads_it():
     outputs[1] = 0.5 * outputs[0]
     ids = torch.tensor([[0, 1]] * 30)
     w = torch.full((30, 2), 0.5)
-    sim = substitution_matrix(outputs, ids, w)
+    with pytest.warns(RuntimeWarning, match=r"expert\(s\) \[2\]"):  # never routed
+        sim = substitution_matrix(outputs, ids, w)
     assert sim[0, 1] == pytest.approx(0.75, abs=1e-6) and sim[1, 0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_far_worse_than_dropping_is_clipped_to_minus_one():
     outputs = torch.randn(2, 20, 4, generator=torch.Generator().manual_seed(11))
     outputs[1] = -3 * outputs[0]  # err[0, 1] = 16
-    sim = substitution_matrix(outputs, torch.zeros(20, 1, dtype=torch.long), torch.ones(20, 1))
+    with pytest.warns(RuntimeWarning, match=r"expert\(s\) \[1\]"):  # only expert 0 is routed
+        sim = substitution_matrix(outputs, torch.zeros(20, 1, dtype=torch.long), torch.ones(20, 1))
     assert sim[0, 1] == -1.0
 
 
@@ -134,7 +136,8 @@ def test_router_weighting_counts_heavy_tokens_more():
     outputs[1, 1] = -outputs[0, 0]
     ids = torch.tensor([[0], [0]])
     w = torch.tensor([[0.9], [0.1]])
-    router, uniform = substitution_matrix(outputs, ids, w, "router"), substitution_matrix(outputs, ids, w, "uniform")
+    with pytest.warns(RuntimeWarning, match=r"expert\(s\) \[1\]"):  # only expert 0 is routed
+        router, uniform = substitution_matrix(outputs, ids, w, "router"), substitution_matrix(outputs, ids, w, "uniform")
     assert router[0, 1] == pytest.approx(1 - 4 * 0.01 / 0.82, abs=1e-6)
     assert uniform[0, 1] == pytest.approx(-1.0, abs=1e-6)
 
