@@ -45,18 +45,20 @@ def summary_table(matrices: dict[int, torch.Tensor]) -> str:
 
 
 def save_heatmap(matrices: dict[int, torch.Tensor], path: str | Path, *, title: str = "") -> Path:
-    """One [E, E] heatmap per layer on a grid, colour scale fixed to [0, 1]; PNG."""
+    """One [E, E] heatmap per layer on a grid, colour scale fixed to [0, 1] (to [-1, 1] when
+    some value is negative, as the substitution method's can be); PNG."""
     # A bare Figure (no pyplot) renders with Agg and leaves the user's backend alone.
     from matplotlib.figure import Figure
 
     layers = sorted(matrices)
+    vmin = -1.0 if any(bool((matrices[layer] < 0).any()) for layer in layers) else 0.0
     cols = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / cols)
     fig = Figure(figsize=(2.6 * cols + 1, 2.6 * rows + 0.6))
     axes = fig.subplots(rows, cols, squeeze=False)
     image = None
     for ax, layer in zip(axes.flat, layers):
-        image = ax.imshow(matrices[layer].float().numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+        image = ax.imshow(matrices[layer].float().numpy(), vmin=vmin, vmax=1.0, cmap="viridis")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

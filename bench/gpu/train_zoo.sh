@@ -71,8 +71,8 @@ calibrate_one() {  # name, method: CKA (the default) next to the model, the othe
     --no_progress "${extra[@]}" > "$LOG/calib_$1_$method.log" 2>&1
   echo "== calibrate $1 $method -> rc $?"
 }
-for m in qwen2_moe deepseek_v2 qwen3_moe qwen2_moe_upcycled; do  # 12 small jobs at once, each cut at CALIB_S
-  for method in cka frobenius cosine; do
+for m in qwen2_moe deepseek_v2 qwen3_moe qwen2_moe_upcycled; do  # 16 small jobs at once, each cut at CALIB_S
+  for method in cka frobenius cosine substitution; do
     calibrate_one "$m" "$method" &
   done
 done
