@@ -179,7 +179,7 @@ def test_sere_beats_random_rerouting(case, S, rho, request):
 # slot moves, as CKA's rho = 0 does. bench/results/substitution.md has the 8-seed comparison.
 SUBSTITUTION_RHO = -1.0
 # Where it was measured not to hold against random (seed 0), 2026-11-23, CPU float32: nowhere.
-# KL is 5-21 % lower on every model and S; top-1 is higher everywhere, by 0.0002 (2 of 8,128
+# KL is 6-21 % lower on every model and S; top-1 is higher everywhere, by 0.0002 (2 of 8,128
 # positions) on qwen2_moe_upcycled at S=2, by 0.005-0.027 elsewhere.
 SUBSTITUTION_FAILS_ON: dict[tuple[str, int], str] = {}
 
