@@ -67,6 +67,24 @@ class _LayerState:
 
 
 @torch.no_grad()
+def check_token_batch(token_ids: torch.Tensor, batch_size: int) -> None:
+    """The calibration inputs every method needs: token ids [sequences, length], batch >= 1."""
+    if token_ids.dim() != 2 or token_ids.numel() == 0:
+        raise CalibrationError(f"token_ids must be a non-empty [sequences, length] tensor, got {tuple(token_ids.shape)}")
+    if batch_size < 1:
+        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def moe_layers_of(model) -> list[MoELayer]:
+    """The model's MoE layers, or a CalibrationError when it has none."""
+    layers = find_moe_layers(model)
+    if not layers:
+        raise CalibrationError(
+            f"{type(model).__name__} has no MoE layer (no block with a router `gate` and fused `experts`)"
+        )
+    return layers
+
+
 def calibrate(
     model: torch.nn.Module,
     token_ids: torch.Tensor,
@@ -84,19 +102,12 @@ def calibrate(
     others). The model stays on its device; inputs are moved there.
     """
     check_method(method, kernel)
-    if token_ids.dim() != 2 or token_ids.numel() == 0:
-        raise CalibrationError(f"token_ids must be a non-empty [sequences, length] tensor, got {tuple(token_ids.shape)}")
-    if batch_size < 1:
-        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    check_token_batch(token_ids, batch_size)
     if max_tokens is None and method == "cka":
         max_tokens = DEFAULT_CKA_MAX_TOKENS
     if max_tokens is not None and max_tokens < 2:
         raise CalibrationError(f"max_tokens must be >= 2, got {max_tokens}")
-    layers = find_moe_layers(model)
-    if not layers:
-        raise CalibrationError(
-            f"{type(model).__name__} has no MoE layer (no block with a router `gate` and fused `experts`)"
-        )
+    layers = moe_layers_of(model)
     counts = {layer.num_experts for layer in layers}
     if len(counts) != 1:
         raise CalibrationError(f"MoE layers disagree on the expert count: {sorted(counts)}")

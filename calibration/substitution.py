@@ -35,8 +35,8 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from sere.calibration.calibrate import CalibrationError, CalibrationResult
-from sere.calibration.experts import MoELayer, find_moe_layers, iter_expert_outputs
+from sere.calibration.calibrate import CalibrationError, CalibrationResult, check_token_batch, moe_layers_of
+from sere.calibration.experts import MoELayer, iter_expert_outputs
 
 WEIGHTINGS = ("router", "uniform")
 SIM_RANGE = (-1.0, 1.0)
@@ -174,17 +174,10 @@ def calibrate_substitution(
     `max_tokens` caps the tokens used (default: all).
     """
     check_weighting(weighting)
-    if token_ids.dim() != 2 or token_ids.numel() == 0:
-        raise CalibrationError(f"token_ids must be a non-empty [sequences, length] tensor, got {tuple(token_ids.shape)}")
-    if batch_size < 1:
-        raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+    check_token_batch(token_ids, batch_size)
     if max_tokens is not None and max_tokens < 1:
         raise CalibrationError(f"max_tokens must be >= 1, got {max_tokens}")
-    layers = find_moe_layers(model)
-    if not layers:
-        raise CalibrationError(
-            f"{type(model).__name__} has no MoE layer (no block with a router `gate` and fused `experts`)"
-        )
+    layers = moe_layers_of(model)
     accs = {layer.index: SubstitutionAccumulator(layer.num_experts, weighting) for layer in layers}
     captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     hooks = [
