@@ -13,6 +13,7 @@ are alive).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -85,6 +86,41 @@ def moe_layers_of(model) -> list[MoELayer]:
     return layers
 
 
+def feed_captured(model, layers: list[MoELayer], token_ids: torch.Tensor, *, batch_size: int, budget: int,
+                  make_hook: Callable[[dict, int], Callable], consume: Callable[[int, dict], None],
+                  desc: str, progress: bool) -> int:
+    """The calibration pass every method shares: run the model's backbone (no LM head) over
+    token_ids, batch_size sequences at a time, until `budget` tokens, with a forward pre-hook
+    make_hook(store, layer index) on each MoE layer's experts module filling store[index];
+    after each batch consume(take, store) gets it, of which the first `take` tokens count.
+    Returns the tokens used. The hooks are removed however the pass ends."""
+    captured: dict = {}
+    hooks = [layer.experts.register_forward_pre_hook(make_hook(captured, layer.index), with_kwargs=True) for layer in layers]
+    device = next(model.parameters()).device
+    backbone = getattr(model, "base_model", model)  # skips the LM head: logits are not needed
+    seen = 0
+    try:
+        with tqdm(total=budget, unit="tok", desc=desc, disable=not progress) as bar:
+            for start in range(0, token_ids.shape[0], batch_size):
+                if seen >= budget:
+                    break
+                batch = token_ids[start : start + batch_size].to(device)  # B, L
+                captured.clear()
+                backbone(input_ids=batch, use_cache=False)
+                take = min(batch.numel(), budget - seen)
+                for layer in layers:
+                    if layer.index not in captured:
+                        raise CalibrationError(f"MoE layer {layer.index} did not run during the forward pass")
+                consume(take, captured)
+                seen += take
+                bar.update(take)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        captured.clear()
+    return seen
+
+
 def calibrate(
     model: torch.nn.Module,
     token_ids: torch.Tensor,
@@ -114,33 +150,13 @@ def calibrate(
 
     states = {layer.index: _LayerState(layer, method) for layer in layers}
     budget = token_ids.numel() if max_tokens is None else min(max_tokens, token_ids.numel())
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [
-        layer.experts.register_forward_pre_hook(_capture_into(captured, layer.index), with_kwargs=True)
-        for layer in layers
-    ]
-    device = next(model.parameters()).device
-    backbone = getattr(model, "base_model", model)  # skips the LM head: logits are not needed
-    seen = 0
-    try:
-        with tqdm(total=budget, unit="tok", desc=f"calibrating ({method})", disable=not progress) as bar:
-            for start in range(0, token_ids.shape[0], batch_size):
-                if seen >= budget:
-                    break
-                batch = token_ids[start : start + batch_size].to(device)  # B, L
-                captured.clear()
-                backbone(input_ids=batch, use_cache=False)
-                take = min(batch.numel(), budget - seen)
-                for index, state in states.items():
-                    if index not in captured:
-                        raise CalibrationError(f"MoE layer {index} did not run during the forward pass")
-                    state.add(captured[index][:take])
-                seen += take
-                bar.update(take)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    captured.clear()
+
+    def consume(take: int, captured: dict[int, torch.Tensor]) -> None:
+        for index, state in states.items():
+            state.add(captured[index][:take])
+
+    seen = feed_captured(model, layers, token_ids, batch_size=batch_size, budget=budget, make_hook=_capture_into,
+                         consume=consume, desc=f"calibrating ({method})", progress=progress)
 
     matrices = {}
     for index, state in tqdm(states.items(), desc="expert similarity", unit="layer", disable=not progress):

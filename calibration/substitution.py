@@ -33,9 +33,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
-from sere.calibration.calibrate import CalibrationError, CalibrationResult, check_token_batch, moe_layers_of
+from sere.calibration.calibrate import (
+    CalibrationError,
+    CalibrationResult,
+    check_token_batch,
+    feed_captured,
+    moe_layers_of,
+)
 from sere.calibration.experts import MoELayer, iter_expert_outputs
 
 WEIGHTINGS = ("router", "uniform")
@@ -179,34 +184,15 @@ def calibrate_substitution(
         raise CalibrationError(f"max_tokens must be >= 1, got {max_tokens}")
     layers = moe_layers_of(model)
     accs = {layer.index: SubstitutionAccumulator(layer.num_experts, weighting) for layer in layers}
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    hooks = [
-        layer.experts.register_forward_pre_hook(_capture_routing(captured, layer.index), with_kwargs=True)
-        for layer in layers
-    ]
     budget = token_ids.numel() if max_tokens is None else min(max_tokens, token_ids.numel())
-    device = next(model.parameters()).device
-    backbone = getattr(model, "base_model", model)  # skips the LM head
-    seen = 0
-    try:
-        with tqdm(total=budget, unit="tok", desc="calibrating (substitution)", disable=not progress) as bar:
-            for start in range(0, token_ids.shape[0], batch_size):
-                if seen >= budget:
-                    break
-                captured.clear()
-                backbone(input_ids=token_ids[start : start + batch_size].to(device), use_cache=False)
-                take = min(token_ids[start : start + batch_size].numel(), budget - seen)
-                for layer in layers:
-                    if layer.index not in captured:
-                        raise CalibrationError(f"MoE layer {layer.index} did not run during the forward pass")
-                    x, ids, w = (t[:take] for t in captured[layer.index])  # T, H; T, k; T, k
-                    _accumulate(accs[layer.index], layer, x, ids, w)
-                seen += take
-                bar.update(take)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        captured.clear()
+
+    def consume(take: int, captured: dict) -> None:
+        for layer in layers:
+            x, ids, w = (t[:take] for t in captured[layer.index])  # T, H; T, k; T, k
+            _accumulate(accs[layer.index], layer, x, ids, w)
+
+    seen = feed_captured(model, layers, token_ids, batch_size=batch_size, budget=budget, make_hook=_capture_routing,
+                         consume=consume, desc="calibrating (substitution)", progress=progress)
     matrices = {index: acc.result(layer=index) for index, acc in accs.items()}
     return CalibrationResult(matrices, seen, layers[0].num_experts)
 
