@@ -214,12 +214,16 @@ _SUMMARY_COLUMNS = (
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    from sere.report import model_label
+
     bs = getattr(config, "_benchmarksession", None)
     rows = []
     for bench in getattr(bs, "benchmarks", None) or []:
         info = getattr(bench, "extra_info", None) or {}
         if "setting" in info:
-            rows.append([info.get(key) for key, _ in _SUMMARY_COLUMNS])
+            row = [info.get(key) for key, _ in _SUMMARY_COLUMNS]
+            row[0] = model_label(info)
+            rows.append(row)
     if not rows:
         return
     from tabulate import tabulate

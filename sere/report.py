@@ -3,8 +3,9 @@
     pytest bench/test_bench_layer.py --benchmark-json BENCH.json
     python -m sere.report BENCH.json [MORE.json ...] [--out DIR]     # or: sere-report ...
 
-Reads the cases of bench/test_bench_layer.py (those whose extra_info names a `setting`; a
-saved run under .benchmarks/ works too), prints a table (tabulate) of time, activated experts,
+Reads the MoE-layer cases of bench/test_bench_layer.py and bench/test_bench_fused_moe.py (those
+whose extra_info names a `setting`; a saved run under .benchmarks/ works too; a case whose
+extra_info names another `layer` than the transformers one is shown as "<model> (<layer>)"), prints a table (tabulate) of time, activated experts,
 GB/s, share of the HBM floor and speed-up against stock, and writes into DIR (default:
 BENCH_report/ next to the first JSON):
   report.md                          the table, GitHub markdown
@@ -46,6 +47,13 @@ class LayerCase:
         return (self.run, self.model, self.routing, self.tokens)
 
 
+def model_label(info: dict) -> str:
+    """The model column of a layer case: the model, and the layer implementation where it is not
+    the transformers block (the fused vLLM layer of the same model is another case)."""
+    layer = info.get("layer") or "transformers"
+    return str(info["model"]) if layer == "transformers" else f"{info['model']} ({layer})"
+
+
 class ReportError(ValueError):
     """The input cannot be reported on (missing, not benchmark JSON, no layer cases)."""
 
@@ -72,7 +80,7 @@ def load_cases(path) -> list[LayerCase]:
             if median is None and info.get("time_us") is not None:
                 median = info["time_us"] / 1e6
             cases.append(LayerCase(
-                model=str(info["model"]), routing=str(info["routing"]), tokens=int(info["tokens"]),
+                model=model_label(info), routing=str(info["routing"]), tokens=int(info["tokens"]),
                 setting=str(info["setting"]), experts_before=int(info["experts_before"]),
                 experts_after=int(info["experts_after"]), median_s=None if median is None else float(median),
                 expert_bytes=info.get("expert_bytes"), hbm_floor_us=info.get("hbm_floor_us"),

@@ -85,6 +85,21 @@ def test_several_files_merge_but_speedups_stay_within_a_run(fake_json, tmp_path)
     assert "other.json" in (tmp_path / "both" / "report.md").read_text()
 
 
+def test_fused_layer_cases_are_apart_from_the_transformers_layer(tmp_path):
+    """The same model, routing and batch on the vLLM fused layer is another row with its own stock."""
+    fused_stock = _bench("M", "uniform", 16, "stock", 200e-6, 84, 84)
+    fused_sere = _bench("M", "uniform", 16, "S1-rho0", 100e-6, 84, 15)
+    for b in (fused_stock, fused_sere):
+        b["extra_info"]["layer"] = "vllm-fused"
+        b["name"] = b["name"].replace("test_moe_layer", "test_fused_moe_layer")
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": FAKE_RUN["benchmarks"] + [fused_stock, fused_sere]}))
+    cases = report.load_cases(path)
+    ratio = {(c.model, c.tokens, c.setting): r for c, r in report.speedups(cases).items()}
+    assert ratio[("M (vllm-fused)", 16, "S1-rho0")] == pytest.approx(2.0)
+    assert ratio[("M", 16, "S1-rho0")] == pytest.approx(3.0)
+
+
 def test_missing_stock_gives_no_speedup(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": [_bench("M", "uniform", 4, "S1-rho0", 1e-4, 8, 2)]}))

@@ -8,7 +8,9 @@
 # Env: OUT (default /tmp/sere_vllm_out), BUDGET_S (default 520: seconds for the whole script;
 # every step gets a deadline from what is left, so the script ends in time), STEPS (default
 # "fused deepseek-v2-lite qwen3-30b-a3b qwen1.5-moe-a2.7b": what to run, in order; the last
-# step gets all the time left, e.g. STEPS=qwen3-30b-a3b runs only that model's engines).
+# step gets all the time left, e.g. STEPS=qwen3-30b-a3b runs only that model's engines; the step
+# fused-pytest runs bench/test_bench_fused_moe.py, the same layer as pytest-benchmark cases),
+# ENGINES (default stock,sere-s1,sere-s2,counts: the engines of the e2e steps).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
 # last number (the first engine of a model ~25 s more: vLLM inspects the architecture in a
 # subprocess once), so one model's three engines need ~330-400 s.
@@ -30,7 +32,8 @@ exec > >(tee -a "$OUT/run_vllm.log") 2>&1
 left() { echo $((BUDGET_S - SECONDS)); }
 
 pack() {  # everything small from $WORK (model folders left out) into one archive, plus the summary
-  cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/e2e-*/summary.md > "$OUT/summary.md" 2>/dev/null
+  cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/fused-pytest/report/report.md "$WORK"/e2e-*/summary.md \
+    > "$OUT/summary.md" 2>/dev/null
   tar -czf "$OUT/vllm_results.tar.gz" -C "$WORK" --exclude='*/model' . 2>/dev/null
 }
 
@@ -73,15 +76,30 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
     --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170
 }
 
+ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}
+
+# The fused layer as pytest-benchmark cases (the gate's view of this level), then its report.
+fused_pytest() {
+  mkdir -p "$WORK/fused-pytest"
+  $PY -m pytest bench/test_bench_fused_moe.py -q -rfEs -p no:cacheprovider \
+    --benchmark-json="$WORK/fused-pytest/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
+    > "$WORK/fused-pytest/pytest.log" 2>&1
+  local rc=$?
+  tail -n 60 "$WORK/fused-pytest/pytest.log"
+  $PY -m sere.report "$WORK/fused-pytest/bench.json" --out "$WORK/fused-pytest/report" > /dev/null || rc=1
+  return $rc
+}
+
 for s in $STEPS; do
   case $s in
     # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
     fused) step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
-    deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 stock,sere-s1,sere-s2,counts ;;
-    qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 stock,sere-s1,sere-s2,counts ;;
+    fused-pytest) step fused-pytest 240 bash -c "$(declare -f fused_pytest); PY=$PY WORK=$WORK fused_pytest" ;;
+    deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;
+    qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
     # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
     qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
-    *) echo "== unknown step $s (fused, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+    *) echo "== unknown step $s (fused, fused-pytest, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
   esac
 done
 

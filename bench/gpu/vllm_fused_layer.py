@@ -159,48 +159,76 @@ def copy_bandwidth() -> float:
     return mod.measure_copy_bandwidth("cuda")
 
 
-def run_case(layer: FusedLayer, model: str, routing: str, T: int, setting: str, S, rho, bw: float, stock: dict) -> dict:
-    from timing import time_graph_replay
+@dataclass
+class Case:
+    """One scripted case on a FusedLayer: its routing, similarity, input and expected ids."""
 
+    routing: object  # bench/routing.py Routing (ids, weights, label)
+    sim: torch.Tensor  # E, E
+    h: torch.Tensor  # T, H on the GPU
+    want: torch.Tensor  # T, k: the ids the experts must receive
+
+
+def prepare_case(layer: FusedLayer, routing: str, T: int, S, rho) -> Case:
+    """Script the layer with the case's routing and SERE setting; the input and the expected ids."""
     shapes = layer.shapes
-    E, k, H = shapes.num_experts, shapes.top_k, shapes.hidden_size
-    r = make_routing(routing, T, E, k, seed=SEED)
-    sim = synthetic_similarity(E, seed=SEED)
+    r = make_routing(routing, T, shapes.num_experts, shapes.top_k, seed=SEED)
+    sim = synthetic_similarity(shapes.num_experts, seed=SEED)
     layer.script(r.ids, r.weights, sim, S, rho)
-    h = torch.randn(T, H, generator=torch.Generator().manual_seed(SEED + T)).to("cuda", DTYPE)  # T, H
+    h = torch.randn(T, shapes.hidden_size, generator=torch.Generator().manual_seed(SEED + T)).to("cuda", DTYPE)  # T, H
+    want = r.ids if S is None else reroute(r.ids, sim, S, rho, backend="reference")
+    return Case(r, sim, h, want)
 
-    # Check: ids into the experts, and the fused output against the torch reference.
+
+def check_case(layer: FusedLayer, case: Case) -> tuple[float, list[str]]:
+    """(relative error of the fused output, problems): the ids reaching the experts against the
+    reference re-routing, the output against the per-expert torch layer."""
+    problems = []
     with torch.no_grad():
-        ids = layer.route(layer.copies[0], h)
-        want = r.ids if S is None else reroute(r.ids, sim, S, rho, backend="reference")
-        problems = []
-        if not torch.equal(ids.cpu().long(), want.long()):
+        ids = layer.route(layer.copies[0], case.h)
+        if not torch.equal(ids.cpu().long(), case.want.long()):
             problems.append("ids reaching the experts differ from the reference re-routing")
-        got = layer(h, copy=0).float()
-        ref = reference_layer(layer.copies[0], h, ids, layer.weights)
+        got = layer(case.h, copy=0).float()
+        ref = reference_layer(layer.copies[0], case.h, ids, layer.weights)
         err = ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
-        if not torch.isfinite(got).all() or not err <= CHECK_TOL:
-            problems.append(f"fused output differs from the torch reference (max abs err / max abs = {err:.3g})")
-        for msg in problems:
-            print(f"CHECK FAILED {model} {routing} T={T} {setting}: {msg}", flush=True)
-        timing = time_graph_replay(lambda: layer(h), calls=CALLS, repeats=ROUNDS)
-    seconds = timing.median_us * 1e-6
+    if not torch.isfinite(got).all() or not err <= CHECK_TOL:
+        problems.append(f"fused output differs from the torch reference (max abs err / max abs = {err:.3g})")
+    return err, problems
 
-    before = int(distinct_experts(r.ids, E))
-    after = int(distinct_experts(want, E))
+
+def case_info(shapes, case: Case, seconds: float | None, bw: float) -> dict:
+    """Experts before/after, bytes of expert weights read, GB/s and the HBM floor of one case."""
+    E = shapes.num_experts
+    after = int(distinct_experts(case.want, E))
     elem = torch.finfo(DTYPE).bits // 8
     expert_bytes = (after * shapes.expert_params() + shapes.shared_params()) * elem
     floor_s = expert_bytes / bw
+    return dict(routing=case.routing.label, similarity="synthetic uniform [0,1) symmetric",
+                E=E, k=shapes.top_k, hidden=shapes.hidden_size, moe_intermediate=shapes.moe_intermediate_size,
+                shared_intermediate=shapes.shared_intermediate_size,
+                experts_before=int(distinct_experts(case.routing.ids, E)), experts_after=after,
+                expert_bytes=expert_bytes, copy_bw_gbps=round(bw / 1e9, 1), hbm_floor_us=round(floor_s * 1e6, 2),
+                time_us=None if seconds is None else round(seconds * 1e6, 2),
+                gbps=None if seconds is None else round(expert_bytes / seconds / 1e9, 1),
+                hbm_floor_share=None if seconds is None else round(floor_s / seconds, 3))
+
+
+def run_case(layer: FusedLayer, model: str, routing: str, T: int, setting: str, S, rho, bw: float, stock: dict) -> dict:
+    from timing import time_graph_replay
+
+    case = prepare_case(layer, routing, T, S, rho)
+    err, problems = check_case(layer, case)  # check first, then time
+    for msg in problems:
+        print(f"CHECK FAILED {model} {routing} T={T} {setting}: {msg}", flush=True)
+    with torch.no_grad():
+        timing = time_graph_replay(lambda: layer(case.h), calls=CALLS, repeats=ROUNDS)
+    seconds = timing.median_us * 1e-6
     key = (model, routing, T)
     if S is None:
         stock[key] = seconds
     base = stock.get(key)
-    return dict(model=model, routing=r.label, similarity="synthetic uniform [0,1) symmetric", tokens=T,
-                setting=setting, S=S, rho=rho, E=E, k=k, hidden=H, moe_intermediate=shapes.moe_intermediate_size,
-                shared_intermediate=shapes.shared_intermediate_size, experts_before=before, experts_after=after,
-                expert_bytes=expert_bytes, time_us=round(seconds * 1e6, 2), time_min_us=round(timing.min_us, 2),
-                gbps=round(expert_bytes / seconds / 1e9, 1), hbm_floor_us=round(floor_s * 1e6, 2),
-                hbm_floor_share=round(floor_s / seconds, 3), check_rel_err=round(err, 5), check_failed=problems,
+    return dict(model=model, tokens=T, setting=setting, S=S, rho=rho, **case_info(layer.shapes, case, seconds, bw),
+                time_min_us=round(timing.min_us, 2), check_rel_err=round(err, 5), check_failed=problems,
                 speedup_vs_stock=None if base is None else round(base / seconds, 3))
 
 
