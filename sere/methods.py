@@ -18,6 +18,9 @@ number of distinct experts. They differ only in where a moved slot goes and whic
             drop the others. (The paper's piggyback phase can also pick loaded experts outside
             the token's own top-k; with ids-only transforms and untouched weights we keep the
             token's own top-k, as the issue states it.) Similarity and threshold are unused.
+  drop      (weight-level, not in METHODS) the slots truncate removes lose their weight: it
+            is set to zero and NOT renormalised, so the token simply goes without those experts'
+            contribution. See "drop" below.
 
 How "dropped" is expressed (truncate, oea). Shapes are fixed and weights untouched, so a dropped
 slot cannot vanish. We fold it onto the token's own top expert (its first valid id in slots
@@ -30,6 +33,21 @@ similar primary (sere), a random primary (random), or the token's own top expert
 oea). A token with no valid id in its first S slots keeps its secondaries. Where an
 integration can change weights, `truncation_keep_mask` / `oea_keep_mask` and
 `apply_keep_mask` give the literal drop (zero the weight, optionally renormalise).
+
+The drop control. truncate folds a removed slot's weight onto the token's top expert, which for
+normalised top-k weights is renormalised top-S routing. drop is the other reading: the slot's
+weight becomes 0 and nothing else changes (the token's routed output shrinks by what those
+experts contributed; with a substitution similarity below 0, "no stand-in at all" is the fair
+rival of re-routing). Its ids are truncate's (the removed slot folds onto the token's own top
+expert, so the experts per step are truncate's, and a zero-weighted fold adds nothing to that
+expert's output); its weights are `apply_keep_mask(w, keep, renormalize=False)`. An ids-only
+transform cannot express it, so "drop" is not a name of METHODS / `get_method` (which would
+silently run truncate through an integration that ignores weights): `drop(ids, weights, E, S)`
+returns both, in any slot order (the S largest weights are kept, ties in slot order, as
+`sere.hf` orders slots), with `drop_reference` its plain-loop oracle. Through the transformers
+hook it runs as `with dropping_weights(model, S):` around `sere.hf.enable(..., method="truncate")`
+(or `sere.fidelity.fidelity(..., method="truncate")`): the context zeroes the weights, the
+truncate transform folds the ids of exactly those slots.
 
 `get_method(name, **options)` is the registry: name -> transform. Each method has a plain-loop
 NumPy reference here (`*_reference`) that the tests check it against.
@@ -47,7 +65,8 @@ from sere.routing import reroute
 from sere.validation import check_reroute_args
 
 RoutingTransform = Callable[..., torch.Tensor]
-METHODS = ("stock", "sere", "random", "truncate", "oea")
+METHODS = ("stock", "sere", "random", "truncate", "oea")  # ids-only transforms (get_method)
+WEIGHT_METHODS = ("drop",)  # need the router weights too: `drop`, `dropping_weights`
 
 
 # ---- vectorised transforms (no host sync, fixed shapes) ----------------------------------
@@ -206,6 +225,120 @@ def apply_keep_mask(topk_weights: torch.Tensor, keep: torch.Tensor, *, renormali
     return torch.where(kept_total != 0, kept * scale, topk_weights)
 
 
+# ---- drop: the weight-level control ------------------------------------------------------
+
+
+def _check_drop_args(topk_ids, topk_weights, num_experts, select_top_k) -> None:
+    if not isinstance(topk_ids, torch.Tensor) or not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(f"topk_ids and topk_weights must be torch.Tensors, got {type(topk_ids).__name__} "
+                        f"and {type(topk_weights).__name__}")
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [tokens, k], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must have the shape of topk_ids {tuple(topk_ids.shape)}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be a floating tensor, got {topk_weights.dtype}")
+    if topk_weights.device != topk_ids.device:
+        raise ValueError(f"topk_ids and topk_weights must be on one device, got {topk_ids.device} and {topk_weights.device}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if isinstance(select_top_k, bool) or not isinstance(select_top_k, int):
+        raise TypeError(f"select_top_k must be an int, got {type(select_top_k).__name__}")
+
+
+def drop(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, select_top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drop control: (new ids, new weights). Each token keeps its S largest-weight slots
+    (ties in slot order); every other valid slot of a token with a valid id among those S is
+    removed: its id folds onto the token's largest-weight id (as truncate folds it) and its weight
+    becomes 0, the kept weights unchanged (no renormalisation). Slots may come in any order;
+    in contract order (weights descending) the removed slots are exactly truncate's."""
+    _check_drop_args(topk_ids, topk_weights, num_experts, select_top_k)
+    new_ids, removed = _drop_slots(topk_ids, topk_weights, num_experts, int(select_top_k))
+    return new_ids, apply_keep_mask(topk_weights, ~removed, renormalize=False)
+
+
+def _drop_slots(topk_ids, topk_weights, E: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids with the removed slots folded, [T, k] bool removed), in the caller's slot order."""
+    if _is_identity(topk_ids, S):
+        return topk_ids.clone(), torch.zeros_like(topk_ids, dtype=torch.bool)
+    order = topk_weights.argsort(dim=-1, descending=True, stable=True)  # T, k: contract order
+    ids_sorted = topk_ids.gather(1, order)  # T, k
+    anchor, has_anchor = _own_top_expert(ids_sorted, E, S)  # T, 1 and T, 1
+    removed_sorted = torch.zeros_like(ids_sorted, dtype=torch.bool)  # T, k
+    sec = ids_sorted[:, S:]  # T, k-S
+    removed_sorted[:, S:] = (sec >= 0) & (sec < E) & has_anchor
+    new_sorted = torch.where(removed_sorted, anchor.expand_as(ids_sorted), ids_sorted)  # T, k
+    removed = torch.empty_like(removed_sorted).scatter_(1, order, removed_sorted)  # T, k, caller's order
+    new_ids = torch.empty_like(topk_ids).scatter_(1, order, new_sorted)  # T, k
+    return new_ids, removed
+
+
+class DroppingWeights:
+    """What `dropping_weights` returns: forward hooks on every MoE router of a transformers
+    model that zero the weights `drop` zeroes; `remove()` (or leaving the `with`) takes them off."""
+
+    def __init__(self, model: torch.nn.Module, select_top_k: int):
+        from sere.hf import find_routers  # sere.hf imports this module
+
+        if isinstance(select_top_k, bool) or not isinstance(select_top_k, int):
+            raise TypeError(f"select_top_k must be an int, got {type(select_top_k).__name__}")
+        sites = find_routers(model)
+        if not sites:
+            raise ValueError(f"no MoE router found in {type(model).__name__}")
+        self.select_top_k = select_top_k
+        self._hooks = [s.module.register_forward_hook(self._hook(s.name, s.num_experts)) for s in sites]
+
+    def _hook(self, name: str, num_experts: int):
+        S = self.select_top_k
+
+        def hook(module, args, output):
+            logits, weights, ids = output
+            if _is_identity(ids, S):
+                return None
+            _check_drop_args(ids, weights, num_experts, S)
+            _, removed = _drop_slots(ids, weights, num_experts, S)  # T, k
+            new_weights = apply_keep_mask(weights, ~removed, renormalize=False)  # T, k
+            # sere.hf re-sorts slots by these weights: a kept weight <= 0 could then sort among
+            # the zeroed ones and truncate would fold a different slot than the one zeroed here.
+            kept_min = torch.where(removed.any(-1, keepdim=True) & ~removed, weights, torch.ones_like(weights)).min()
+            if ids.numel() and bool(kept_min <= 0):  # a host sync: this is evaluation tooling
+                raise ValueError(f"router {name!r} returned a non-positive weight for a kept slot; drop needs "
+                                 "positive router weights to align with sere.hf's weight order")
+            return logits, new_weights, ids
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self) -> "DroppingWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def dropping_weights(model: torch.nn.Module, select_top_k: int) -> DroppingWeights:
+    """Zero, in every router's output, the weights of the slots `drop` removes (ids untouched).
+    Pair it with the "truncate" transform (`sere.hf.enable` or `sere.fidelity.fidelity`), which
+    folds the ids of exactly those slots, so the experts per step are truncate's:
+
+        with dropping_weights(model, 1):
+            m = fidelity(model, ref, sim, select_top_k=1, threshold=0.0, method="truncate")
+
+    Either registration order gives the same result (truncate's fold does not change a token's
+    S largest weights); create it before `enable` to keep fidelity's experts_before the router's
+    own count. The output alone is already drop's without truncate (a zero weight adds nothing),
+    but the removed experts would still be counted and computed."""
+    return DroppingWeights(model, select_top_k)
+
+
 # ---- registry ------------------------------------------------------------------------------
 
 
@@ -213,6 +346,9 @@ def get_method(name: str, **options) -> RoutingTransform:
     """The transform registered as `name` (one of METHODS), bound to its options:
     "sere" takes backend=..., "random" takes seed=... (a stateful `RandomReroute`)."""
     allowed = {"sere": {"backend"}, "random": {"seed"}}.get(name, set())
+    if name in WEIGHT_METHODS:
+        raise ValueError(f"{name!r} changes router weights, which an ids-only transform cannot: use "
+                         f"sere.methods.{name} (ids and weights) or dropping_weights(model, S) with method 'truncate'")
     if name not in METHODS:
         raise ValueError(f"unknown routing method {name!r}; choose one of {', '.join(METHODS)}")
     unknown = set(options) - allowed
@@ -289,3 +425,22 @@ def oea_reference(topk_ids, sim, select_top_k: int, threshold: float) -> np.ndar
             if top is not None and 0 <= e < E and e not in primary:
                 ids[t, s] = top
     return ids
+
+
+def drop_reference(topk_ids, topk_weights, num_experts: int, select_top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain loops: per token, slots in weight order (descending, ties in slot order); the
+    first S stay; each later valid slot takes the first valid id of those S and weight 0."""
+    ids = np.array(topk_ids, copy=True)  # T, k
+    w = np.array(topk_weights, copy=True)  # T, k
+    E, S = num_experts, int(select_top_k)
+    T, k = ids.shape
+    if S <= 0 or S >= k:
+        return ids, w
+    for t in range(T):
+        order = sorted(range(k), key=lambda s: (-w[t, s], s))
+        top = _own_top_reference([ids[t, s] for s in order], E, S)
+        for s in order[S:]:
+            if top is not None and 0 <= ids[t, s] < E:
+                ids[t, s] = top
+                w[t, s] = 0
+    return ids, w

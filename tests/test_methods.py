@@ -219,6 +219,167 @@ def test_apply_keep_mask_zeroes_and_renormalises():
     assert torch.equal(renorm[1], w[1])  # nothing kept: weights stay
 
 
+# ---- drop: the weight-level control -----------------------------------------------------
+
+
+def _weights(ids: torch.Tensor, *, ties: bool, salt: int = 0) -> torch.Tensor:
+    """[T, k] positive weights in contract order (descending); `ties` quantises them to a few
+    levels so equal weights (broken by slot order) are frequent."""
+    T, k = ids.shape
+    rng = np.random.default_rng([T, k, int(ties), salt])
+    w = rng.random((T, k)) + 0.05
+    if ties:
+        w = np.round(w * 2) / 2 + 0.5
+    return torch.from_numpy(-np.sort(-w, axis=1).astype(np.float32))  # T, k
+
+
+def _shuffled(ids, w, seed=0):
+    """The same routing with each token's slots in a random order (as DeepSeek-V2's router gives)."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(ids.shape[1], generator=gen) for _ in range(ids.shape[0])]) if len(ids) else \
+        torch.zeros_like(ids)
+    return ids.gather(1, perm), w.gather(1, perm)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("T,E,k,S,rho,invalid", CASES, ids=CASE_IDS)
+def test_drop_matches_plain_loop(T, E, k, S, rho, invalid, ties):
+    ids, _ = _case(T, E, k, S, rho, invalid)
+    w = _weights(ids, ties=ties)
+    for order in ("contract", "shuffled"):
+        x, y = (ids, w) if order == "contract" else _shuffled(ids, w)
+        got_ids, got_w = methods.drop(x, y, E, S)
+        assert got_ids.dtype == x.dtype and got_w.dtype == y.dtype and got_w.shape == y.shape
+        want_ids, want_w = methods.drop_reference(x.numpy(), y.numpy(), E, S)
+        np.testing.assert_array_equal(got_ids.numpy(), want_ids, err_msg=order)
+        np.testing.assert_array_equal(got_w.numpy(), want_w, err_msg=order)  # exact: kept weights untouched
+
+
+@pytest.mark.parametrize("T,E,k,S,rho,invalid", CASES, ids=CASE_IDS)
+def test_drop_removes_truncates_slots_and_does_not_renormalise(T, E, k, S, rho, invalid):
+    ids, sim = _case(T, E, k, S, rho, invalid)
+    w = _weights(ids, ties=False)
+    got_ids, got_w = methods.drop(ids, w, E, S)
+    assert torch.equal(got_ids, methods.truncate(ids, sim, S, rho))  # same ids, so same experts
+    removed = got_w == 0  # every input weight is >= 0.05
+    if S <= 0 or S >= k:
+        assert torch.equal(got_w, w)
+        return
+    # the removed slots are truncate's: valid secondaries of tokens with a valid primary slot
+    has_top = ((ids[:, :S] >= 0) & (ids[:, :S] < E)).any(dim=1, keepdim=True)
+    assert torch.equal(removed, ~methods.truncation_keep_mask(ids, S) & (ids >= 0) & (ids < E) & has_top)
+    assert torch.equal(removed, got_ids != ids)  # and exactly those ids fold
+    assert torch.equal(got_w, methods.apply_keep_mask(w, ~removed, renormalize=False))
+    assert bool((got_w[removed] == 0).all()) and torch.equal(got_w[~removed], w[~removed])
+    if bool(removed.any()):  # no renormalisation: those tokens lose weight
+        assert bool((got_w.sum(1)[removed.any(1)] < w.sum(1)[removed.any(1)]).all())
+
+
+def test_drop_edge_cases_by_hand():
+    ids = torch.tensor([[5, 1, 2, 3], [-1, -1, 3, 4], [6, 9, 2, -1]])  # T=3, k=4, E=8
+    w = torch.tensor([[0.1, 0.4, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.2, 0.1]])
+    got_ids, got_w = methods.drop(ids, w, 8, 1)
+    # token 0 (unsorted): its top expert is 1 (weight 0.4); token 1 has no valid top slot and keeps
+    # everything; token 2: invalid ids (9, -1) pass through with their weights, 2 folds onto 6
+    assert torch.equal(got_ids, torch.tensor([[1, 1, 1, 1], [-1, -1, 3, 4], [6, 9, 6, -1]]))
+    assert torch.equal(got_w, torch.tensor([[0.0, 0.4, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1], [0.5, 0.2, 0.0, 0.1]]))
+
+
+def test_drop_rejects_bad_inputs():
+    ids, w = torch.tensor([[1, 2]]), torch.tensor([[0.6, 0.4]])
+    with pytest.raises(TypeError, match="integer"):
+        methods.drop(ids.float(), w, 4, 1)
+    with pytest.raises(TypeError, match="floating"):
+        methods.drop(ids, ids, 4, 1)
+    with pytest.raises(ValueError, match="shape of topk_ids"):
+        methods.drop(ids, w[:, :1], 4, 1)
+    with pytest.raises(ValueError, match="num_experts"):
+        methods.drop(ids, w, 0, 1)
+    with pytest.raises(TypeError, match="select_top_k"):
+        methods.drop(ids, w, 4, 1.0)
+
+
+def _experts_inputs(model):
+    """Per MoE layer, the (ids, weights) the router returned and the experts module received."""
+    import sere.hf
+
+    got = {"router": {}, "experts": {}}
+    hooks = []
+    for site in sere.hf.find_routers(model):
+        block = model.get_submodule(site.name.rpartition(".")[0])
+        hooks.append(site.module.register_forward_hook(
+            lambda m, a, out, L=site.layer: got["router"].__setitem__(L, (out[2].clone(), out[1].clone()))))
+        hooks.append(block.experts.register_forward_pre_hook(
+            lambda m, a, L=site.layer: got["experts"].__setitem__(L, (a[1].clone(), a[2].clone()))))
+    return got, hooks
+
+
+@pytest.mark.parametrize("drop_first", [True, False])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])  # sorted and unsorted routers
+def test_dropping_weights_with_truncate_feeds_the_experts_drop(arch, drop_first):
+    """Through the transformers hook: router weights zeroed by dropping_weights, ids folded by
+    the truncate transform, in either registration order; the experts module receives exactly
+    drop_reference of the router's output, in every MoE layer."""
+    import sere.hf
+    from sere.model_configs import build_tiny_model
+
+    model = build_tiny_model(arch)
+    E_tiny, S = 8, 1
+    sims = {s.layer: torch.rand(E_tiny, E_tiny) for s in sere.hf.find_routers(model)}
+    got, hooks = _experts_inputs(model)
+    tokens = torch.randint(2, 256, (2, 3), generator=torch.Generator().manual_seed(0))  # B, L
+    first = methods.dropping_weights(model, S) if drop_first else None
+    handle = sere.hf.enable(model, sims, select_top_k=S, threshold=0.0, method="truncate", record_stats=False)
+    second = None if drop_first else methods.dropping_weights(model, S)
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks + [handle, first or second]:
+        h.remove()
+    assert got["experts"] and set(got["experts"]) == set(got["router"])
+    for layer, (r_ids, r_w) in got["router"].items():
+        want_ids, want_w = methods.drop_reference(r_ids.numpy(), r_w.float().numpy(), E_tiny, S)
+        e_ids, e_w = got["experts"][layer]
+        np.testing.assert_array_equal(e_ids.numpy(), want_ids)
+        np.testing.assert_array_equal(e_w.float().numpy(), want_w)
+        assert int((e_w == 0).sum()) == r_ids.numel() - r_ids.shape[0] * S  # every secondary dropped
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_drop_output_is_the_token_without_the_removed_experts(arch):
+    """A zero-weighted fold adds nothing: with truncate folding the ids the logits equal those of
+    the zeroed weights alone (the removed experts still routed, at weight 0); and they differ from
+    truncate's (which gives the removed weight to the top expert) and from stock."""
+    import sere.hf
+    from sere.model_configs import build_tiny_model
+
+    model = build_tiny_model(arch)
+    S = 1
+    sims = {s.layer: torch.rand(8, 8) for s in sere.hf.find_routers(model)}
+    tokens = torch.randint(2, 256, (3, 5), generator=torch.Generator().manual_seed(1))  # B, L
+
+    def run(drop_weights: bool, method: str | None):
+        ctx = methods.dropping_weights(model, S) if drop_weights else None
+        handle = sere.hf.enable(model, sims, select_top_k=S, threshold=0.0, method=method, record_stats=False) \
+            if method else None
+        try:
+            with torch.no_grad():
+                return model(tokens).logits  # B, L, V
+        finally:
+            for h in (handle, ctx):
+                if h is not None:
+                    h.remove()
+
+    dropped = run(True, "truncate")
+    torch.testing.assert_close(dropped, run(True, None), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dropped, run(False, "truncate"), atol=1e-4)
+    assert not torch.allclose(dropped, run(False, None), atol=1e-4)
+
+
+def test_dropping_weights_rejects_a_model_without_routers():
+    with pytest.raises(ValueError, match="no MoE router"):
+        methods.dropping_weights(torch.nn.Linear(2, 2), 1)
+
+
 # ---- registry and errors ------------------------------------------------------------------
 
 
@@ -235,6 +396,10 @@ def test_registry_names_every_method_and_sere_is_sere():
 def test_registry_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="unknown routing method 'nope'"):
         methods.get_method("nope")
+    # drop needs the weights: an ids-only registry entry would silently run truncate
+    assert "drop" in methods.WEIGHT_METHODS and "drop" not in methods.METHODS
+    with pytest.raises(ValueError, match="changes router weights"):
+        methods.get_method("drop")
     with pytest.raises(TypeError, match="takes no option"):
         methods.get_method("truncate", seed=1)
     with pytest.raises(TypeError, match="takes no option"):
@@ -265,3 +430,13 @@ def test_control_on_cuda_matches_plain_loop(name):
     else:
         want = _reference(name, ids, sim, 2, 0.1)
     np.testing.assert_array_equal(got.cpu().numpy(), want)
+
+
+@pytest.mark.gpu
+def test_drop_on_cuda_matches_plain_loop():
+    ids, _ = _case(256, 128, 8, 2, 0.1, 0.05)
+    x, y = _shuffled(ids, _weights(ids, ties=True))
+    got_ids, got_w = methods.drop(x.cuda(), y.cuda(), 128, 2)
+    want_ids, want_w = methods.drop_reference(x.numpy(), y.numpy(), 128, 2)
+    np.testing.assert_array_equal(got_ids.cpu().numpy(), want_ids)
+    np.testing.assert_array_equal(got_w.cpu().numpy(), want_w)
