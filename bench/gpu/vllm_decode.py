@@ -12,7 +12,14 @@ Models (--model): qwen1.5-moe-a2.7b (default), deepseek-v2-lite, qwen3-30b-a3b, 
 published config (sere.model_configs.real_config). One folder holding only config.json and a
 RANDOM similarity artifact (symmetric, uniform in [0, 1), no calibration: it decides which
 experts merge, so it says nothing about quality). Weights: load_format="dummy" (vLLM's seeded
-random values), so routing is effectively random.
+random values), so routing is effectively random (--routing model, the default), except where
+the model's router cannot tell the dummy logits apart: DeepSeek-V2's grouped top-k router on
+CUDA takes the softmax of bf16 logits of ~1e-5 in bf16, so every score rounds to 1/64 and every
+token gets the same experts (measured: 6.0 distinct per layer at every batch). --routing
+model-fp32 writes moe_router_dtype "float32" into the config (vLLM's DeepSeek router then keeps
+its logits in fp32; other models ignore the field); --routing uniform replaces every router's choice by vLLM's routing simulator
+(VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random: k distinct experts drawn uniformly per
+token, on the device, every call; weights all ones), for stock and SERE engines alike.
 Attention: TRITON_ATTN for the Qwen models; DeepSeek-V2 uses MLA: TRITON_MLA for decode, and
 for prefill a small torch SDPA backend defined here (SdpaMLAPrefill, registered as vLLM's
 CUSTOM MLA prefill backend), because the only Hopper MLA prefill backend of vLLM 0.26 is
@@ -49,6 +56,12 @@ SETTINGS = {
     "sere-s2": {"select_top_k": 2, "threshold": 0.1},
 }
 PROMPT_LEN = 32
+ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
+ROUTINGS = {
+    "model": "the model's own router on vLLM's dummy weights",
+    "model-fp32": "the model's own router on vLLM's dummy weights, router logits in fp32 (config moe_router_dtype)",
+    "uniform": f"vLLM's routing simulator, {ROUTING_ENV}=uniform_random (k distinct experts per token, uniform)",
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +88,7 @@ MODELS = {
 }
 
 
-def make_model_dir(root: Path, model: str, smoke: bool) -> Path:
+def make_model_dir(root: Path, model: str, smoke: bool, routing: str = "model") -> Path:
     from sere.model_configs import real_config, tiny_config
     from sere.vllm.testing import VLLM_CPU_OVERRIDES, save_config_only, save_random_similarity
 
@@ -85,6 +98,8 @@ def make_model_dir(root: Path, model: str, smoke: bool) -> Path:
     else:
         cfg = real_config(spec.real_name)
     cfg.dtype = "bfloat16"
+    if routing == "model-fp32":
+        cfg.moe_router_dtype = "float32"
     folder = save_config_only(cfg, root / (f"tiny-{spec.arch}" if smoke else model),
                               architecture=spec.architecture, tokenizer=False)
     save_random_similarity(folder, cfg, seed=0, low=0.0)
@@ -280,11 +295,14 @@ def child(args) -> None:
 
 def parent(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = make_model_dir(args.out / "model", args.model, args.smoke)
+    model_dir = make_model_dir(args.out / "model", args.model, args.smoke, args.routing)
     if args.vocab is None:
         args.vocab = 256 if args.smoke else model_vocab(model_dir)
     engines = ["stock", "sere-s1", "counts", "sere-s2"] if not args.only else args.only.split(",")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
+    env.pop(ROUTING_ENV, None)
+    if args.routing == "uniform":
+        env[ROUTING_ENV] = "uniform_random"
     results, status = {}, 0
     started = time.perf_counter()
     for name in engines:
@@ -310,10 +328,16 @@ def parent(args) -> int:
         if rc != 0 or not path.exists():
             status = 1
             print("".join(open(args.out / f"{name}.log").readlines()[-25:]), flush=True)
+            if args.stop_on_fail:
+                print("== --stop-on-fail: the remaining engines are not started", flush=True)
+                break
             continue
         results[name] = json.loads(path.read_text())
         (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))  # partial results survive
-    summary = f"## {args.model}\n\n" + summarize(results)
+    for r in results.values():
+        r["routing"] = ROUTINGS[args.routing]
+    (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))
+    summary = f"## {args.model}\n\nRouting: {ROUTINGS[args.routing]}\n\n" + summarize(results)
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary, flush=True)
     return status
@@ -354,6 +378,10 @@ def main(argv=None) -> int:
     p.add_argument("--count-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=None, help="prompt token ids below this (default: the model's vocab)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + the longest generate, rounded up to 16")
+    p.add_argument("--routing", choices=sorted(ROUTINGS), default="model",
+                   help="model: the dummy router's own choice; model-fp32: the same with fp32 router logits; "
+                        "uniform: vLLM's routing simulator (see above)")
+    p.add_argument("--stop-on-fail", action="store_true", help="start no engine after one fails")
     p.add_argument("--only", default="", help="comma-separated engines (default: all)")
     p.add_argument("--engine-timeout", type=int, default=240)
     p.add_argument("--deadline", type=float, default=3600, help="seconds for all engines together")
