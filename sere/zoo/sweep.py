@@ -5,12 +5,17 @@
 
 For each zoo model, on the committed held-out text (sere.fidelity; CPU, float32):
   1. methods at equal budget: SERE and random re-routing over S x threshold, top-S
-     truncation and OEA over S, at batch size 16 (64 windows of 128 tokens);
+     truncation, drop (truncate's slots get weight 0, not renormalised: sere.methods.drop)
+     and OEA over S, at batch size 16 (64 windows of 128 tokens); SERE with each other
+     calibrated similarity at rho = 0 and the paper's S=2, rho=0.1; and, for a similarity
+     that can be negative (substitution, in [-1, 1]), at rho = -1, where every secondary slot
+     moves (the budget of CKA at rho = 0), with random re-routing at that same setting;
   2. batch size: SERE and random at the paper's settings (S=2, rho=0.1; S=1, rho=0) for
      B in 1, 4, 16, 64 on the same 64 windows;
   3. the spread of random re-routing: at the paper's settings and batch 16, random with
      RANDOM_SEEDS seeds (seed 0 is the "random" row of part 1), so that "SERE beats random" can
-     be read against the spread of random draws, not against one draw.
+     be read against the spread of random draws, not against one draw; the same at rho = -1
+     for the substitution similarity.
 Writes accuracy.json (every row), accuracy.md (tables, the claim check, where SERE stands)
 and accuracy.png (KL and top-1 agreement against activated experts, one column per model); for
 an upcycled model also whether its similarity artifacts see which experts share a dense origin.
@@ -35,7 +40,10 @@ PAPER_SETTINGS = ((2, 0.1), (1, 0.0))
 BATCH_SIZES = (1, 4, 16, 64)
 MAIN_BATCH = 16
 SEQ_LEN, NUM_WINDOWS = 128, 64
-CONTROLS = ("truncate", "oea")
+CONTROLS = ("truncate", "drop", "oea")
+# Similarities with values in [-1, 1] (calibration/substitution.py): at rho = -1 every secondary
+# slot moves, the equal-budget setting (CKA's values are >= 0, so for it that is rho = 0).
+ALL_MOVE_RHO = {"substitution": -1.0}
 RANDOM_SEEDS = 8
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench" / "results"
 
@@ -64,7 +72,7 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
     sims = similarity_variants(name)
     default = sims["sere"]
     k = model.config.num_experts_per_tok
-    jobs = []  # (part, B, label, method, S, rho, artifact[, method options])
+    jobs = []  # (part, B, label, method, S, rho, artifact[, method options]); method "drop": see _measure
     for S in primary_slots(k):
         for rho in thresholds:
             jobs += [("methods", MAIN_BATCH, "sere", "sere", S, rho, default),
@@ -76,6 +84,15 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
     for label, path in sims.items():
         if label != "sere" and (2, 0.1) in PAPER_SETTINGS and 2 < k:
             jobs += [("methods", MAIN_BATCH, label, "sere", 2, 0.1, path)]
+    for metric, rho in ALL_MOVE_RHO.items():
+        path = sims.get(f"sere[{metric}]")
+        if path is None:
+            continue
+        for S in sorted({S for S, _ in PAPER_SETTINGS if 0 < S < k}, reverse=True):
+            jobs += [("methods", MAIN_BATCH, f"sere[{metric}]", "sere", S, rho, path),
+                     ("methods", MAIN_BATCH, f"random[{metric}]", "random", S, rho, path)]
+            jobs += [("seeds", MAIN_BATCH, f"random[{metric}]", "random", S, rho, path, {"seed": seed})
+                     for seed in range(1, random_seeds)]
     for B in batch_sizes:
         for S, rho in PAPER_SETTINGS:
             jobs += [("batch", B, "sere", "sere", S, rho, default), ("batch", B, "random", "random", S, rho, default)]
@@ -86,11 +103,22 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
         if B not in refs:
             refs[B] = reference_pass(model, ids, Composition(B, seq_len, num_windows))
         options = opts[0] if opts else None
-        m = fidelity(model, refs[B], sim, select_top_k=S, threshold=rho, method=method, method_options=options)
+        m = _measure(model, refs[B], sim, S, rho, method, options)
         rows.append({"model": name, "part": part, "stock_experts": refs[B].experts, **m.as_dict(),
                      "method": label, "similarity": str(Path(sim).relative_to(model_dir(name).parent)),
                      **({"seed": options["seed"]} if options else {})})
     return rows
+
+
+def _measure(model, ref, sim, S: int, rho: float, method: str, options):
+    """fidelity() of one setting; "drop" = router weights zeroed by sere.methods.dropping_weights
+    while the truncate transform folds the same slots' ids (so experts per step are truncate's)."""
+    if method == "drop":
+        from sere.methods import dropping_weights
+
+        with dropping_weights(model, S):
+            return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method="truncate")
+    return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method=method, method_options=options)
 
 
 def shared_origin_rows(name: str) -> list[dict]:
@@ -135,23 +163,45 @@ _HEADER = ("| method | S | rho | experts per step (of stock) | KL | top-1 agree 
            "|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
+def _metric_of(label: str) -> str | None:
+    """"sere[substitution]" -> "substitution"; "sere" / "random" -> None (the default, CKA)."""
+    return label[label.index("[") + 1 : -1] if "[" in label else None
+
+
+def claim_settings(rows) -> list[tuple[int, float, str | None]]:
+    """(S, rho, metric) of each claim comparison: the paper's settings with the default
+    artifact's random draws (metric None), and each ALL_MOVE_RHO metric at its rho."""
+    out = [(S, rho, None) for S, rho in PAPER_SETTINGS]
+    for metric, rho in ALL_MOVE_RHO.items():
+        out += sorted({(r["select_top_k"], rho, metric) for r in rows
+                       if r["method"] == f"random[{metric}]" and r["threshold"] == rho}, reverse=True)
+    return out
+
+
 def claim_rows(rows) -> list[dict]:
-    """Per model, paper setting and SERE similarity (at the main batch size): SERE vs random
-    re-routing on KL and top-1 agreement."""
+    """Per model, claim setting and SERE similarity (at the main batch size): SERE vs random
+    re-routing on KL and top-1 agreement. At the paper's settings every similarity is compared
+    with random re-routing of the default artifact's moved slots, except those of ALL_MOVE_RHO
+    (at rho >= 0 they move almost nothing: no equal budget); those are compared at their rho
+    with random re-routing of their own moved slots."""
     out = []
     for name in dict.fromkeys(r["model"] for r in rows):
-        for S, rho in PAPER_SETTINGS:
+        for S, rho, metric in claim_settings(rows):
             pick = {r["method"]: r for r in rows if r["model"] == name and r["part"] == "methods"
                     and r["select_top_k"] == S and r["threshold"] == rho}
-            x = pick.get("random")
-            draws = [x] + [r for r in rows if r["model"] == name and r["part"] == "seeds" and r["select_top_k"] == S
-                           and r["threshold"] == rho] if x else []
+            rnd = "random" if metric is None else f"random[{metric}]"
+            x = pick.get(rnd)
+            draws = [x] + [r for r in rows if r["model"] == name and r["part"] == "seeds" and r["method"] == rnd
+                           and r["select_top_k"] == S and r["threshold"] == rho] if x else []
             for label, s in pick.items():
                 if x is None or not label.startswith("sere"):
+                    continue
+                if metric is None and _metric_of(label) in ALL_MOVE_RHO or metric is not None and _metric_of(label) != metric:
                     continue
                 kls, top1s = [d["kl"] for d in draws], [d["top1_agreement"] for d in draws]
                 out.append({"model": name, "method": label, "S": S, "rho": rho, "sere_kl": s["kl"], "random_kl": x["kl"],
                             "sere_top1": s["top1_agreement"], "random_top1": x["top1_agreement"],
+                            "sere_experts": s["experts_after"], "random_experts": x["experts_after"],
                             "holds": s["kl"] < x["kl"] and s["top1_agreement"] > x["top1_agreement"],
                             "seeds": len(draws), "random_kl_range": (min(kls), max(kls)),
                             "random_top1_range": (min(top1s), max(top1s)),
@@ -159,22 +209,73 @@ def claim_rows(rows) -> list[dict]:
     return out
 
 
+def equal_budget_rows(rows, name: str, S: int) -> list[dict]:
+    """The batch-16 rows of `name` at S that keep exactly the primary experts: rho = 0 for the
+    default and other metrics, ALL_MOVE_RHO's rho for those metrics (not their rho = 0 rows),
+    the controls (rho-free); random[<metric>] rows left out (the same moved slots as random)."""
+    out = []
+    for r in rows:
+        if r["model"] != name or r["part"] != "methods" or r["select_top_k"] != S:
+            continue
+        metric = _metric_of(r["method"])
+        if r["method"].startswith("random[") or r["threshold"] != ALL_MOVE_RHO.get(metric, 0.0):
+            continue
+        out.append(r)
+    return out
+
+
+def _label(r) -> str:
+    return f"{r['method']} (rho={r['threshold']:g})" if r["threshold"] != 0.0 else r["method"]
+
+
 def standing(rows) -> list[str]:
-    """At equal budget (rho = 0, same primary set, so the same experts per step): the rank
-    of SERE's KL among sere/random/truncate/oea, per model and S."""
+    """At equal budget (the same primary set, so the same experts per step): the rank of each
+    method's KL among SERE (each similarity), random, truncate, drop and oea, per model and S."""
     lines = []
     for name in dict.fromkeys(r["model"] for r in rows):
         for S in sorted({r["select_top_k"] for r in rows if r["model"] == name}):
-            cands = [r for r in rows if r["model"] == name and r["part"] == "methods" and r["select_top_k"] == S
-                     and r["threshold"] == 0.0]
+            cands = equal_budget_rows(rows, name, S)
             if len(cands) < 4:
                 continue
             ranked = sorted(cands, key=lambda r: r["kl"])
-            order = " < ".join(f"{r['method']} {r['kl']:.4f}" for r in ranked)
+            order = " < ".join(f"{_label(r)} {r['kl']:.4f}" for r in ranked)
             spread = max(r["experts_after"] for r in cands) - min(r["experts_after"] for r in cands)
             lines.append(f"- {name}, S={S}: KL {order} (experts per step {cands[0]['experts_after']:.2f}, "
                          f"equal within {spread:.2f})")
     return lines
+
+
+def _all_move_draws(rows, name: str, S: int) -> list[dict]:
+    """Random re-routing draws (batch 16) that move every secondary slot: random[<metric>] at
+    its ALL_MOVE_RHO over all seeds if measured, else the default artifact's rho = 0 ones."""
+    for metric, rho in ALL_MOVE_RHO.items():
+        draws = [r for r in rows if r["model"] == name and r["method"] == f"random[{metric}]" and r["select_top_k"] == S
+                 and r["threshold"] == rho and r["part"] in ("methods", "seeds")]
+        if draws:
+            return draws
+    return [r for r in rows if r["model"] == name and r["method"] == "random" and r["select_top_k"] == S
+            and r["threshold"] == 0.0 and r["part"] in ("methods", "seeds")]
+
+
+def drop_rows(rows) -> list[dict]:
+    """Per model and S where drop was measured (batch 16): drop against truncate, OEA, SERE
+    (default similarity at rho = 0, each ALL_MOVE_RHO similarity at its rho) and the spread of
+    random re-routing of every secondary slot (_all_move_draws): all at the same budget."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for S in sorted({r["select_top_k"] for r in rows if r["model"] == name and r["method"] == "drop"}):
+            pick = {r["method"]: r for r in equal_budget_rows(rows, name, S)}
+            d, t = pick.get("drop"), pick.get("truncate")
+            if d is None or t is None:
+                continue
+            draws = _all_move_draws(rows, name, S)
+            out.append({"model": name, "S": S, "drop": d, "truncate": t, "oea": pick.get("oea"), "sere": pick.get("sere"),
+                        "all_move": {m: pick[f"sere[{m}]"] for m in ALL_MOVE_RHO if f"sere[{m}]" in pick},
+                        "random_seeds": len(draws),
+                        "random_kl_range": (min(r["kl"] for r in draws), max(r["kl"] for r in draws)) if draws else None,
+                        "random_top1_range": (min(r["top1_agreement"] for r in draws), max(r["top1_agreement"] for r in draws))
+                        if draws else None})
+    return out
 
 
 def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
@@ -189,8 +290,17 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
              "equal to the stock model's after a 16-token prompt; experts per step = distinct experts per "
              "decode step and MoE layer, mean (the stock model's count after the slash). random = the slots "
              "SERE moves, sent to a random primary expert (same experts per step as SERE); truncate = top-S "
-             "routing; oea = Opportunistic Expert Activation (keep top-S plus secondaries the batch already "
-             "loads). ![quality vs activated experts](accuracy.png)\n"]
+             "routing (a removed slot's weight goes to the token's top expert: renormalised top-S); drop = the same "
+             "slots removed with their weight set to 0 and not renormalised (the token goes without those experts' "
+             "contribution; sere.methods.drop, measured with truncate's ids and the weights zeroed by "
+             "sere.methods.dropping_weights, so the same experts per step as truncate); oea = Opportunistic Expert "
+             "Activation (keep top-S plus secondaries the batch already loads). sere[<metric>] = SERE with that "
+             "calibration's artifact (tests/zoo/<model>/similarity_<metric>/). The substitution similarity "
+             "(calibration/substitution.py) lies in [-1, 1] (0 = as bad as dropping the expert), so its rho = 0 and "
+             "0.1 rows move almost nothing; its equal-budget rows are at rho = -1, where every secondary slot moves "
+             f"(the budget of CKA at rho = 0), with random[substitution] = random re-routing of those same slots "
+             f"(seed 0 in the methods tables; {RANDOM_SEEDS} seeds in the claim table). "
+             "![quality vs activated experts](accuracy.png)\n"]
     if notes:
         parts.append(notes.strip() + "\n")
     parts.append("## The claim: SERE's similarity beats random re-routing (batch 16)\n")
@@ -198,15 +308,24 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
     seeds = max((c["seeds"] for c in claims), default=1)
     parts.append(f"holds = SERE's KL below and top-1 above random's (seed 0, the gate's draw); the ranges are random "
                  f"re-routing over {seeds} seeds (same moved slots, other random targets); beats all = SERE outside the "
-                 "range on both.\n")
-    parts.append("| model | SERE similarity | S | rho | KL sere | KL random | KL random range | top-1 sere | top-1 random "
-                 "| top-1 random range | holds | beats all |\n|---|---|---:|---:|---:|---:|---|---:|---:|---|---|---|")
+                 "range on both. At the paper's settings every similarity is set against random re-routing of the default "
+                 "(CKA) artifact's moved slots; the substitution similarity, which moves almost nothing there, is set "
+                 "against random[substitution] at rho = -1 instead (every secondary moves in both). experts = experts per "
+                 "step, SERE / random: the budget.\n")
+    parts.append("| model | SERE similarity | S | rho | experts | KL sere | KL random | KL random range | top-1 sere | "
+                 "top-1 random | top-1 random range | holds | beats all |\n|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---|")
     for c in claims:
         (klo, khi), (tlo, thi) = c["random_kl_range"], c["random_top1_range"]
-        parts.append(f"| {c['model']} | {c['method']} | {c['S']} | {c['rho']:g} | {c['sere_kl']:.4f} | {c['random_kl']:.4f} | "
+        parts.append(f"| {c['model']} | {c['method']} | {c['S']} | {c['rho']:g} | {c['sere_experts']:.2f} / "
+                     f"{c['random_experts']:.2f} | {c['sere_kl']:.4f} | {c['random_kl']:.4f} | "
                      f"{klo:.4f}-{khi:.4f} | {c['sere_top1']:.4f} | {c['random_top1']:.4f} | {tlo:.4f}-{thi:.4f} | "
                      f"{'yes' if c['holds'] else 'NO'} | {'yes' if c['beats_every_seed'] else 'no'} |")
-    parts.append("\n## Where SERE stands at equal budget (rho = 0, batch 16)\n")
+    drops = drop_rows(rows)
+    if drops:
+        parts += _drop_section(drops)
+    parts.append("\n## Where SERE stands at equal budget (batch 16)\n\nEvery row keeps exactly the primary experts: "
+                 "rho = 0 for CKA, cosine and Frobenius (their values are >= 0 here), rho = -1 for substitution; "
+                 "truncate, drop and oea have no threshold.\n")
     parts += standing(rows)
     origin = [o for name in dict.fromkeys(r["model"] for r in rows) for o in shared_origin_rows(name)]
     if origin:
@@ -226,6 +345,53 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
     path.write_text("\n".join(parts) + "\n")
 
 
+def _drop_section(drops) -> list[str]:
+    """The drop control against truncation and re-routing, at equal budget (markdown lines)."""
+    metrics = sorted({m for d in drops for m in d["all_move"]})
+    seeds = max(d["random_seeds"] for d in drops)
+    head = ("| model | S | experts per step | KL drop | KL truncate | KL oea | KL sere (CKA) | "
+            + "".join(f"KL sere[{m}] (rho={ALL_MOVE_RHO[m]:g}) | " for m in metrics)
+            + "KL random (draws) | top-1 drop | top-1 truncate | "
+            + "".join(f"top-1 sere[{m}] | " for m in metrics) + "top-1 random |")
+    # the budget: each case's largest relative spread of experts per step over the compared rows
+    spread = max((max(xs) - min(xs)) / min(xs) for d in drops
+                 for xs in [[r["experts_after"] for r in (d["drop"], d["truncate"], d["oea"], d["sere"], *d["all_move"].values())
+                             if r]])
+    lines = ["\n## Drop: the secondary experts' contribution removed, not re-routed (batch 16)\n",
+             "drop keeps each token's top-S slots at their own weights and gives the others weight 0 (no "
+             "renormalisation); truncate gives that weight to the token's top expert; the re-routing methods give each "
+             "removed slot, at its weight, to a loaded expert. All keep the same primary experts (experts per step "
+             f"equal within {100 * spread:.1f} %: later layers see other hidden states). The random column is re-routing "
+             f"of every secondary slot, min-max over up to {seeds} seeds "
+             "(random[substitution] at rho = -1 where measured). drop and truncate do not depend on the batch "
+             "composition (each token alone decides), so they are not repeated over batch sizes.\n",
+             head, "|---|---:|" + "---:|" * (5 + len(metrics)) + "---|---:|---:|" + "---:|" * len(metrics) + "---|"]
+    for d in drops:
+        kl = lambda r: f"{r['kl']:.4f}" if r else "-"  # noqa: E731
+        t1 = lambda r: f"{r['top1_agreement']:.4f}" if r else "-"  # noqa: E731
+        n_draws = d["random_seeds"]
+
+        def span(lo_hi):  # min-max over the draws, or the single draw
+            if not n_draws:
+                return "-"
+            lo, hi = lo_hi
+            return f"{lo:.4f}-{hi:.4f} ({n_draws})" if n_draws > 1 else f"{lo:.4f} (1)"
+
+        lines.append(f"| {d['model']} | {d['S']} | {d['drop']['experts_after']:.2f} | {kl(d['drop'])} | {kl(d['truncate'])} | "
+                     f"{kl(d['oea'])} | {kl(d['sere'])} | " + "".join(f"{kl(d['all_move'].get(m))} | " for m in metrics)
+                     + f"{span(d['random_kl_range'])} | {t1(d['drop'])} | {t1(d['truncate'])} | "
+                     + "".join(f"{t1(d['all_move'].get(m))} | " for m in metrics) + f"{span(d['random_top1_range'])} |")
+    # What the table says, counted (so the sentence stays true when the numbers change).
+    n = len(drops)
+    below_trunc = sum(d["drop"]["kl"] < d["truncate"]["kl"] for d in drops)
+    below_rand = sum(d["random_kl_range"] is not None and d["drop"]["kl"] < d["random_kl_range"][0] for d in drops)
+    lines.append(f"\nCounted over the {n} model x S cases: drop's KL is below truncate's in {below_trunc}, below every "
+                 f"random re-routing draw in {below_rand}" + "".join(
+                     f", below sere[{m}]'s in {sum(m in d['all_move'] and d['drop']['kl'] < d['all_move'][m]['kl'] for d in drops)}"
+                     for m in metrics) + ".")
+    return lines
+
+
 def write_plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -234,8 +400,8 @@ def write_plot(rows, path: Path) -> None:
 
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(2, len(names), figsize=(4.6 * len(names), 7.5), squeeze=False)
-    style = {"sere": ("C0", "o"), "random": ("C3", "x"), "truncate": ("C2", "s"), "oea": ("C1", "^"),
-             "sere[frobenius]": ("C4", "D"), "sere[cosine]": ("C5", "v")}
+    style = {"sere": ("C0", "o"), "random": ("C3", "x"), "truncate": ("C2", "s"), "drop": ("C7", "P"), "oea": ("C1", "^"),
+             "sere[frobenius]": ("C4", "D"), "sere[cosine]": ("C5", "v"), "sere[substitution]": ("C9", "*")}
     for j, name in enumerate(names):
         mine = [r for r in rows if r["model"] == name and r["part"] == "methods"]
         for i, (metric, label) in enumerate((("kl", "KL(stock || re-routed), nats"), ("top1_agreement", "top-1 agreement"))):
