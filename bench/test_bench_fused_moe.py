@@ -60,6 +60,16 @@ def _cases():
 _layer: dict[str, fused.FusedLayer] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_layers_after_module():
+    """The GPU memory of the last model's layers goes back when the module ends, so that the
+    end-to-end bench's vLLM engines (bench/test_bench_vllm_decode.py) find it free."""
+    yield
+    _layer.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def get_layer(model: str) -> fused.FusedLayer:
     """The model's fused layer with its weight copies, built once; one model on the GPU at a time
     (8 copies of Qwen3-30B-A3B's layer take 9.7 GB)."""

@@ -175,6 +175,16 @@ class Layer:
 _layers: dict[str, Layer] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_layers_after_module():
+    """The GPU memory of the last model's layers goes back when the module ends, so that the
+    end-to-end bench's vLLM engines (bench/test_bench_vllm_decode.py) find it free."""
+    yield
+    _layers.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _experts_impl() -> str:
     """transformers' grouped_mm experts path where this transformers has it, else eager."""
     try:

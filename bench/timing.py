@@ -13,6 +13,8 @@ Use it from a bench module in bench/: `from timing import benchmark_device, time
   fixture's timer for a clock that advances by the measured device time of each round, so the
   fixture's statistics (min/median/mean, --benchmark-compare, saved JSON) are per-call DEVICE
   seconds, not host time around asynchronous work. Without CUDA it times on the host.
+- `benchmark_samples(benchmark, seconds, what=...)`: the same clock fed with times measured
+  elsewhere (the end-to-end bench times decode steps inside vLLM engine subprocesses).
 Inputs stay where they are between calls: for a routing kernel that reads what the router just
 wrote, a warm L2 is the realistic case (flush the cache in fn for cold-cache numbers).
 """
@@ -162,6 +164,36 @@ class DeviceClock:
         return self.now
 
 
+def _feed_rounds(benchmark, measure, rounds: int, warmup_rounds: int) -> list[float]:
+    """pytest-benchmark's rounds on a DeviceClock: each round advances it by the seconds
+    `measure()` returns, so the fixture's statistics are those seconds. Returns them, warm-up
+    rounds left out."""
+    clock = DeviceClock()
+    samples: list[float] = []
+
+    def one_round():
+        dt = measure()
+        samples.append(dt)
+        clock.now += dt
+
+    benchmark._timer = clock  # pytest-benchmark reads its timer from this attribute
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    return samples[warmup_rounds:]
+
+
+def benchmark_samples(benchmark, samples: list[float], *, what: str) -> None:
+    """Hand times measured elsewhere (seconds, one per round; e.g. decode steps timed inside a
+    vLLM engine subprocess) to pytest-benchmark, so that they are saved and compared like any
+    other case. `what` says how they were measured (extra_info["timing"])."""
+    if not samples:
+        raise ValueError("benchmark_samples: no samples")
+    if getattr(benchmark, "disabled", False):
+        benchmark.pedantic(lambda: None, rounds=1)
+        return
+    _feed_rounds(benchmark, iter(samples).__next__, len(samples), warmup_rounds=0)
+    benchmark.extra_info["timing"] = what
+
+
 def benchmark_device(benchmark, fn, *, method: str = "graph", calls: int = 100, rounds: int = 20,
                      warmup: int = 3) -> Timing | None:
     """Time fn with pytest-benchmark's fixture, reporting per-call device time on CUDA (method
@@ -179,17 +211,7 @@ def benchmark_device(benchmark, fn, *, method: str = "graph", calls: int = 100, 
         timing = Timing("host", calls, per_call)
     else:
         runner = make_runner(fn, method, calls, warmup)
-        clock = DeviceClock()
-        samples: list[float] = []
-
-        def one_round():
-            dt = runner.run()
-            samples.append(dt)
-            clock.now += dt
-
-        benchmark._timer = clock  # pytest-benchmark reads its timer from this attribute
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
-        timing = Timing(method, calls, samples[1:])  # the first sample was the warm-up round
+        timing = Timing(method, calls, _feed_rounds(benchmark, runner.run, rounds, warmup_rounds=1))
     benchmark.extra_info["timing"] = (
         f"{method}: per-call {'device' if method != 'host' else 'host'} time, "
         f"{calls} calls per round, {rounds} rounds"

@@ -245,3 +245,43 @@ def layer_shapes(model) -> LayerShapes:
         raise ValueError(f"layer_shapes does not know the MoE layer of {arch!r}")
     inter = cfg.intermediate_size if arch in ("olmoe", "mixtral") else cfg.moe_intermediate_size
     return LayerShapes(arch, num_experts_of(cfg), cfg.num_experts_per_tok, cfg.hidden_size, inter, shared)
+
+
+@dataclass(frozen=True)
+class WeightCounts:
+    """Parameter counts of a whole model, split the way a decode step reads them: the routed
+    experts (read only where a token is routed) and everything else (read every step)."""
+
+    total: int  # all parameters (tied ones once)
+    moe_layers: int  # decoder layers with routed experts
+    shapes: LayerShapes
+
+    @property
+    def routed_experts(self) -> int:
+        return self.moe_layers * self.shapes.num_experts * self.shapes.expert_params()
+
+    @property
+    def always_read(self) -> int:
+        """Attention, embeddings, LM head, norms, routers, dense and shared MLPs."""
+        return self.total - self.routed_experts
+
+    def read_per_step(self, experts_per_layer: float) -> float:
+        """Parameters a decode step must read when `experts_per_layer` distinct routed experts
+        are active in each MoE layer (on average): the floor of a weight-streaming step."""
+        return self.always_read + self.moe_layers * experts_per_layer * self.shapes.expert_params()
+
+
+def weight_counts(model) -> WeightCounts:
+    """Parameter counts of a REAL_MODELS name or transformers MoE config, from the transformers
+    model built on the meta device (no memory, no weights)."""
+    import torch
+    import transformers as tf
+
+    cfg = real_config(model) if isinstance(model, str) else model
+    with torch.device("meta"):
+        built = tf.AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in built.parameters())
+    moe_layers = sum(1 for name, _ in built.named_modules() if name.endswith(".mlp.experts"))
+    if moe_layers == 0:
+        raise ValueError(f"{type(cfg).__name__}: no '.mlp.experts' modules found (not an MoE model?)")
+    return WeightCounts(total, moe_layers, layer_shapes(cfg))

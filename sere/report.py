@@ -1,13 +1,15 @@
-"""Report of a MoE-layer benchmark run: a table and plots from pytest-benchmark JSON.
+"""Report of a MoE benchmark run: a table and plots from pytest-benchmark JSON.
 
     pytest bench/test_bench_layer.py --benchmark-json BENCH.json
     python -m sere.report BENCH.json [MORE.json ...] [--out DIR]     # or: sere-report ...
 
-Reads the MoE-layer cases of bench/test_bench_layer.py and bench/test_bench_fused_moe.py (those
-whose extra_info names a `setting`; a saved run under .benchmarks/ works too; a case whose
-extra_info names another `layer` than the transformers one is shown as "<model> (<layer>)"), prints a table (tabulate) of time, activated experts,
-GB/s, share of the HBM floor and speed-up against stock, and writes into DIR (default:
-BENCH_report/ next to the first JSON):
+Reads the stock-vs-SERE cases (those whose extra_info names a `setting`; a saved run under
+.benchmarks/ works too): one MoE layer of bench/test_bench_layer.py (transformers) and
+bench/test_bench_fused_moe.py (shown as "<model> (vllm-fused)"), and whole decode steps of
+bench/test_bench_vllm_decode.py ("<model> (vllm-e2e)": the time is a step's, the experts are
+means per MoE layer, the floor counts all the weights a step reads). It prints a table
+(tabulate) of time, activated experts, GB/s, share of the HBM floor and speed-up against stock,
+and writes into DIR (default: BENCH_report/ next to the first JSON):
   report.md                          the table, GitHub markdown
   speedup_<model>_<routing>.png      speed-up against stock vs batch size, one line per setting
   experts_<model>_<routing>.png      activated experts vs batch size, one line per setting
@@ -35,10 +37,10 @@ class LayerCase:
     routing: str
     tokens: int
     setting: str
-    experts_before: int
-    experts_after: int
+    experts_before: float | None  # None: not counted (the end-to-end bench without its counts engine)
+    experts_after: float | None
     median_s: float | None  # None: the run had benchmarks disabled
-    expert_bytes: int | None
+    floor_bytes: int | None  # the bytes the HBM floor counts (a layer's expert weights; a step's weights)
     hbm_floor_us: float | None
     run: str = ""  # the file it came from: speed-ups pair cases of one run only
 
@@ -56,6 +58,16 @@ def model_label(info: dict) -> str:
 
 class ReportError(ValueError):
     """The input cannot be reported on (missing, not benchmark JSON, no layer cases)."""
+
+
+def _number(value) -> float | None:
+    """An activated-expert count: an int for a layer case, a mean (float) or None end to end."""
+    if value is None:
+        return None
+    out = float(value)
+    if not out == out:  # NaN
+        raise ValueError("NaN")
+    return int(out) if out.is_integer() else out
 
 
 def load_cases(path) -> list[LayerCase]:
@@ -81,9 +93,9 @@ def load_cases(path) -> list[LayerCase]:
                 median = info["time_us"] / 1e6
             cases.append(LayerCase(
                 model=model_label(info), routing=str(info["routing"]), tokens=int(info["tokens"]),
-                setting=str(info["setting"]), experts_before=int(info["experts_before"]),
-                experts_after=int(info["experts_after"]), median_s=None if median is None else float(median),
-                expert_bytes=info.get("expert_bytes"), hbm_floor_us=info.get("hbm_floor_us"),
+                setting=str(info["setting"]), experts_before=_number(info["experts_before"]),
+                experts_after=_number(info["experts_after"]), median_s=None if median is None else float(median),
+                floor_bytes=info.get("weight_bytes", info.get("expert_bytes")), hbm_floor_us=info.get("hbm_floor_us"),
                 run=str(path),
             ))
         except (KeyError, TypeError, ValueError) as exc:
@@ -105,7 +117,7 @@ def table_rows(cases: list[LayerCase]) -> list[list]:
     rows = []
     for c in sorted(cases, key=lambda c: (c.model, c.routing, c.tokens, c.setting != "stock", c.setting)):
         us = None if c.median_s is None else c.median_s * 1e6
-        gbps = None if us is None or c.expert_bytes is None else c.expert_bytes / c.median_s / 1e9
+        gbps = None if us is None or c.floor_bytes is None else c.floor_bytes / c.median_s / 1e9
         share = None if us is None or c.hbm_floor_us is None else c.hbm_floor_us / us
         rows.append([c.model, c.routing, c.tokens, c.setting, c.experts_before, c.experts_after,
                      us, gbps, share, ratio[c]])

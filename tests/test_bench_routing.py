@@ -276,6 +276,37 @@ def test_real_configs_match_the_published_shapes(name):
     assert cfg.model_type == s.arch and cfg._name_or_path == name
 
 
+# Published parameter counts (model cards): total, and activated per token where the card
+# counts it the way WeightCounts does (DeepSeek's 2.4B leaves out its embedding).
+PUBLISHED_PARAMS = {"Qwen1.5-MoE-A2.7B": (14.3e9, 2.7e9), "DeepSeek-V2-Lite": (15.7e9, None),
+                    "Qwen3-30B-A3B": (30.5e9, 3.3e9)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_PARAMS))
+def test_weight_counts_match_the_published_sizes(name):
+    from sere.model_configs import weight_counts
+
+    total, active = PUBLISHED_PARAMS[name]
+    w = weight_counts(name)
+    assert w.total == pytest.approx(total, rel=0.01)
+    assert w.moe_layers == {"Qwen1.5-MoE-A2.7B": 24, "DeepSeek-V2-Lite": 26, "Qwen3-30B-A3B": 48}[name]
+    assert 0 < w.always_read < w.total and w.routed_experts == w.moe_layers * w.shapes.num_experts * w.shapes.expert_params()
+    if active is not None:
+        assert w.read_per_step(w.shapes.top_k) == pytest.approx(active, rel=0.02)
+    assert w.read_per_step(0) == w.always_read
+    assert w.read_per_step(w.shapes.num_experts) == w.total
+
+
+def test_weight_counts_refuse_a_dense_model():
+    import transformers as tf
+
+    from sere.model_configs import weight_counts
+
+    with pytest.raises(ValueError, match="no '.mlp.experts'"):
+        weight_counts(tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+
+
 def test_real_config_details_and_errors():
     assert set(REAL_MODELS) == set(PUBLISHED)
     ds = real_config("DeepSeek-V2-Lite")

@@ -100,6 +100,36 @@ def test_fused_layer_cases_are_apart_from_the_transformers_layer(tmp_path):
     assert ratio[("M", 16, "S1-rho0")] == pytest.approx(3.0)
 
 
+def test_end_to_end_cases_mean_experts_and_step_weight_bytes(tmp_path):
+    """bench/test_bench_vllm_decode.py rows: mean experts (floats), GB/s over all the weights a
+    step reads (weight_bytes, not only the experts), experts missing without its counts engine."""
+    stock = _bench("M", "model", 16, "stock", 8e-3, 37.5, 37.5)
+    sere = _bench("M", "model", 16, "S1-rho0", 4e-3, 37.5, 12.9)
+    uncounted = _bench("M", "model", 64, "stock", 10e-3, 0, 0)
+    for b in (stock, sere, uncounted):
+        b["extra_info"].update(layer="vllm-e2e", weight_bytes=4_000_000_000)
+    uncounted["extra_info"].update(experts_before=None, experts_after=None, expert_bytes=None, weight_bytes=None,
+                                   hbm_floor_us=None)
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"benchmarks": [stock, sere, uncounted]}))
+    rows = {(r[2], r[3]): r for r in report.table_rows(report.load_cases(path))}
+    model, _, _, _, before, after, us, gbps, _, speedup = rows[(16, "S1-rho0")]
+    assert model == "M (vllm-e2e)" and (before, after) == (37.5, 12.9)
+    assert us == pytest.approx(4000.0) and speedup == pytest.approx(2.0)
+    assert gbps == pytest.approx(4e9 / 4e-3 / 1e9)  # the step's weight bytes, not expert_bytes
+    assert rows[(64, "stock")][4:6] == [None, None] and rows[(64, "stock")][7] is None
+    text, paths = report.render(path, tmp_path / "rep")
+    assert "37.5" in text and len(paths) == 3
+
+
+def test_nan_experts_are_refused(tmp_path):
+    bad = _bench("M", "model", 16, "stock", 8e-3, float("nan"), 1)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [bad]}))
+    with pytest.raises(report.ReportError, match="incomplete extra_info"):
+        report.load_cases(path)
+
+
 def test_missing_stock_gives_no_speedup(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": [_bench("M", "uniform", 4, "S1-rho0", 1e-4, 8, 2)]}))

@@ -9,8 +9,12 @@
 # every step gets a deadline from what is left, so the script ends in time), STEPS (default
 # "fused deepseek-v2-lite qwen3-30b-a3b qwen1.5-moe-a2.7b": what to run, in order; the last
 # step gets all the time left, e.g. STEPS=qwen3-30b-a3b runs only that model's engines; the step
-# fused-pytest runs bench/test_bench_fused_moe.py, the same layer as pytest-benchmark cases),
-# ENGINES (default stock,sere-s1,sere-s2,counts: the engines of the e2e steps).
+# fused-pytest runs bench/test_bench_fused_moe.py, the same layer as pytest-benchmark cases;
+# e2e-pytest runs bench/test_bench_vllm_decode.py, end to end as pytest-benchmark cases, for the
+# models in E2E_MODELS (default all three) at E2E_BATCHES (default 1,16,64,128,256), with
+# E2E_REPS repetitions (default 3), under the step's share of the budget; gpu-tests runs
+# `pytest -m gpu tests`), ENGINES (default stock,sere-s1,sere-s2,counts: the engines of the
+# script e2e steps), FUSED_K (a -k expression narrowing fused-pytest).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
 # last number (the first engine of a model ~25 s more: vLLM inspects the architecture in a
 # subprocess once), so one model's three engines need ~330-400 s.
@@ -32,7 +36,8 @@ exec > >(tee -a "$OUT/run_vllm.log") 2>&1
 left() { echo $((BUDGET_S - SECONDS)); }
 
 pack() {  # everything small from $WORK (model folders left out) into one archive, plus the summary
-  cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/fused-pytest/report/report.md "$WORK"/e2e-*/summary.md \
+  cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/fused-pytest/report/report.md "$WORK"/e2e-pytest/report/report.md \
+    "$WORK"/e2e-*/summary.md \
     > "$OUT/summary.md" 2>/dev/null
   tar -czf "$OUT/vllm_results.tar.gz" -C "$WORK" --exclude='*/model' . 2>/dev/null
 }
@@ -81,7 +86,7 @@ ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}
 # The fused layer as pytest-benchmark cases (the gate's view of this level), then its report.
 fused_pytest() {
   mkdir -p "$WORK/fused-pytest"
-  $PY -m pytest bench/test_bench_fused_moe.py -q -rfEs -p no:cacheprovider \
+  $PY -m pytest bench/test_bench_fused_moe.py -q -rfEs -p no:cacheprovider ${FUSED_K:+-k "$FUSED_K"} \
     --benchmark-json="$WORK/fused-pytest/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
     > "$WORK/fused-pytest/pytest.log" 2>&1
   local rc=$?
@@ -90,16 +95,36 @@ fused_pytest() {
   return $rc
 }
 
+# End to end as pytest-benchmark cases (the gate's view of this level), then its report. The
+# engines' JSON and logs stay in $WORK/e2e-pytest/engines, so a cut-off run keeps what it finished.
+e2e_pytest() {
+  mkdir -p "$WORK/e2e-pytest"
+  SERE_BENCH_E2E_OUT="$WORK/e2e-pytest/engines" SERE_BENCH_E2E_DEADLINE=$((LIMIT - 60)) \
+  SERE_BENCH_E2E_MODELS=${E2E_MODELS:-qwen1.5-moe-a2.7b,deepseek-v2-lite,qwen3-30b-a3b} \
+  SERE_BENCH_E2E_BATCHES=${E2E_BATCHES:-1,16,64,128,256} SERE_BENCH_E2E_REPS=${E2E_REPS:-3} \
+    $PY -m pytest bench/test_bench_vllm_decode.py -q -rfEs -p no:cacheprovider -s \
+    --benchmark-json="$WORK/e2e-pytest/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
+    > "$WORK/e2e-pytest/pytest.log" 2>&1
+  local rc=$?
+  tail -n 80 "$WORK/e2e-pytest/pytest.log"
+  $PY -m sere.report "$WORK/e2e-pytest/bench.json" --out "$WORK/e2e-pytest/report" > /dev/null || rc=1
+  return $rc
+}
+
 for s in $STEPS; do
   case $s in
     # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
     fused) step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
-    fused-pytest) step fused-pytest 240 bash -c "$(declare -f fused_pytest); PY=$PY WORK=$WORK fused_pytest" ;;
+    fused-pytest) step fused-pytest 240 bash -c "$(declare -f fused_pytest); PY=$PY WORK=$WORK FUSED_K='${FUSED_K:-}' fused_pytest" ;;
+    e2e-pytest) want=$([ "$s" = "$last_step" ] && left || echo "${E2E_S:-480}")
+      lim=$(( want < $(left) ? want : $(left) ))
+      step e2e-pytest "$lim" bash -c "$(declare -f e2e_pytest); PY=$PY WORK=$WORK LIMIT=$lim E2E_MODELS='${E2E_MODELS:-}' E2E_BATCHES='${E2E_BATCHES:-}' E2E_REPS='${E2E_REPS:-}' e2e_pytest" ;;
+    gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
     deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;
     qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
     # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
     qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
-    *) echo "== unknown step $s (fused, fused-pytest, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
   esac
 done
 

@@ -73,18 +73,24 @@ class ModelSpec:
     arch: str  # transformers model_type (tiny_config family for --smoke)
     architecture: str  # vLLM architecture name
     attention: dict  # attention_config on CUDA
-    gpu_memory_utilization: float
+    # GPU memory the engine may take (weights, KV cache of the bench's batches, activations,
+    # graphs); gpu_memory_utilization is this over the card's memory, so that the engine takes
+    # the same on an 80 GB H100 (where these were measured) as on a larger card.
+    memory_gib: float
     mla: bool = False
+
+    def gpu_memory_utilization(self, total_bytes: int) -> float:
+        return round(min(0.95, self.memory_gib * 2**30 / total_bytes), 3)
 
 
 MODELS = {
     "qwen1.5-moe-a2.7b": ModelSpec("Qwen1.5-MoE-A2.7B", "qwen2_moe", "Qwen2MoeForCausalLM",
-                                   {"backend": "TRITON_ATTN"}, 0.6),
+                                   {"backend": "TRITON_ATTN"}, 47.5),
     "deepseek-v2-lite": ModelSpec("DeepSeek-V2-Lite", "deepseek_v2", "DeepseekV2ForCausalLM",
-                                  {"backend": "TRITON_MLA", "mla_prefill_backend": "CUSTOM"}, 0.7, mla=True),
-    # ~61 GB of bf16 weights: most of the GPU, the KV cache of 256 x 128 tokens is ~3 GB.
+                                  {"backend": "TRITON_MLA", "mla_prefill_backend": "CUSTOM"}, 55.5, mla=True),
+    # 56.9 GiB of bf16 weights; the KV cache of 256 x 128 tokens is ~3 GiB.
     "qwen3-30b-a3b": ModelSpec("Qwen3-30B-A3B", "qwen3_moe", "Qwen3MoeForCausalLM",
-                               {"backend": "TRITON_ATTN"}, 0.92),
+                               {"backend": "TRITON_ATTN"}, 73.0),
 }
 
 
@@ -180,7 +186,9 @@ def engine_kwargs(model_dir: Path, sere: dict | None, *, eager: bool, batches: l
     if smoke:
         kw.update(dtype="float32", gpu_memory_utilization=0.2)
     else:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=spec.gpu_memory_utilization,
+        import torch
+
+        kw.update(dtype="bfloat16", gpu_memory_utilization=spec.gpu_memory_utilization(torch.cuda.mem_get_info()[1]),
                   attention_config=dict(spec.attention))
         if not eager:
             kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(batches)}
@@ -213,6 +221,9 @@ def time_decode(llm, batch: int, vocab: int, short: int, long: int, reps: int) -
         out = generate(llm, batch, long, vocab)
         t2 = time.perf_counter()
         per_step.append(((t2 - t1) - (t1 - t0)) / (long - short))
+        got = sorted({len(o.outputs[0].token_ids) for o in out})
+        if len(out) != batch or got != [long]:  # a short generate would make the step look fast
+            raise RuntimeError(f"batch {batch}: {len(out)} outputs of {got} tokens, expected {batch} of {long}")
     step = statistics.median(per_step)
     first = [list(o.outputs[0].token_ids[:8]) for o in out[:4]]
     return {"batch": batch, "step_ms": step * 1e3, "step_ms_all": [x * 1e3 for x in per_step],
@@ -293,16 +304,52 @@ def child(args) -> None:
     os._exit(0)  # skip vLLM's slow interpreter teardown; the JSON is written
 
 
-def parent(args) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
-    model_dir = make_model_dir(args.out / "model", args.model, args.smoke, args.routing)
-    if args.vocab is None:
-        args.vocab = 256 if args.smoke else model_vocab(model_dir)
-    engines = ["stock", "sere-s1", "counts", "sere-s2"] if not args.only else args.only.split(",")
+def engine_env(routing: str) -> dict:
+    """Environment of an engine subprocess: in-process vLLM engine, the routing simulator only
+    for --routing uniform."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
     env.pop(ROUTING_ENV, None)
-    if args.routing == "uniform":
+    if routing == "uniform":
         env[ROUTING_ENV] = "uniform_random"
+    return env
+
+
+def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
+    """Run one engine in its own subprocess (GPU memory is freed when it exits); returns its
+    result (None on failure) and a one-line account with the log's tail on failure."""
+    cmd = [sys.executable, __file__, "--engine", name, "--model-dir", str(args.model_dir), "--out", str(args.out),
+           "--batches", ",".join(map(str, args.batches)), "--reps", str(args.reps), "--short", str(args.short),
+           "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens),
+           "--model", args.model, "--max-model-len", str(args.max_model_len)]
+    cmd += ["--smoke"] if args.smoke else []
+    t0 = time.perf_counter()
+    log_path = args.out / f"{name}.log"
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(cmd, env=engine_env(args.routing), stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {timeout:.0f} s"
+    account = f"== {name}: rc={rc} in {time.perf_counter() - t0:.0f} s"
+    path = args.out / f"{name}.json"
+    if rc != 0 or not path.exists():
+        return None, account + "\n" + "".join(open(log_path).readlines()[-25:])
+    result = json.loads(path.read_text())
+    result["routing"] = ROUTINGS[args.routing]
+    return result, account
+
+
+def prepare(args) -> None:
+    """The model folder (config + random similarity) and the prompt vocabulary of a run."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.model_dir = make_model_dir(args.out / "model", args.model, args.smoke, args.routing)
+    if args.vocab is None:
+        args.vocab = 256 if args.smoke else model_vocab(args.model_dir)
+
+
+def parent(args) -> int:
+    prepare(args)
+    engines = ["stock", "sere-s1", "counts", "sere-s2"] if not args.only else args.only.split(",")
     results, status = {}, 0
     started = time.perf_counter()
     for name in engines:
@@ -311,31 +358,16 @@ def parent(args) -> int:
             print(f"== {name}: skipped, {left:.0f} s left of --deadline {args.deadline:.0f} (--min-left {args.min_left:.0f})", flush=True)
             status = 1
             continue
-        cmd = [sys.executable, __file__, "--engine", name, "--model-dir", str(model_dir), "--out", str(args.out),
-               "--batches", ",".join(map(str, args.batches)), "--reps", str(args.reps), "--short", str(args.short),
-               "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens),
-               "--model", args.model, "--max-model-len", str(args.max_model_len)]
-        cmd += ["--smoke"] if args.smoke else []
-        t0 = time.perf_counter()
-        with open(args.out / f"{name}.log", "w") as log:
-            try:
-                rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=min(args.engine_timeout, left)).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        print(f"== {name}: rc={rc} in {time.perf_counter() - t0:.0f} s", flush=True)
-        path = args.out / f"{name}.json"
-        if rc != 0 or not path.exists():
+        result, account = run_engine(name, args, timeout=min(args.engine_timeout, left))
+        print(account, flush=True)
+        if result is None:
             status = 1
-            print("".join(open(args.out / f"{name}.log").readlines()[-25:]), flush=True)
             if args.stop_on_fail:
                 print("== --stop-on-fail: the remaining engines are not started", flush=True)
                 break
             continue
-        results[name] = json.loads(path.read_text())
+        results[name] = result
         (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))  # partial results survive
-    for r in results.values():
-        r["routing"] = ROUTINGS[args.routing]
     (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))
     summary = f"## {args.model}\n\nRouting: {ROUTINGS[args.routing]}\n\n" + summarize(results)
     (args.out / "summary.md").write_text(summary + "\n")
@@ -366,7 +398,7 @@ def summarize(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vllm_decode")))
     p.add_argument("--model", choices=sorted(MODELS), default="qwen1.5-moe-a2.7b")
@@ -388,6 +420,13 @@ def main(argv=None) -> int:
     p.add_argument("--min-left", type=float, default=60, help="start no engine with fewer seconds left than this")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The script's arguments with their derived defaults filled in (also used by
+    bench/test_bench_vllm_decode.py, which runs the same engines as pytest-benchmark cases)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = [1, 4] if args.smoke else [1, 16, 64]
@@ -395,6 +434,11 @@ def main(argv=None) -> int:
         p.error(f"--long ({args.long}) must exceed --short ({args.short})")
     if args.max_model_len is None:
         args.max_model_len = -(-(PROMPT_LEN + max(args.long, args.count_tokens) + 1) // 16) * 16
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.engine:
         child(args)
         return 0

