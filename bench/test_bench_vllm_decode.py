@@ -19,7 +19,7 @@ them): stock, SERE S=1 rho=0 and SERE S=2 rho=0.1 (`additional_config={"sere": .
 kernel on CUDA), published configs with `load_format="dummy"`, bf16, torch.compile + CUDA graphs
 captured at the measured batch sizes, a RANDOM similarity (it fixes which experts merge and says
 nothing about quality). One engine measures all batch sizes of the selected cases, so the first
-case of an engine pays its start (100-145 s on an H100). Decode step = (time of an 80-token
+case of an engine pays its start (35-145 s seen on an H100 and an H200). Decode step = (time of an 80-token
 generate - a 16-token one) / 64 on the host clock around `LLM.generate`, i.e. what a user sees,
 vLLM's per-step host work included; every repetition is one pytest-benchmark round, so
 `--benchmark-compare` gates this level on the median step time.
