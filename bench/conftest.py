@@ -24,6 +24,7 @@ What this file adds:
 - One CPU thread: without a GPU, torch runs with one intra-op thread during the benches
   (SERE_BENCH_THREADS=n to change). On a shared machine an OpenMP region waits for its
   slowest thread; with two threads on two busy cores a 50 us op measured 13 ms.
+- A module's `GPU_CACHE` dict (built layers) is emptied when the module ends.
 - Session fixtures: `copy_bandwidth` (bytes/s, measured once per session: a large copy,
   read + write counted, the floor every weight-streaming kernel is measured against),
   `stock_times` (a dict in which benches store the stock time of a case so that SERE cases
@@ -195,6 +196,21 @@ def measure_copy_bandwidth(device: str, nbytes: int | None = None) -> float:
 def copy_bandwidth(bench_device) -> float:
     """Measured copy bandwidth of the bench device, bytes/s (once per session)."""
     return measure_copy_bandwidth(bench_device)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _empty_gpu_cache_after_module(request):
+    """A bench module that keeps built layers in a module-level dict `GPU_CACHE` has it emptied,
+    and the CUDA caching allocator's memory returned, when the module ends: the next module (the
+    end-to-end bench's vLLM engines above all) finds the GPU free."""
+    yield
+    cache = getattr(request.module, "GPU_CACHE", None)
+    if cache:
+        import torch
+
+        cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -59,15 +59,7 @@ def _cases():
 
 _layer: dict[str, fused.FusedLayer] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_layers_after_module():
-    """The GPU memory of the last model's layers goes back when the module ends, so that the
-    end-to-end bench's vLLM engines (bench/test_bench_vllm_decode.py) find it free."""
-    yield
-    _layer.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+GPU_CACHE = _layer  # emptied when the module ends (bench/conftest.py)
 
 
 def get_layer(model: str) -> fused.FusedLayer:

@@ -174,15 +174,7 @@ class Layer:
 
 _layers: dict[str, Layer] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _free_layers_after_module():
-    """The GPU memory of the last model's layers goes back when the module ends, so that the
-    end-to-end bench's vLLM engines (bench/test_bench_vllm_decode.py) find it free."""
-    yield
-    _layers.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+GPU_CACHE = _layers  # emptied when the module ends (bench/conftest.py)
 
 
 def _experts_impl() -> str:

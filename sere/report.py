@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def _number(value) -> float | None:
     if value is None:
         return None
     out = float(value)
-    if not out == out:  # NaN
+    if math.isnan(out):
         raise ValueError("NaN")
     return int(out) if out.is_integer() else out
 

@@ -83,42 +83,35 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
 
 ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}
 
-# The fused layer as pytest-benchmark cases (the gate's view of this level), then its report.
-fused_pytest() {
-  mkdir -p "$WORK/fused-pytest"
-  $PY -m pytest bench/test_bench_fused_moe.py -q -rfEs -p no:cacheprovider ${FUSED_K:+-k "$FUSED_K"} \
-    --benchmark-json="$WORK/fused-pytest/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
-    > "$WORK/fused-pytest/pytest.log" 2>&1
+# A bench module as pytest-benchmark cases (the gate's view of its level) with its JSON in
+# $WORK/<name>, then its report: bench_pytest NAME MODULE [pytest args...].
+bench_pytest() {
+  local name=$1 module=$2; shift 2
+  mkdir -p "$WORK/$name"
+  $PY -m pytest "$module" -q -rfEs -p no:cacheprovider "$@" \
+    --benchmark-json="$WORK/$name/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
+    > "$WORK/$name/pytest.log" 2>&1
   local rc=$?
-  tail -n 60 "$WORK/fused-pytest/pytest.log"
-  $PY -m sere.report "$WORK/fused-pytest/bench.json" --out "$WORK/fused-pytest/report" > /dev/null || rc=1
+  tail -n 80 "$WORK/$name/pytest.log"
+  $PY -m sere.report "$WORK/$name/bench.json" --out "$WORK/$name/report" > /dev/null || rc=1
   return $rc
 }
-
-# End to end as pytest-benchmark cases (the gate's view of this level), then its report. The
-# engines' JSON and logs stay in $WORK/e2e-pytest/engines, so a cut-off run keeps what it finished.
-e2e_pytest() {
-  mkdir -p "$WORK/e2e-pytest"
-  SERE_BENCH_E2E_OUT="$WORK/e2e-pytest/engines" SERE_BENCH_E2E_DEADLINE=$((LIMIT - 60)) \
-  SERE_BENCH_E2E_MODELS=${E2E_MODELS:-qwen1.5-moe-a2.7b,deepseek-v2-lite,qwen3-30b-a3b} \
-  SERE_BENCH_E2E_BATCHES=${E2E_BATCHES:-1,16,64,128,256} SERE_BENCH_E2E_REPS=${E2E_REPS:-3} \
-    $PY -m pytest bench/test_bench_vllm_decode.py -q -rfEs -p no:cacheprovider -s \
-    --benchmark-json="$WORK/e2e-pytest/bench.json" --benchmark-columns=median,iqr --benchmark-sort=name \
-    > "$WORK/e2e-pytest/pytest.log" 2>&1
-  local rc=$?
-  tail -n 80 "$WORK/e2e-pytest/pytest.log"
-  $PY -m sere.report "$WORK/e2e-pytest/bench.json" --out "$WORK/e2e-pytest/report" > /dev/null || rc=1
-  return $rc
-}
+export -f bench_pytest
+export PY WORK
 
 for s in $STEPS; do
   case $s in
     # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
     fused) step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
-    fused-pytest) step fused-pytest 240 bash -c "$(declare -f fused_pytest); PY=$PY WORK=$WORK FUSED_K='${FUSED_K:-}' fused_pytest" ;;
+    fused-pytest) step fused-pytest 240 bash -c 'bench_pytest "$@"' _ fused-pytest bench/test_bench_fused_moe.py \
+      ${FUSED_K:+-k "$FUSED_K"} ;;
+    # The engines' JSON and logs stay in $WORK/e2e-pytest/engines: a cut-off run keeps what it finished.
     e2e-pytest) want=$([ "$s" = "$last_step" ] && left || echo "${E2E_S:-480}")
       lim=$(( want < $(left) ? want : $(left) ))
-      step e2e-pytest "$lim" bash -c "$(declare -f e2e_pytest); PY=$PY WORK=$WORK LIMIT=$lim E2E_MODELS='${E2E_MODELS:-}' E2E_BATCHES='${E2E_BATCHES:-}' E2E_REPS='${E2E_REPS:-}' e2e_pytest" ;;
+      step e2e-pytest "$lim" env SERE_BENCH_E2E_OUT="$WORK/e2e-pytest/engines" SERE_BENCH_E2E_DEADLINE=$((lim - 60)) \
+        SERE_BENCH_E2E_MODELS="${E2E_MODELS:-qwen1.5-moe-a2.7b,deepseek-v2-lite,qwen3-30b-a3b}" \
+        SERE_BENCH_E2E_BATCHES="${E2E_BATCHES:-1,16,64,128,256}" SERE_BENCH_E2E_REPS="${E2E_REPS:-3}" \
+        bash -c 'bench_pytest "$@"' _ e2e-pytest bench/test_bench_vllm_decode.py -s ;;
     gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
     deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;
     qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
