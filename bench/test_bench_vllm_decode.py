@@ -118,7 +118,7 @@ class EngineRuns:
             params = getattr(getattr(item, "callspec", None), "params", {})
             if item.module is sys.modules[__name__] and "engine" in params:
                 self.batches.setdefault((params["model"], params["engine"]), set()).add(params["batch"])
-        self.results: dict[tuple[str, str], dict | str] = {}
+        self.results: dict[tuple[str, str], dict | str | Skipped] = {}  # result, failure account, or skip
         self._args: dict[str, object] = {}
         self.started: float | None = None  # perf_counter at the first engine (for the deadline)
 
