@@ -120,6 +120,7 @@ class EngineRuns:
                 self.batches.setdefault((params["model"], params["engine"]), set()).add(params["batch"])
         self.results: dict[tuple[str, str], dict | str | Skipped] = {}  # result, failure account, or skip
         self._args: dict[str, object] = {}
+        self._weights: dict[str, object] = {}
         self.started: float | None = None  # perf_counter at the first engine (for the deadline)
 
     def model_batches(self, model: str) -> list[int]:
@@ -134,6 +135,16 @@ class EngineRuns:
             e2e.prepare(args)
             self._args[model] = args
         return self._args[model]
+
+    def weights(self, model: str):
+        """sere.model_configs.WeightCounts of the config this model's engines run (made once)."""
+        if model not in self._weights:
+            from transformers import AutoConfig
+
+            from sere.model_configs import weight_counts
+
+            self._weights[model] = weight_counts(AutoConfig.from_pretrained(self.args(model).model_dir))
+        return self._weights[model]
 
     def result(self, model: str, engine: str, optional: bool = False) -> dict | None:
         """The engine's result; the counts engine covers every batch size of the model's cases,
@@ -176,23 +187,6 @@ def engine_runs(request, tmp_path_factory, copy_bandwidth) -> EngineRuns:
     return EngineRuns(request.session.items, root)
 
 
-@pytest.fixture(scope="module")
-def weights():
-    """model -> sere.model_configs.WeightCounts of the config the engines run."""
-    from transformers import AutoConfig
-
-    from sere.model_configs import weight_counts
-
-    cache = {}
-
-    def get(runs: EngineRuns, model: str):
-        if model not in cache:
-            cache[model] = weight_counts(AutoConfig.from_pretrained(runs.args(model).model_dir))
-        return cache[model]
-
-    return get
-
-
 def experts_of(counts: dict | None, engine: str, batch: int) -> tuple[float | None, float | None]:
     """(before, after) mean distinct routed experts per MoE layer and decode step: before is the
     router's own choice, which is what the stock engine runs."""
@@ -207,7 +201,7 @@ def experts_of(counts: dict | None, engine: str, batch: int) -> tuple[float | No
 
 
 @pytest.mark.parametrize(("model", "engine", "batch"), CASES)
-def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, weights, model, engine, batch):
+def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, model, engine, batch):
     from timing import benchmark_samples
 
     result = engine_runs.result(model, engine)
@@ -216,7 +210,7 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, w
     row = rows[batch]
     samples = [ms * 1e-3 for ms in row["step_ms_all"]]
     assert samples and all(math.isfinite(s) and s > 0 for s in samples), f"step times {row['step_ms_all']} ms"
-    counted = weights(engine_runs, model)
+    counted = engine_runs.weights(model)
     want_layers = 0 if e2e.SETTINGS[engine] is None else counted.moe_layers
     assert result["rerouted_layers"] == want_layers, (
         f"{model} {engine}: SERE wrapped {result['rerouted_layers']} MoE layers, expected {want_layers}")
