@@ -230,7 +230,7 @@ _SUMMARY_COLUMNS = (
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    from sere.report import model_label
+    from sere.harness.report import model_label
 
     bs = getattr(config, "_benchmarksession", None)
     rows = []

@@ -47,7 +47,7 @@ def decode_windows(num_tokens: int) -> list[int]:
 
 def zoo_windows(name: str):
     """(model, windows [B, PREFILL + STEPS] of held-out token ids) of zoo model `name`."""
-    from sere.zoo import heldout_ids, load_zoo_model
+    from sere.harness.zoo import heldout_ids, load_zoo_model
 
     model, tokenizer = load_zoo_model(name)
     text = heldout_ids(tokenizer)  # N
@@ -71,7 +71,7 @@ def record_model(name: str) -> dict:
     from transformers import DynamicCache
 
     from sere.artifact import load_similarity
-    from sere.zoo import model_dir
+    from sere.harness.zoo import model_dir
 
     model, windows = zoo_windows(name)
     cache = DynamicCache(config=model.config)
@@ -88,7 +88,7 @@ def record_model(name: str) -> dict:
 
 
 def main(argv=None) -> None:
-    from sere.zoo import ZOO_MODELS
+    from sere.harness.zoo import ZOO_MODELS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=ZOO_MODELS, action="append", help="zoo model(s); default: all")

@@ -217,7 +217,7 @@ def record_trace(model, batches, *, source: str) -> dict:
     (`save_trace(path, **record_trace(model, batches, source=...))`). A batch is an input_ids
     tensor, or a dict of forward kwargs (e.g. one decode step with `past_key_values`)."""
     from sere.hf import find_routers
-    from sere.model_configs import num_experts_of
+    from sere.harness.model_configs import num_experts_of
 
     ids: dict[int, list[torch.Tensor]] = {}
     weights: dict[int, list[torch.Tensor]] = {}

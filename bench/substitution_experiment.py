@@ -4,7 +4,7 @@
         --max_len 128 --dtype float32 --similarity_method substitution      # per zoo model, first
     python bench/substitution_experiment.py --artifacts /tmp/sere_subst [--models qwen2_moe ...]
 
-For each zoo model, on the held-out text at batch 16 (sere.fidelity, as sere.zoo.sweep runs it):
+For each zoo model, on the held-out text at batch 16 (sere.harness.fidelity, as sere.harness.zoo.sweep runs it):
 SERE with the committed linear-CKA artifact and with the substitution artifact, each against
 `random` re-routing of the same moved slots over RANDOM_SEEDS seeds, at the paper's settings
 (S=2, rho=0.1; S=1, rho=0) and, for substitution, at rho=-1 (every secondary slot moves, as CKA
@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from sere.artifact import load_similarity
-from sere.fidelity import Composition, fidelity, reference_pass
-from sere.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, model_dir
-from sere.zoo.sweep import MAIN_BATCH, NUM_WINDOWS, RANDOM_SEEDS, SEQ_LEN
+from sere.harness.fidelity import Composition, fidelity, reference_pass
+from sere.harness.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, model_dir
+from sere.harness.zoo.sweep import MAIN_BATCH, NUM_WINDOWS, RANDOM_SEEDS, SEQ_LEN
 
 # (similarity label, S, rho, run random with this artifact and rho?) ; "all" = every secondary moves
 SETTINGS = (

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 
 import vllm_fused_layer as fused  # noqa: E402
 
-from sere.model_configs import REAL_MODELS, layer_shapes  # noqa: E402
+from sere.harness.model_configs import REAL_MODELS, layer_shapes  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 

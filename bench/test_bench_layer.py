@@ -10,7 +10,7 @@
     pytest bench/test_bench_layer.py -k zoo               # only the zoo cases
 
 The layer is the transformers MoE block of each model (Qwen2MoeSparseMoeBlock, DeepseekV2Moe,
-Qwen3MoeSparseMoeBlock) built from the published config (sere.model_configs.real_config) with
+Qwen3MoeSparseMoeBlock) built from the published config (sere.harness.model_configs.real_config) with
 random weights, experts through transformers' `grouped_mm` experts implementation. On the CPU
 the shapes shrink (hidden 256, intermediate sizes / 16) but E and k stay: they decide how many
 experts a batch activates. The router is a `ScriptedTopKRouter`: it does a real router's work
@@ -57,7 +57,7 @@ from routing import make_routing, similarity_for
 
 import sere.hf
 from sere import reroute, reroute_with_stats
-from sere.model_configs import REAL_MODELS, layer_shapes, real_config
+from sere.harness.model_configs import REAL_MODELS, layer_shapes, real_config
 from sere.routing import resolve_backend
 from sere.stats import distinct_experts
 
@@ -85,7 +85,7 @@ BATCHES = BATCHES_REAL if SIZE == "real" else BATCHES_SMALL
 BACKEND = os.environ.get("SERE_BENCH_BACKEND", "auto")
 ZOO_BATCHES = (1, 16, 64, 256)  # the traces hold 1024 tokens per layer
 ZOO_TRACE_DIR = Path(__file__).resolve().parent / "traces"
-ZOO_PREFIX = "zoo/"  # model key of a zoo case: zoo/<name>, <name> one of sere.zoo.ZOO_MODELS
+ZOO_PREFIX = "zoo/"  # model key of a zoo case: zoo/<name>, <name> one of sere.harness.zoo.ZOO_MODELS
 WITH_ZOO = os.environ.get("SERE_BENCH_ZOO", "1") != "0"
 ROUTINGS = tuple(s.strip() for s in os.environ.get("SERE_BENCH_ROUTING", ",".join(ROUTINGS_DEFAULT)).split(",") if s.strip())
 
@@ -106,7 +106,7 @@ def bench_config(model: str):
     if model.startswith(ZOO_PREFIX):
         from transformers import AutoConfig
 
-        from sere.zoo import model_dir
+        from sere.harness.zoo import model_dir
 
         return AutoConfig.from_pretrained(model_dir(model[len(ZOO_PREFIX):]))
     cfg = real_config(model)
@@ -225,7 +225,7 @@ def _cases():
                 for label, S, rho in settings:
                     out.append(pytest.param(model, routing, T, label, S, rho, id=f"{model}-{routing}-T{T}-{label}"))
     if WITH_ZOO:
-        from sere.zoo import ZOO_MODELS
+        from sere.harness.zoo import ZOO_MODELS
 
         for name in ZOO_MODELS:
             for T in ZOO_BATCHES:

@@ -137,11 +137,11 @@ class EngineRuns:
         return self._args[model]
 
     def weights(self, model: str):
-        """sere.model_configs.WeightCounts of the config this model's engines run (made once)."""
+        """sere.harness.model_configs.WeightCounts of the config this model's engines run (made once)."""
         if model not in self._weights:
             from transformers import AutoConfig
 
-            from sere.model_configs import weight_counts
+            from sere.harness.model_configs import weight_counts
 
             self._weights[model] = weight_counts(AutoConfig.from_pretrained(self.args(model).model_dir))
         return self._weights[model]

@@ -170,8 +170,6 @@ def load_similarity(
     _check_metadata(file, metadata, matrices)
     if config is not None:
         if expected_num_experts is None:
-            from sere.model_configs import num_experts_of
-
             expected_num_experts = num_experts_of(config)
         if expected_layers is None:
             expected_layers = moe_layer_indices(config)
@@ -273,8 +271,6 @@ def moe_layer_indices(config) -> list[int]:
     if hasattr(config, "first_k_dense_replace"):  # deepseek_v2 / deepseek_v3: dense first layers
         return [i for i in range(num_layers) if i >= config.first_k_dense_replace]
     if hasattr(config, "decoder_sparse_step"):  # qwen2_moe / qwen3_moe
-        from sere.model_configs import num_experts_of
-
         if num_experts_of(config) <= 0:
             return []
         skip = set(getattr(config, "mlp_only_layers", None) or [])
@@ -286,3 +282,12 @@ def moe_layer_indices(config) -> list[int]:
         f"cannot tell the MoE layers of model_type {model_type!r} from its config; "
         "pass expected_layers=... explicitly"
     )
+
+
+def num_experts_of(config) -> int:
+    """Routed expert count of a transformers MoE config, whatever the family calls it."""
+    for name in ("num_experts", "n_routed_experts", "num_local_experts"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    raise ValueError(f"{type(config).__name__} has no routed expert count (not an MoE config?)")

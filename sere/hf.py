@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from sere.config import SereConfig
-from sere.methods import get_method
+from sere.harness.methods import get_method
 from sere.recorder import ExpertStatsRecorder
 from sere.routing import BACKENDS
 from sere.stats import reroute_stats
@@ -184,7 +184,7 @@ def enable(
     layers: re-route only these MoE layers (default: all).
     backend: "auto" | "torch" | "reference" | "numba" (see `sere.reroute`).
     max_tokens: leave calls with more tokens than this untouched (e.g. long prefills).
-    method: "sere" (default) or another name of `sere.methods.METHODS` (the controls), with
+    method: "sere" (default) or another name of `sere.harness.methods.METHODS` (the controls), with
       `method_options` (e.g. {"seed": 1} for "random"), or a callable
       (ids, similarity, S, rho) -> new ids.
     recorder: an `ExpertStatsRecorder` to fill (default: a new one when record_stats).

@@ -6,7 +6,7 @@
 For each zoo model (tests/zoo/<name>: trained on the King James Bible, calibrated with the
 project's calibration command), at one fixed batch composition (GATE_COMPOSITION: 64
 held-out windows of 128 tokens, 16 sequences per decode step), the gate measures SERE and the
-controls at the paper's settings against the unmodified model (sere.fidelity) and checks:
+controls at the paper's settings against the unmodified model (sere.harness.fidelity) and checks:
   - the metrics equal the committed goldens within TOLERANCES (both directions: a change for
     the better also needs an explicit --update-goldens);
   - the claim: SERE's similarity beats random re-routing (same moved slots, same experts per
@@ -18,7 +18,7 @@ controls at the paper's settings against the unmodified model (sere.fidelity) an
   - the gate has teeth: with the similarity matrix shuffled (experts relabelled) it fails;
   - the models are real (perplexity far below the unigram baseline, routing far from
     uniform) and small.
-About a minute on 2 CPU cores. bench/results/accuracy.md has the full sweep (python -m sere.zoo.sweep).
+About a minute on 2 CPU cores. bench/results/accuracy.md has the full sweep (python -m sere.harness.zoo.sweep).
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sere.fidelity import Composition, Tolerance, fidelity, gate_failures, reference_pass, setting_key
+from sere.harness.fidelity import Composition, Tolerance, fidelity, gate_failures, reference_pass, setting_key
 
 pytestmark = pytest.mark.accuracy
 
-zoo = pytest.importorskip("sere.zoo")
+zoo = pytest.importorskip("sere.harness.zoo")
 ZOO = zoo.zoo_dir()
 GOLDENS = ZOO / "goldens.json"
 GATE_COMPOSITION = Composition(batch_size=16, seq_len=128, num_windows=64)
@@ -246,7 +246,7 @@ def test_gate_fails_with_shuffled_similarity(case):
 
 def test_zoo_model_is_real(case):
     card = json.loads((ZOO / case.name / "card.json").read_text())
-    from sere.zoo.evaluate import heldout_perplexity
+    from sere.harness.zoo.evaluate import heldout_perplexity
 
     ppl = heldout_perplexity(case.model, case.ids, 128)
     assert ppl == pytest.approx(card["heldout_ppl"], rel=1e-3), "the card's perplexity is stale"

@@ -19,7 +19,7 @@ from sere.artifact import (
     save_similarity,
 )
 from sere.calibration.experts import find_moe_layers
-from sere.model_configs import TINY_ARCHS, build_tiny_model, num_experts_of, tiny_config
+from sere.harness.model_configs import TINY_ARCHS, build_tiny_model, num_experts_of, tiny_config
 
 # (arch, config overrides): every tiny family, plus layer patterns with dense layers.
 LAYER_RULE_CASES = [(arch, {}) for arch in TINY_ARCHS] + [

@@ -1,5 +1,5 @@
 """Tests of the benchmarks' routing generators and trace format (bench/routing.py) and of the
-real-size model configs (sere.model_configs.real_config / layer_shapes).
+real-size model configs (sere.harness.model_configs.real_config / layer_shapes).
 
     pytest tests/test_bench_routing.py
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sere.model_configs import REAL_MODELS, build_tiny_model, layer_shapes, real_config
+from sere.harness.model_configs import REAL_MODELS, build_tiny_model, layer_shapes, real_config
 
 _spec = importlib.util.spec_from_file_location(
     "sere_bench_routing", Path(__file__).resolve().parents[1] / "bench" / "routing.py")
@@ -161,14 +161,14 @@ ZOO_TRACE_TOKENS = 1024  # 32 sequences x 32 decode steps, see bench/record_trac
 def _zoo_config(name):
     from transformers import AutoConfig
 
-    from sere.zoo import model_dir
+    from sere.harness.zoo import model_dir
 
     return AutoConfig.from_pretrained(model_dir(name))
 
 
 def test_zoo_trace_files_are_small():
     files = sorted((BENCH_DIR / "traces").glob("*.safetensors"))
-    from sere.zoo import ZOO_MODELS
+    from sere.harness.zoo import ZOO_MODELS
 
     assert [f.stem for f in files] == sorted(ZOO_MODELS)
     assert sum(f.stat().st_size for f in files) < 600 * 1024
@@ -177,8 +177,8 @@ def test_zoo_trace_files_are_small():
 @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "qwen3_moe", "qwen2_moe_upcycled"])
 def test_zoo_trace_matches_its_model(name):
     from sere.artifact import load_similarity, moe_layer_indices
-    from sere.model_configs import num_experts_of
-    from sere.zoo import model_dir
+    from sere.harness.model_configs import num_experts_of
+    from sere.harness.zoo import model_dir
 
     cfg = _zoo_config(name)
     trace = routing.load_trace(BENCH_DIR / "traces" / f"{name}.safetensors")
@@ -238,7 +238,7 @@ def test_zoo_trace_bench_cases_run_in_smoke_mode(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, layer_bench)  # its dataclasses look their module up
     spec.loader.exec_module(layer_bench)
     cases = [c for c in layer_bench._cases() if c.id.startswith("zoo-")]
-    from sere.zoo import ZOO_MODELS
+    from sere.harness.zoo import ZOO_MODELS
 
     assert len(cases) == len(ZOO_MODELS) * len(layer_bench.ZOO_BATCHES) * len(layer_bench.PAPER_SETTINGS)
     stock_times, infos = {}, {}
@@ -284,7 +284,7 @@ PUBLISHED_PARAMS = {"Qwen1.5-MoE-A2.7B": (14.3e9, 2.7e9), "DeepSeek-V2-Lite": (1
 
 @pytest.mark.parametrize("name", list(PUBLISHED_PARAMS))
 def test_weight_counts_match_the_published_sizes(name):
-    from sere.model_configs import weight_counts
+    from sere.harness.model_configs import weight_counts
 
     total, active = PUBLISHED_PARAMS[name]
     w = weight_counts(name)
@@ -300,7 +300,7 @@ def test_weight_counts_match_the_published_sizes(name):
 def test_weight_counts_refuse_a_dense_model():
     import transformers as tf
 
-    from sere.model_configs import weight_counts
+    from sere.harness.model_configs import weight_counts
 
     with pytest.raises(ValueError, match="no '.mlp.experts'"):
         weight_counts(tf.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

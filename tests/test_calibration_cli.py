@@ -2,7 +2,7 @@
 
     pytest tests/test_calibration_cli.py            # add -m "not slow" to skip the subprocess check
 
-Models are built from configs (sere.model_configs, no hub) and saved with a byte-level
+Models are built from configs (sere.harness.model_configs, no hub) and saved with a byte-level
 tokenizer (256 tokens, the tiny vocabulary) so the command loads them like real checkpoints.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sere.calibration.calibrate import CalibrationError, calibrate
 from sere.calibration.data import DEFAULT_DATA, DataError, read_texts, token_sequences
 from sere.calibration.experts import all_expert_outputs, find_moe_layers
 from sere.calibration.metrics import similarity_matrix
-from sere.model_configs import build_tiny_model
+from sere.harness.model_configs import build_tiny_model
 
 FAST = ["--max_len", "32", "--batch_size", "3", "--no_progress"]
 # (arch, method, kernel, max_tokens): every architecture, every method and kernel once.

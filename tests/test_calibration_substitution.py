@@ -23,7 +23,7 @@ from sere.calibration.substitution import (
     substitution_matrix,
     substitution_pairwise,
 )
-from sere.model_configs import build_tiny_model
+from sere.harness.model_configs import build_tiny_model
 from tests.test_calibration_cli import save_tiny
 
 # (experts, tokens, hidden, k, seed): one expert and k = E at the extremes, odd sizes between.

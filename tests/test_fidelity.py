@@ -1,4 +1,4 @@
-"""Fidelity metrics (sere.fidelity) on tiny random models: the plumbing, not the zoo's numbers.
+"""Fidelity metrics (sere.harness.fidelity) on tiny random models: the plumbing, not the zoo's numbers.
 
     pytest tests/test_fidelity.py -q
 
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from sere.fidelity import (
+from sere.harness.fidelity import (
     Composition,
     PerStepTransform,
     StepExpertCounter,
@@ -26,8 +26,8 @@ from sere.fidelity import (
     reference_pass,
     setting_key,
 )
-from sere.methods import get_method
-from sere.model_configs import build_tiny_model, num_experts_of
+from sere.harness.methods import get_method
+from sere.harness.model_configs import build_tiny_model, num_experts_of
 
 ARCHS = ("qwen2_moe", "deepseek_v2")  # deepseek_v2: unsorted top-k, a dense first layer
 # (T tokens = B * L, E experts, k): odd sizes and extremes

@@ -3,7 +3,7 @@ shared statistics recorder (sere.recorder).
 
     pytest tests/test_hf.py
 
-Models are built locally from configs (sere.model_configs), 8 experts, top-4. The ids that
+Models are built locally from configs (sere.harness.model_configs), 8 experts, top-4. The ids that
 reach the experts are captured with a forward pre-hook on each block's `experts` module.
 Index letters: T = tokens (batch * length, flattened), k = experts per token, E = experts.
 """
@@ -13,8 +13,8 @@ import torch
 
 import sere
 import sere.hf
-from sere import methods
-from sere.model_configs import TINY_ARCHS, build_tiny_model
+from sere.harness import methods
+from sere.harness.model_configs import TINY_ARCHS, build_tiny_model
 from sere.recorder import FIELDS, ExpertStatsRecorder
 
 E, K = 8, 4  # every tiny model

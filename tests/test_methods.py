@@ -1,4 +1,4 @@
-"""The comparison routing methods (sere.methods): contract frame, parity with their plain-loop
+"""The comparison routing methods (sere.harness.methods): contract frame, parity with their plain-loop
 references, and what makes each a fair control.
 
     pytest tests/test_methods.py
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sere
-from sere import methods
+from sere.harness import methods
 from sere.stats import distinct_experts
 from tests.helpers import random_similarity, random_topk_ids
 
@@ -321,7 +321,7 @@ def test_dropping_weights_with_truncate_feeds_the_experts_drop(arch, drop_first)
     the truncate transform, in either registration order; the experts module receives exactly
     drop_reference of the router's output, in every MoE layer."""
     import sere.hf
-    from sere.model_configs import build_tiny_model
+    from sere.harness.model_configs import build_tiny_model
 
     model = build_tiny_model(arch)
     E_tiny, S = 8, 1
@@ -350,7 +350,7 @@ def test_drop_output_is_the_token_without_the_removed_experts(arch):
     the zeroed weights alone (the removed experts still routed, at weight 0); and they differ from
     truncate's (which gives the removed weight to the top expert) and from stock."""
     import sere.hf
-    from sere.model_configs import build_tiny_model
+    from sere.harness.model_configs import build_tiny_model
 
     model = build_tiny_model(arch)
     S = 1

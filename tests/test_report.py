@@ -1,4 +1,4 @@
-"""Tests of `python -m sere.report`: table values, plots, errors, and a real tiny bench run.
+"""Tests of `python -m sere.harness.report`: table values, plots, errors, and a real tiny bench run.
 
     pytest tests/test_report.py            # the last test runs the layer bench (slow, ~15 s)
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sere import report
+from sere.harness import report
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,7 +187,7 @@ def test_report_on_a_tiny_layer_bench_run(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = tmp_path / "rep"
-    cli = subprocess.run([sys.executable, "-m", "sere.report", str(bench_json), "--out", str(out)],
+    cli = subprocess.run([sys.executable, "-m", "sere.harness.report", str(bench_json), "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     cases = report.load_cases(bench_json)

@@ -33,7 +33,7 @@ from sere.artifact import ArtifactError, load_similarity, save_similarity  # noq
 from sere.kernels.reference import reroute_reference  # noqa: E402
 from sere.stats import distinct_experts  # noqa: E402
 from sere.vllm import router  # noqa: E402
-from sere.vllm.testing import ARCHITECTURES, random_similarity, save_tiny_checkpoint  # noqa: E402
+from sere.harness.vllm_testing import ARCHITECTURES, random_similarity, save_tiny_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

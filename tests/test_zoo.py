@@ -1,4 +1,4 @@
-"""The zoo's own code (sere.zoo): text split, model definitions, training pieces, loading.
+"""The zoo's own code (sere.harness.zoo): text split, model definitions, training pieces, loading.
 
     pytest tests/test_zoo.py -q
 
@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from sere.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, zoo_dir
-from sere.zoo.data import (
+from sere.harness.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, zoo_dir
+from sere.harness.zoo.data import (
     HELDOUT_EVERY,
     HELDOUT_OFFSET,
     VALIDATION_EVERY,
@@ -25,10 +25,10 @@ from sere.zoo.data import (
     split_text,
     split_validation,
 )
-from sere.zoo.evaluate import unigram_perplexity, windows
-from sere.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, UPCYCLE_SHARDS, build_model, count_parameters, zoo_config
-from sere.zoo.train import _dump_log, ensure_experts_kernel, lr_at, run_progress, training_loss
-from sere.zoo.upcycle import shard_of, upcycle
+from sere.harness.zoo.evaluate import unigram_perplexity, windows
+from sere.harness.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, UPCYCLE_SHARDS, build_model, count_parameters, zoo_config
+from sere.harness.zoo.train import _dump_log, ensure_experts_kernel, lr_at, run_progress, training_loss
+from sere.harness.zoo.upcycle import shard_of, upcycle
 
 GENESIS_CHAPTERS = 50
 
@@ -147,7 +147,7 @@ def test_windows_and_unigram_baseline():
     assert unigram_perplexity(uniform, torch.arange(V), V) == pytest.approx(V)
 
 
-# ---- upcycling (sere.zoo.upcycle) ----------------------------------------------------------
+# ---- upcycling (sere.harness.zoo.upcycle) ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_dense_training_loss_has_no_balance_term():
 
 
 def test_expert_kernel_probe_falls_back_to_eager(monkeypatch):
-    import sere.zoo.train as train_module
+    import sere.harness.zoo.train as train_module
 
     moe = build_model("qwen2_moe", vocab_size=64, seed=0)
     x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))

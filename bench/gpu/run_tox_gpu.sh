@@ -58,7 +58,7 @@ if [ -f .whl/gate_base/numba_cuda.py ]; then
   run_env kernel-gate "${GATE_TIMEOUT:-150}" -e gate -- bench/test_bench_reroute.py -k "$KSEL" -q \
     --benchmark-columns=median --benchmark-sort=name
 fi
-$PY -m sere.report "$OUT/bench_zoo_trace.json" > "$OUT/report_zoo_trace.md" 2>&1 || status=1
+$PY -m sere.harness.report "$OUT/bench_zoo_trace.json" > "$OUT/report_zoo_trace.md" 2>&1 || status=1
 head -n 60 "$OUT/report_zoo_trace.md"
 tar czf "$FINAL/tox_gpu.tgz" -C "$OUT" .
 cp "$OUT"/tox_*.log "$FINAL"/ 2>/dev/null

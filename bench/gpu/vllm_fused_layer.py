@@ -4,7 +4,7 @@ On a Hopper GPU (repo root; vLLM 0.26 bundle on PYTHONPATH, this package install
     python3 bench/gpu/vllm_fused_layer.py --out $OUT/fused
 Argument check on any machine (no kernel runs):  python3 bench/gpu/vllm_fused_layer.py --list
 
-The layer (per model, published shapes from sere.model_configs, bf16, random weights):
+The layer (per model, published shapes from sere.harness.model_configs, bf16, random weights):
   router   h @ W_r^T (E x H), then vLLM's `fused_topk` (softmax + top-k, the CUDA kernel the
            engine's FusedTopKRouter runs); its ids are then REPLACED by the case's scripted
            routing (uniform or Zipf, bench/routing.py), so the routing is known and stated
@@ -46,7 +46,7 @@ sys.path.insert(0, str(BENCH))  # bench/routing.py, bench/timing.py
 from routing import make_routing, synthetic_similarity  # noqa: E402
 
 from sere import reroute  # noqa: E402
-from sere.model_configs import REAL_MODELS, layer_shapes  # noqa: E402
+from sere.harness.model_configs import REAL_MODELS, layer_shapes  # noqa: E402
 from sere.stats import distinct_experts  # noqa: E402
 
 SETTINGS = (("stock", None, None), ("S1-rho0", 1, 0.0), ("S2-rho0.1", 2, 0.1))
@@ -258,7 +258,7 @@ def plan(models, routings, batches):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vllm_fused_layer")))
-    p.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated, from sere.model_configs.REAL_MODELS")
+    p.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated, from sere.harness.model_configs.REAL_MODELS")
     p.add_argument("--routings", default=",".join(ROUTINGS), help="bench/routing.py specs")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=list(BATCHES))
     p.add_argument("--deadline", type=float, default=600, help="seconds; cases left then are skipped and reported")

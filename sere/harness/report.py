@@ -1,7 +1,7 @@
 """Report of a MoE benchmark run: a table and plots from pytest-benchmark JSON.
 
     pytest bench/test_bench_layer.py --benchmark-json BENCH.json
-    python -m sere.report BENCH.json [MORE.json ...] [--out DIR]     # or: sere-report ...
+    python -m sere.harness.report BENCH.json [MORE.json ...] [--out DIR]     # or: sere-report ...
 
 Reads the stock-vs-SERE cases (those whose extra_info names a `setting`; a saved run under
 .benchmarks/ works too): one MoE layer of bench/test_bench_layer.py (transformers) and
@@ -191,14 +191,14 @@ def render(json_paths, out_dir=None) -> tuple[str, list[Path]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sere.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sere.harness.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("bench_json", nargs="+", help="pytest-benchmark JSON (--benchmark-json, or a saved run)")
     parser.add_argument("--out", help="output folder (default: <BENCH>_report next to the JSON)")
     args = parser.parse_args(argv)
     try:
         text, paths = render(args.bench_json, args.out)
     except ReportError as exc:
-        print(f"sere.report: {exc}", file=sys.stderr)
+        print(f"sere.harness.report: {exc}", file=sys.stderr)
         return 2
     print(text)
     print("\nwrote:\n" + "\n".join(f"  {p}" for p in paths))

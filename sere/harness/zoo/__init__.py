@@ -1,13 +1,13 @@
 """The model zoo: small MoE language models trained in the project on the King James Bible,
 used to measure what SERE costs in quality (tests/test_accuracy.py, bench/results/accuracy.md).
 
-    from sere.zoo import load_zoo_model, heldout_ids, ZOO_MODELS
+    from sere.harness.zoo import load_zoo_model, heldout_ids, ZOO_MODELS
     model, tokenizer = load_zoo_model("qwen2_moe")        # float32, eval mode, CPU
     ids = heldout_ids(tokenizer)                          # the committed held-out text, N tokens
 
 The checkpoints live in tests/zoo/<name>/ (config, fp16 safetensors, tokenizer, card,
 training log, similarity artifact); `SERE_ZOO_DIR` points elsewhere. They are built by
-`python -m sere.zoo.train --model <name>` (see its docstring) and described in
+`python -m sere.harness.zoo.train --model <name>` (see its docstring) and described in
 tests/zoo/DATA.md and each model's README.md.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sere.zoo.models import ZOO_MODELS, zoo_config
+from sere.harness.zoo.models import ZOO_MODELS, zoo_config
 
 HELDOUT_FILENAME = "heldout.txt"
 
@@ -23,7 +23,7 @@ HELDOUT_FILENAME = "heldout.txt"
 def zoo_dir() -> Path:
     """Where the zoo's checkpoints are: $SERE_ZOO_DIR, else tests/zoo of this checkout."""
     env = os.environ.get("SERE_ZOO_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "tests" / "zoo"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "tests" / "zoo"
 
 
 def model_dir(name: str) -> Path:
@@ -32,7 +32,7 @@ def model_dir(name: str) -> Path:
     path = zoo_dir() / name
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"zoo model {name!r} not found at {path}; train it with `python -m sere.zoo.train --model {name}` "
+            f"zoo model {name!r} not found at {path}; train it with `python -m sere.harness.zoo.train --model {name}` "
             "or set SERE_ZOO_DIR"
         )
     return path
@@ -62,7 +62,7 @@ def heldout_text() -> str:
 
 def heldout_ids(tokenizer):
     """The committed held-out text as one 1-D int64 tensor of token ids."""
-    from sere.zoo.data import encode
+    from sere.harness.zoo.data import encode
 
     return encode(tokenizer, heldout_text())
 

@@ -1,7 +1,7 @@
 """OpenCompass model classes with SERE: the stock HuggingFace model classes, plus a `sere`
 parameter that switches SERE on after the model is loaded.
 
-    from sere.evalbridge.opencompass_models import SereHuggingFaceBaseModel
+    from sere.harness.evalbridge.opencompass_models import SereHuggingFaceBaseModel
     models = [dict(
         type=SereHuggingFaceBaseModel, abbr="qwen2-moe-sere-s1-r0.1", path="/models/Qwen1.5-MoE-A2.7B",
         sere=dict(select_top_k=1, threshold=0.1),   # similarity: <path>/sere_similarity.safetensors
@@ -10,11 +10,11 @@ parameter that switches SERE on after the model is loaded.
 
 `sere` keys: select_top_k, threshold (required to switch SERE on; sere=None runs the stock
 model through the same class), similarity (artifact path; default the model directory),
-method ("sere" or a control of sere.methods), layers, layer_overrides, max_tokens (leave
+method ("sere" or a control of sere.harness.methods), layers, layer_overrides, max_tokens (leave
 router calls with more tokens untouched, e.g. the batch size to re-route decode steps only),
 backend, stats_path (append one JSON line of activated-expert statistics per generate/ppl
 call). OpenCompass imports this module by its dotted name: put the repository root on
-PYTHONPATH (sere.evalbridge.run does).
+PYTHONPATH (sere.harness.evalbridge.run does).
 """
 from __future__ import annotations
 

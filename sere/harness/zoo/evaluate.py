@@ -1,6 +1,6 @@
 """Held-out quality of a zoo model: perplexity, the unigram baseline, and how it routes.
 
-    from sere.zoo.evaluate import heldout_perplexity, unigram_perplexity, routing_entropy
+    from sere.harness.zoo.evaluate import heldout_perplexity, unigram_perplexity, routing_entropy
     ppl = heldout_perplexity(model, heldout_ids, seq_len=128)
 
 "Real" means: perplexity far below the unigram model of the same tokenizer (which knows word

@@ -1,6 +1,6 @@
 """Training text of the zoo: the King James Bible from Debian, split by chapter, and its tokenizer.
 
-    python -m sere.zoo.data --out /tmp/sere-kjv      # fetch, split, write train.txt / heldout.txt
+    python -m sere.harness.zoo.data --out /tmp/sere-kjv      # fetch, split, write train.txt / heldout.txt
 
 Source: the Debian packages `bible-kjv-text` (the compressed text, /usr/lib/bible.data) and
 `bible-kjv` (the `bible` program that prints it), fetched with `apt-get download` (no root
@@ -28,7 +28,7 @@ from pathlib import Path
 
 HELDOUT_EVERY = 64
 HELDOUT_OFFSET = 57
-# Validation (model selection while training, sere.zoo.train): chapter j of the *training*
+# Validation (model selection while training, sere.harness.zoo.train): chapter j of the *training*
 # text (0..1170) when j % VALIDATION_EVERY == VALIDATION_OFFSET; 18 chapters, none of Genesis.
 # Kept apart from the held-out text, so choosing the best step does not tune on what the
 # metrics are measured on.

@@ -1,13 +1,13 @@
 """Upcycle a dense Qwen2 model into a Qwen2-MoE, the way Qwen1.5-MoE-A2.7B was made.
 
-    from sere.zoo.upcycle import upcycle
+    from sere.harness.zoo.upcycle import upcycle
     moe = upcycle(dense_model, zoo_config("qwen2_moe_upcycled", vocab_size=2048), seed=0)
 
 Qwen1.5-MoE was initialised from the dense Qwen-1.8B (Qwen's blog post on Qwen1.5-MoE): its
 FFN was split into fine-grained shards of the expert size, the shards were replicated to fill
 the 64 experts, and each copy's parameters were shuffled along the intermediate dimension with
 about half of them re-initialised, so that copies of one shard start related but not equal.
-Here, with a dense FFN of n_shards * moe_intermediate neurons (sere.zoo.models.UPCYCLE_SHARDS):
+Here, with a dense FFN of n_shards * moe_intermediate neurons (sere.harness.zoo.models.UPCYCLE_SHARDS):
   - routed expert e starts as shard (e mod n_shards): the rows of gate_proj / up_proj and the
     columns of down_proj of neurons [s*I, (s+1)*I);
   - each copy gets its own random permutation of its I neurons (which alone changes nothing:

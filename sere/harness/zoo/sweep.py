@@ -1,11 +1,11 @@
 """Quality against activated experts on the zoo: SERE and the controls, written as a report.
 
-    python -m sere.zoo.sweep                        # all zoo models -> bench/results/accuracy.*
-    python -m sere.zoo.sweep --models qwen2_moe --out /tmp/acc
+    python -m sere.harness.zoo.sweep                        # all zoo models -> bench/results/accuracy.*
+    python -m sere.harness.zoo.sweep --models qwen2_moe --out /tmp/acc
 
-For each zoo model, on the committed held-out text (sere.fidelity; CPU, float32):
+For each zoo model, on the committed held-out text (sere.harness.fidelity; CPU, float32):
   1. methods at equal budget: SERE and random re-routing over S x threshold, top-S
-     truncation, drop (truncate's slots get weight 0, not renormalised: sere.methods.drop)
+     truncation, drop (truncate's slots get weight 0, not renormalised: sere.harness.methods.drop)
      and OEA over S, at batch size 16 (64 windows of 128 tokens); SERE with each other
      calibrated similarity at rho = 0 and the paper's S=2, rho=0.1; and, for a similarity
      that can be negative (substitution, in [-1, 1]), at rho = -1, where every secondary slot
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sere.fidelity import Composition, fidelity, reference_pass
-from sere.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, model_dir
+from sere.harness.fidelity import Composition, fidelity, reference_pass
+from sere.harness.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, model_dir
 
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7)
 PAPER_SETTINGS = ((2, 0.1), (1, 0.0))
@@ -45,7 +45,7 @@ CONTROLS = ("truncate", "drop", "oea")
 # slot moves, the equal-budget setting (CKA's values are >= 0, so for it that is rho = 0).
 ALL_MOVE_RHO = {"substitution": -1.0}
 RANDOM_SEEDS = 8
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "bench" / "results"
+DEFAULT_OUT = Path(__file__).resolve().parents[3] / "bench" / "results"
 
 
 def primary_slots(k: int) -> tuple[int, ...]:
@@ -111,10 +111,10 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
 
 
 def _measure(model, ref, sim, S: int, rho: float, method: str, options):
-    """fidelity() of one setting; "drop" = router weights zeroed by sere.methods.dropping_weights
+    """fidelity() of one setting; "drop" = router weights zeroed by sere.harness.methods.dropping_weights
     while the truncate transform folds the same slots' ids (so experts per step are truncate's)."""
     if method == "drop":
-        from sere.methods import dropping_weights
+        from sere.harness.methods import dropping_weights
 
         with dropping_weights(model, S):
             return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method="truncate")
@@ -284,7 +284,7 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
              "Do not edit by hand; the findings come from accuracy_notes.md (`--notes`), re-render with `--from-json`.\n",
              "Every number compares a re-routed model with the unmodified model on the committed held-out "
              f"text (tests/zoo/heldout.txt; {NUM_WINDOWS} windows of {SEQ_LEN} tokens; B windows share each "
-             "decode step, see sere/fidelity.py). KL = mean KL(stock || re-routed) of the next-token "
+             "decode step, see sere/harness/fidelity.py). KL = mean KL(stock || re-routed) of the next-token "
              "distributions (nats); top-1 agree = share of positions where both pick the same next token; "
              "ppl ratio = re-routed / stock held-out perplexity; greedy match = leading greedy tokens (of 32) "
              "equal to the stock model's after a 16-token prompt; experts per step = distinct experts per "
@@ -292,8 +292,8 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
              "SERE moves, sent to a random primary expert (same experts per step as SERE); truncate = top-S "
              "routing (a removed slot's weight goes to the token's top expert: renormalised top-S); drop = the same "
              "slots removed with their weight set to 0 and not renormalised (the token goes without those experts' "
-             "contribution; sere.methods.drop, measured with truncate's ids and the weights zeroed by "
-             "sere.methods.dropping_weights, so the same experts per step as truncate); oea = Opportunistic Expert "
+             "contribution; sere.harness.methods.drop, measured with truncate's ids and the weights zeroed by "
+             "sere.harness.methods.dropping_weights, so the same experts per step as truncate); oea = Opportunistic Expert "
              "Activation (keep top-S plus secondaries the batch already loads). sere[<metric>] = SERE with that "
              "calibration's artifact (tests/zoo/<model>/similarity_<metric>/). The substitution similarity "
              "(calibration/substitution.py) lies in [-1, 1] (0 = as bad as dropping the expert), so its rho = 0 and "
@@ -451,7 +451,7 @@ def main(argv=None) -> None:
         rows += sweep_model(name)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": "python -m sere.zoo.sweep" + (f" --models {' '.join(args.models)}" if args.models != list(ZOO_MODELS) else ""),
+        "command": "python -m sere.harness.zoo.sweep" + (f" --models {' '.join(args.models)}" if args.models != list(ZOO_MODELS) else ""),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__,

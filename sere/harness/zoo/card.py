@@ -1,10 +1,10 @@
 """Write the card of a trained zoo model: README.md (for people) and card.json (for tools).
 
-    python -m sere.zoo.card --model qwen2_moe          # after sere.zoo.train and calibration
+    python -m sere.harness.zoo.card --model qwen2_moe          # after sere.harness.zoo.train and calibration
 
 Measures on the committed held-out text: perplexity, the unigram baseline of the same
 tokenizer (token frequencies of the training split, add-one smoothed), and the routing
-entropies per MoE layer (sere.zoo.evaluate); reads the training log for seed, steps, wall
+entropies per MoE layer (sere.harness.zoo.evaluate); reads the training log for seed, steps, wall
 time and the loss curve; names the similarity artifact if one is there.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import argparse
 import json
 from pathlib import Path
 
-from sere.zoo import heldout_ids, load_zoo_model, model_dir
-from sere.zoo.data import DEFAULT_VOCAB, HELDOUT_EVERY, HELDOUT_OFFSET, encode, prepare
-from sere.zoo.evaluate import heldout_perplexity, routing_entropy, unigram_perplexity
-from sere.zoo.models import ZOO_MODELS, count_parameters
-from sere.zoo.train import DEFAULT_DATA_DIR
+from sere.harness.zoo import heldout_ids, load_zoo_model, model_dir
+from sere.harness.zoo.data import DEFAULT_VOCAB, HELDOUT_EVERY, HELDOUT_OFFSET, encode, prepare
+from sere.harness.zoo.evaluate import heldout_perplexity, routing_entropy, unigram_perplexity
+from sere.harness.zoo.models import ZOO_MODELS, count_parameters
+from sere.harness.zoo.train import DEFAULT_DATA_DIR
 
 EVAL_SEQ_LEN = 128
 
@@ -77,7 +77,7 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
     if "saved_step" in log:
         selection = (f"\nSaved: the weights of step {log['saved_step']}, the best of the evaluations every {a['eval_every']} steps by "
                      f"perplexity on a validation split of the training text ({log['validation_tokens']:,} tokens, "
-                     f"sere.zoo.data.split_validation; not the held-out text): {log['best_val_ppl']:.2f}.\n")
+                     f"sere.harness.zoo.data.split_validation; not the held-out text): {log['best_val_ppl']:.2f}.\n")
     upcycling = _upcycling_section(log.get("upcycle"))
     return f"""# Zoo model `{name}` ({cfg.model_type})
 
@@ -99,7 +99,7 @@ byte-level BPE, {DEFAULT_VOCAB} tokens, trained with `tokenizers` on the trainin
 (`tokenizer.json`, shared by the zoo models).
 
 ## Training
-{upcycling}`python -m sere.zoo.train --model {name} {_train_flags(a)}`
+{upcycling}`python -m sere.harness.zoo.train --model {name} {_train_flags(a)}`
 on {log['device']} ({log['threads']} CPU threads), torch {log['torch']}, {log['date']}: {log['steps_done']} steps,
 {log['tokens_seen']:,} tokens seen ({log['tokens_seen'] / log['train_tokens']:.2f} epochs of {log['train_tokens']:,}),
 {log['wall_s'] / 60:.1f} min wall (stopped by {stop}). AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine
@@ -148,7 +148,7 @@ def _train_flags(a: dict) -> str:
 
 
 def _upcycling_section(up: dict | None) -> str:
-    """How an upcycled model was initialised (sere.zoo.upcycle), with its dense model's training."""
+    """How an upcycled model was initialised (sere.harness.zoo.upcycle), with its dense model's training."""
     if not up:
         return ""
     d = up.get("dense_log", {})
@@ -157,7 +157,7 @@ def _upcycling_section(up: dict | None) -> str:
              f"{d['wall_s'] / 60:.1f} min on {d['device']}, best validation perplexity {d.get('best_val_ppl', float('nan')):.2f} "
              f"(step {d.get('saved_step', '-')}); its log is `dense_train_log.json` (weights not kept: "
              "bench/gpu/train_zoo.sh retrains it).\n" if d else "")
-    return f"""Upcycled, the way Qwen1.5-MoE was made from Qwen-1.8B (sere/zoo/upcycle.py): the trained dense model's
+    return f"""Upcycled, the way Qwen1.5-MoE was made from Qwen-1.8B (sere/harness/zoo/upcycle.py): the trained dense model's
 FFN split into {up['n_shards']} shards of {up['expert_intermediate']} neurons; routed expert e = shard (e mod {up['n_shards']}), so
 {up['copies_per_shard']} copies of each shard; each copy's neurons shuffled, then {up['reinit_neurons_per_expert']} of its {up['expert_intermediate']}
 neurons ({up['reinit_fraction']:.0%}) re-initialised (normal, std 0.02); shared expert = {up['shared_expert']};

@@ -1,7 +1,7 @@
 """Local model folders that vLLM can load without a hub: tiny random MoE checkpoints (tests)
 and config-only folders with real shapes (benchmarks with load_format="dummy").
 
-    from sere.vllm.testing import save_tiny_checkpoint
+    from sere.harness.vllm_testing import save_tiny_checkpoint
     path = save_tiny_checkpoint("qwen2_moe", tmp_dir)          # weights, tokenizer, similarity
     LLM(model=str(path), hf_overrides={"architectures": ["Qwen2MoeForCausalLMSERE"],
                                        "select_top_k": 1, "threshold": 0.1})
@@ -27,7 +27,7 @@ ARCHITECTURES = {
 }
 
 
-# What vLLM's CPU backend needs of the tiny configs (sere.model_configs): attention head sizes
+# What vLLM's CPU backend needs of the tiny configs (sere.harness.model_configs): attention head sizes
 # it has kernels for (32, 64, ...; the tiny models have 16), and DeepSeek-V2's MLA cache shape
 # (kv_lora_rank 512 + rope 64, the only one the CPU MLA kernel supports).
 VLLM_CPU_OVERRIDES = {
@@ -58,7 +58,7 @@ def save_random_similarity(model_dir: str | Path, config, *, seed: int = 0, num_
                            low: float = -1.0) -> Path:
     """Write a random artifact that fits `config` (or the given expert count / layers)."""
     from sere.artifact import moe_layer_indices, save_similarity
-    from sere.model_configs import num_experts_of
+    from sere.harness.model_configs import num_experts_of
 
     E = num_experts if num_experts is not None else num_experts_of(config)
     layers = list(layers) if layers is not None else moe_layer_indices(config)
@@ -89,10 +89,10 @@ def save_byte_tokenizer(model_dir: str | Path, vocab_size: int = 256) -> None:
 
 def save_tiny_checkpoint(arch: str, model_dir: str | Path, *, seed: int = 0, similarity: bool = True,
                          sim_seed: int = 0, dtype=torch.float32, overrides: dict | None = None) -> Path:
-    """A tiny random `arch` model (sere.model_configs, with VLLM_CPU_OVERRIDES unless
+    """A tiny random `arch` model (sere.harness.model_configs, with VLLM_CPU_OVERRIDES unless
     `overrides` is given) saved with a byte tokenizer and, with `similarity`, a random
     sere_similarity.safetensors beside it. Returns the folder."""
-    from sere.model_configs import build_tiny_model
+    from sere.harness.model_configs import build_tiny_model
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)

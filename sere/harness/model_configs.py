@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sere.artifact import num_experts_of  # noqa: F401 (the rule lives in the runtime; re-exported)
+
 # Shared by every tiny model: 2 decoder layers, 8 experts, top-4 (DeepSeek-V2 keeps its
 # first layer dense, as the real model does, so it gets 3 layers).
 _TINY_COMMON: dict[str, Any] = dict(
@@ -80,15 +82,6 @@ def build_tiny_model(arch: str, seed: int = 0, dtype=None, **overrides):
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def num_experts_of(config) -> int:
-    """Routed expert count of a transformers MoE config, whatever the family calls it."""
-    for name in ("num_experts", "n_routed_experts", "num_local_experts"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    raise ValueError(f"{type(config).__name__} has no routed expert count (not an MoE config?)")
 
 
 # --- real-size configs ----------------------------------------------------------------

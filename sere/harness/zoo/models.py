@@ -5,9 +5,9 @@ stays under 6 MB (the working tree travels to the GPU machine), yet with the fea
 cares about: at least 32 routed experts, top-4 or top-8 routing, shared experts where the
 family has them, DeepSeek-V2's dense first layer and unsorted top-k.
 `qwen2_moe_upcycled` has qwen2_moe's config but is made the way Qwen1.5-MoE was: upcycled
-from the dense model `qwen2_dense` (sere.zoo.upcycle), then trained as an MoE.
+from the dense model `qwen2_dense` (sere.harness.zoo.upcycle), then trained as an MoE.
 
-    from sere.zoo.models import ZOO_MODELS, zoo_config
+    from sere.harness.zoo.models import ZOO_MODELS, zoo_config
     config = zoo_config("qwen3_moe", vocab_size=2048)
 """
 from __future__ import annotations

