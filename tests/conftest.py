@@ -12,5 +12,5 @@ def pytest_addoption(parser):
         "--update-goldens",
         action="store_true",
         default=False,
-        help="rewrite tests/zoo/goldens.json from the current accuracy metrics (tests/test_accuracy.py)",
+        help="rewrite the goldens instead of comparing: tests/zoo/goldens.json (tests/test_accuracy.py) and tests/goldens/routing_ids.json (tests/test_routing_goldens.py)",
     )
