@@ -10,7 +10,6 @@ activation or kernel (eager loop, grouped_mm, ...): no model code is copied here
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,7 +17,6 @@ import torch
 from torch import nn
 
 DEFAULT_OUTPUT_ELEMENTS = 1 << 26  # expert outputs computed per call: E * chunk * H at most
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -30,23 +28,20 @@ class MoELayer:
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
-    """Every block with a router `gate` and a fused `experts` module, by decoder-layer index."""
-    found: dict[int, MoELayer] = {}
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.Module) or not isinstance(getattr(module, "gate", None), nn.Module):
+    """Every MoE block with a fused `experts` module, by decoder-layer index: the blocks of the
+    routers `sere.hf.find_routers` finds (the one MoE discovery for transformers models)."""
+    from sere.hf import find_routers
+
+    found = []
+    for site in find_routers(model):
+        experts = getattr(site.block, "experts", None)
+        if not isinstance(experts, nn.Module):
             continue
         num_experts = _num_experts(experts)
         if num_experts is None:
             continue  # a ModuleList of expert MLPs (older layouts): not the fused interface
-        match = _LAYER_INDEX.search(name + ".")
-        if match is None:
-            raise ValueError(f"MoE block {name!r} is not inside a `layers.N` decoder layer")
-        index = int(match.group(1))
-        if index in found:
-            raise ValueError(f"two MoE blocks in decoder layer {index}: {found[index].name!r} and {name!r}")
-        found[index] = MoELayer(index, name, experts, num_experts)
-    return [found[i] for i in sorted(found)]
+        found.append(MoELayer(site.layer, site.block_name, experts, num_experts))
+    return found
 
 
 def _num_experts(experts: nn.Module) -> int | None:

@@ -55,6 +55,11 @@ class SimilarityArtifact:
     def method(self) -> str | None:
         return self.metadata.get("method")
 
+    def device_matrices(self, layers, device) -> dict[int, torch.Tensor]:
+        """{layer: [E, E] float32, contiguous, on `device`} for `layers`: what re-routers use.
+        The matrices were validated when the artifact was loaded; nothing is checked again."""
+        return {int(i): self.matrices[int(i)].to(device=device, dtype=torch.float32).contiguous() for i in layers}
+
     def to(self, device=None, dtype=None) -> "SimilarityArtifact":
         moved = {k: v.to(device=device, dtype=dtype) for k, v in self.matrices.items()}
         return SimilarityArtifact(moved, dict(self.metadata), self.path)

@@ -1,10 +1,35 @@
-"""SERE settings: S (primary slots per token) and rho (threshold), with per-layer overrides."""
+"""SERE's one configuration type, and the per-layer plan it becomes once the MoE layers are known.
+
+Every entry point parses its input into a `SereConfig` once: the Python call
+(`SereConfig(...)`, `sere.hf.enable(...)`'s keywords), the paper's `hf_overrides` and vLLM's
+`additional_config={"sere": {...}}` (`SereConfig.from_dict`, via sere.vllm.settings). The
+constructor validates every field; `plan(moe_layers)` then checks the layer names against the
+model and gives one `LayerPlan` per re-routed layer. Nothing downstream validates again.
+
+Fields (one name each; from_dict also takes the older spellings in ALIASES):
+  select_top_k, threshold  S (primary slots per token) and rho (the similarity threshold)
+  layer_overrides          {layer: {"select_top_k"?, "threshold"?}}
+  layers                   re-route only these MoE layers (None: all of them)
+  max_tokens               leave calls with more tokens than this untouched (prefill chunks)
+  backend                  "auto" | "reference" | "torch" | "numba" (see sere.reroute)
+  method, method_options   the routing transform by name (sere.transforms), with its options
+  sort_slots               order each token's slots by weight first: True, False, or None = unless
+                           the router is known to return them sorted (sere.rerouter.SORTED_ROUTERS)
+  record_stats             False; True (the integration's default recorder); or N > 1, a ring
+                           of the last N steps per layer (CUDA-graph safe)
+  similarity               the artifact file or folder (None: the integration's default place)
+"""
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+BACKENDS = ("auto", "reference", "torch", "numba")
+ALIASES = {"enabled_layers": "layers", "similarity_path": "similarity"}
+OVERRIDE_KEYS = ("select_top_k", "threshold")
 
 
 @dataclass(frozen=True)
@@ -14,34 +39,69 @@ class LayerSetting:
 
 
 @dataclass(frozen=True)
+class LayerPlan:
+    """What one MoE layer's re-router does (validated; the re-router trusts it)."""
+
+    layer: int
+    select_top_k: int
+    threshold: float
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
 class SereConfig:
-    """select_top_k S and threshold rho for every MoE layer, optionally overridden per layer.
-
-    layer_overrides maps a layer index to {"select_top_k": .., "threshold": ..} (either key may
-    be left out). max_tokens: skip re-routing for batches holding more tokens than this (V1
-    engines mix prefill chunks into decode steps; there the primary set fills up anyway).
-    enabled_layers: restrict SERE to these layer indices (None = every MoE layer).
-    """
-
     select_top_k: int = 1
     threshold: float = 0.1
     layer_overrides: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     max_tokens: int | None = None
-    enabled_layers: frozenset[int] | None = None
+    layers: frozenset[int] | None = None
     backend: str = "auto"
+    method: str = "sere"
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    sort_slots: bool | None = None
+    record_stats: bool | int = False
+    similarity: str | None = None
+    source: str = field(default="", compare=False)  # where the settings came from, for messages
 
     def __post_init__(self):
         _check_setting(self.select_top_k, self.threshold, where="SereConfig")
+        if not isinstance(self.layer_overrides, Mapping):
+            raise TypeError(f"layer_overrides must be a dict {{layer: {{...}}}}, got {type(self.layer_overrides).__name__}")
         for layer, over in self.layer_overrides.items():
-            unknown = set(over) - {"select_top_k", "threshold"}
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise TypeError(f"layer_overrides keys must be int layer indices, got {layer!r}")
+            if not isinstance(over, Mapping):
+                raise TypeError(f"layer_overrides[{layer}] must be a dict, got {type(over).__name__}")
+            unknown = set(over) - set(OVERRIDE_KEYS)
             if unknown:
                 raise ValueError(f"layer_overrides[{layer}] has unknown key(s) {sorted(unknown)}")
             s = self.for_layer(layer)
             _check_setting(s.select_top_k, s.threshold, where=f"layer_overrides[{layer}]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             raise ValueError(f"max_tokens must be a positive int or None, got {self.max_tokens!r}")
-        if self.enabled_layers is not None:
-            object.__setattr__(self, "enabled_layers", frozenset(int(i) for i in self.enabled_layers))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", frozenset(_layer_indices(self.layers)))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not isinstance(self.method, str) or not self.method:
+            raise TypeError(f"method must be a transform name, got {self.method!r}")
+        if not isinstance(self.method_options, Mapping):
+            raise TypeError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        if self.sort_slots is not None and not isinstance(self.sort_slots, bool):
+            raise TypeError(f"sort_slots must be true, false or null, got {self.sort_slots!r}")
+        r = self.record_stats
+        if not (isinstance(r, bool) or (isinstance(r, int) and r >= 1)):
+            raise ValueError(f"record_stats must be true, false or a step capacity > 1, got {r!r}")
+        if r == 1 and not isinstance(r, bool):
+            object.__setattr__(self, "record_stats", True)  # 1 reads as "on", not a ring of one step
+        if self.similarity is not None:
+            if not isinstance(self.similarity, (str, os.PathLike)):
+                raise TypeError(f"similarity must be an artifact path, got {self.similarity!r}")
+            object.__setattr__(self, "similarity", os.fspath(self.similarity))
+
+    # ---- per layer ----------------------------------------------------------------------
 
     def for_layer(self, layer: int) -> LayerSetting:
         over = self.layer_overrides.get(layer, {})
@@ -49,18 +109,67 @@ class SereConfig:
         return LayerSetting(over.get("select_top_k", self.select_top_k), over.get("threshold", self.threshold))
 
     def applies_to(self, layer: int) -> bool:
-        return self.enabled_layers is None or layer in self.enabled_layers
+        return self.layers is None or layer in self.layers
+
+    def plan(self, moe_layers: Iterable[int], *, what: str = "") -> dict[int, LayerPlan]:
+        """{layer: LayerPlan} for the re-routed MoE layers; `layers` and `layer_overrides` must
+        name MoE layers only. `what` prefixes messages (e.g. "SERE (hf_overrides)")."""
+        moe = sorted(set(int(i) for i in moe_layers))
+        prefix = f"{what} " if what else ""
+        for name, named in (("layers", self.layers or ()), ("layer_overrides", self.layer_overrides)):
+            bad = sorted(set(named) - set(moe))
+            if bad:
+                raise ValueError(f"{prefix}{name} names layer(s) {bad} that have no MoE router; the MoE layers are {moe}")
+        chosen = [i for i in moe if self.applies_to(i)]
+        if not chosen:
+            raise ValueError(f"{prefix}layers=[] selects no MoE layer; leave it out (None) for all of them")
+        plans = {}
+        for i in chosen:
+            s = self.for_layer(i)
+            plans[i] = LayerPlan(i, int(s.select_top_k), float(s.threshold), self.max_tokens)
+        return plans
+
+    # ---- parsing --------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SereConfig":
-        known = {"select_top_k", "threshold", "layer_overrides", "max_tokens", "enabled_layers", "backend"}
-        unknown = set(d) - known - {"similarity_path"}
-        if unknown:
-            raise ValueError(f"unknown SERE setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        kw = {k: v for k, v in d.items() if k in known}
-        if "layer_overrides" in kw:
-            kw["layer_overrides"] = {int(k): v for k, v in kw["layer_overrides"].items()}
-        return cls(**kw)
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "") -> "SereConfig":
+        """From JSON-like settings (hf_overrides, additional_config, a CLI): string layer keys
+        are read as ints, lists as sets, the older key names of ALIASES are accepted."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"SERE settings must be a dict, got {type(d).__name__}")
+        known = {f for f in cls.__dataclass_fields__ if f != "source"}
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(f"unknown SERE setting(s) {sorted(set(d) - known - set(ALIASES))}; known: {sorted(known)}")
+            if name in kw:
+                raise ValueError(f"SERE setting {name!r} given twice (as {name!r} and as its alias)")
+            kw[name] = value
+        if isinstance(kw.get("layer_overrides"), Mapping):
+            kw["layer_overrides"] = {_int_key(k): v for k, v in kw["layer_overrides"].items()}
+        return cls(**kw, source=source)
+
+    def describe(self) -> str:
+        return (f"S={self.select_top_k}, threshold={self.threshold}, max_tokens={self.max_tokens}, "
+                f"backend={self.backend}, method={self.method}")
+
+
+def _int_key(k):
+    if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+        return int(k)
+    return k
+
+
+def _layer_indices(layers) -> list[int]:
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a list of layer indices or None, got {layers!r}")
+    out = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"layers must hold int layer indices, got {i!r}")
+        out.append(int(i))
+    return out
 
 
 def _check_setting(select_top_k, threshold, *, where: str) -> None:

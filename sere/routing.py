@@ -19,11 +19,9 @@ from functools import lru_cache
 
 import torch
 
+from sere.config import BACKENDS
 from sere.kernels.vectorized import reroute_torch
 from sere.validation import check_reroute_args, check_similarity_values
-
-BACKENDS = ("auto", "reference", "torch", "numba")
-
 
 @lru_cache(maxsize=None)
 def numba_cuda_usable() -> bool:
@@ -85,17 +83,25 @@ def reroute(
     check_reroute_args(topk_ids, similarity, select_top_k, threshold)
     _check_finite_once(similarity)
     name = resolve_backend(backend, topk_ids.device)
-    S, rho = int(select_top_k), float(threshold)
-    if name == "reference":
+    return route_unchecked(topk_ids, similarity, int(select_top_k), float(threshold), name)
+
+
+def route_unchecked(
+    topk_ids: torch.Tensor, similarity: torch.Tensor, select_top_k: int, threshold: float, backend: str
+) -> torch.Tensor:
+    """The contract on a resolved backend ("reference", "torch" or "numba"), without input
+    checks: the per-call path of the re-routers, whose settings and similarity were
+    validated once when they were built. Everyone else calls `reroute`."""
+    if backend == "reference":
         from sere.kernels.reference import reroute_reference
 
-        out = reroute_reference(topk_ids.cpu().numpy(), similarity.float().cpu().numpy(), S, rho)
+        out = reroute_reference(topk_ids.cpu().numpy(), similarity.float().cpu().numpy(), select_top_k, threshold)
         return torch.from_numpy(out).to(topk_ids.device)
-    if name == "numba":
+    if backend == "numba":
         from sere.kernels.numba_cuda import reroute_numba
 
-        return reroute_numba(topk_ids, similarity, S, rho)
-    return reroute_torch(topk_ids, similarity, S, rho)
+        return reroute_numba(topk_ids, similarity, select_top_k, threshold)
+    return reroute_torch(topk_ids, similarity, select_top_k, threshold)
 
 
 def reroute_with_stats(

@@ -13,6 +13,7 @@ import torch
 
 import sere
 import sere.hf
+import sere.rerouter
 from sere.harness import methods
 from sere.harness.model_configs import TINY_ARCHS, build_tiny_model
 from sere.recorder import FIELDS, ExpertStatsRecorder
@@ -166,7 +167,7 @@ def test_experts_receive_reference_rerouted_ids(arch, sort_slots):
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_known_sorted_routers_do_return_sorted_weights(arch):
-    """sere.hf skips the slot sort for SORTED_ROUTERS: each must really return descending
+    """sere.hf skips the slot sort for sere.rerouter.SORTED_ROUTERS: each must really return descending
     weights (here over 512 random tokens), and the others must need the sort."""
     model = build_tiny_model(arch)
     site = sere.hf.find_routers(model)[0]
@@ -174,7 +175,7 @@ def test_known_sorted_routers_do_return_sorted_weights(arch):
     with torch.no_grad():
         weights = site.module(hidden)[1]  # T, k
     is_sorted = bool((weights[:, :-1] >= weights[:, 1:]).all())
-    assert is_sorted == sere.hf.router_returns_sorted(site.module), type(site.module).__name__
+    assert is_sorted == sere.rerouter.router_returns_sorted(site.module), type(site.module).__name__
 
 
 def test_sort_slots_false_trusts_the_router_order():
@@ -218,8 +219,8 @@ def test_reroute_in_weight_order_commutes_with_slot_permutation(seed):
     sim = torch.rand(16, 16, generator=gen)
     fn = lambda x: sere.reroute(x, sim, 2, 0.3, backend="torch")  # noqa: E731
     perm = torch.stack([torch.randperm(k, generator=gen) for _ in range(T)])  # T, k
-    base, _, _ = sere.hf.reroute_in_weight_order(ids, w, fn)
-    shuffled, _, _ = sere.hf.reroute_in_weight_order(ids.gather(1, perm), w.gather(1, perm), fn)
+    base, _, _ = sere.rerouter.reroute_in_weight_order(ids, w, fn)
+    shuffled, _, _ = sere.rerouter.reroute_in_weight_order(ids.gather(1, perm), w.gather(1, perm), fn)
     assert torch.equal(shuffled, base.gather(1, perm))
 
 

