@@ -21,16 +21,19 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from sere.kernels import numba_cuda as nc
+from sere.kernels import numba_device
+from sere.kernels.numba_launch import TORCH_SIM_KIND
+from sere.kernels.numba_pointer import PointerKernel, cached_pointer_kernel
+# The kernel body refers to `cuda` by this global name (the simulator swaps it per thread).
+from sere.kernels.numba_runtime import cuda, numba
 
-cuda = nc.cuda  # the kernel body refers to `cuda` (the simulator swaps it per thread)
 THREADS = 128
 _NO_EXPERT = 0x7FFFFFFF
 
 
 def _make_scan_kernel(sim_kind: str):
     """One thread per slot of ids [T*k]; is_primary [E + 2] int8 (2 spare slots for invalid ids)."""
-    load_f32 = nc.SIM_LOADERS[sim_kind]
+    load_f32 = numba_device.SIM_LOADERS[sim_kind]
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
 
@@ -59,7 +62,7 @@ def _make_scan_kernel(sim_kind: str):
 
 
 def _signature(id_name: str, sim_kind: str):
-    types = nc.numba.types
+    types = numba.types
     idt = types.int32 if id_name == "int32" else types.int64
     simt = {"float32": types.float32, "float16": types.float16, "bfloat16": types.int16}[sim_kind]
     return types.void(
@@ -90,7 +93,7 @@ def reroute_research_baseline(
         raise ValueError(f"needs CUDA tensors on one device, got {topk_ids.device} and {sim.device}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"ids must be int32 or int64, got {topk_ids.dtype}")
-    if sim.dtype not in nc.TORCH_SIM_KIND:
+    if sim.dtype not in TORCH_SIM_KIND:
         raise TypeError(f"sim must be float32, float16 or bfloat16, got {sim.dtype}")
     ids = topk_ids.contiguous()  # T, k
     sim = sim.contiguous()  # E, E
@@ -101,13 +104,13 @@ def reroute_research_baseline(
     if T * k == 0:
         return out
     mask = primary_mask_torch(ids, E, S)  # E + 2
-    sim_kind = nc.TORCH_SIM_KIND[sim.dtype]
+    sim_kind = TORCH_SIM_KIND[sim.dtype]
     if sim_kind == "bfloat16":
         sim = sim.view(torch.int16)
     id_name = "int32" if ids.dtype == torch.int32 else "int64"
-    kern = nc.cached_pointer_kernel(
+    kern = cached_pointer_kernel(
         ("research_baseline", id_name, sim_kind),
-        lambda: nc.PointerKernel(_make_scan_kernel(sim_kind), _signature(id_name, sim_kind), THREADS),
+        lambda: PointerKernel(_make_scan_kernel(sim_kind), _signature(id_name, sim_kind), THREADS),
     )
     device_index = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
     args = (

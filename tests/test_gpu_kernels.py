@@ -164,7 +164,7 @@ def test_cuda_graph_replay_with_new_inputs(backend, id_dtype, sim_dtype):
 )
 @pytest.mark.parametrize("min_tokens", (None, 1))
 def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype, min_tokens, monkeypatch):
-    from sere.kernels import numba_cuda as nc
+    from sere.kernels import numba_launch as nc  # the module whose shape rule reads TWO_LAUNCH_MIN_TOKENS
     from sere.kernels.numba_cuda import reroute_numba
 
     if min_tokens is not None:  # the shape rule runs inside the op: two launches here
@@ -187,7 +187,7 @@ def test_torch_compile_fullgraph(entry, id_dtype, sim_dtype, min_tokens, monkeyp
 
 @pytest.mark.parametrize("min_tokens", (None, 1))
 def test_custom_op_and_eager_path_agree(min_tokens, monkeypatch):
-    from sere.kernels import numba_cuda as nc
+    from sere.kernels import numba_launch as nc  # the module whose shape rule reads TWO_LAUNCH_MIN_TOKENS
     from sere.kernels.numba_cuda import reroute_numba
 
     if min_tokens is not None:  # the op and the eager entry on the two-launch path

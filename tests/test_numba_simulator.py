@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sere.kernels import numba_cuda as nc
+from sere.kernels import numba_launch, numba_numpy
 from sere.kernels.reference import reroute_reference
 from sere.kernels.research_baseline import reroute_research_baseline_numpy
 
@@ -106,18 +107,18 @@ def test_shape_rule_picks_two_launches_from_the_threshold(monkeypatch):
     """The rule reads only T, k and S; with the threshold lowered, the default call takes the
     two-launch path (checked by making that path's kernel the only one that can run)."""
     assert nc.use_two_launch(4096, 8, 1) and not nc.use_two_launch(256, 8, 7)  # decode: one launch
-    monkeypatch.setattr(nc, "TWO_LAUNCH_MIN_TOKENS", 33)
+    monkeypatch.setattr(numba_launch, "TWO_LAUNCH_MIN_TOKENS", 33)
     assert nc.use_two_launch(33, 8, 2) and not nc.use_two_launch(32, 8, 2)
     assert not nc.use_two_launch(33, 8, 0) and not nc.use_two_launch(33, 8, 8)  # identity: one launch
     rng = np.random.default_rng(29)
     ids, sim = random_case(rng, 33, 60, 8, np.int64, np.float32)
-    one_launch_compiled = nc._array_kernel
+    one_launch_compiled = numba_numpy._array_kernel
 
     def refuse_one_launch(sim_kind, cols, threads, lanes, two_launch=False):
         assert two_launch, "the shape rule should have picked the two-launch path"
         return one_launch_compiled(sim_kind, cols, threads, lanes, two_launch)
 
-    monkeypatch.setattr(nc, "_array_kernel", refuse_one_launch)
+    monkeypatch.setattr(numba_numpy, "_array_kernel", refuse_one_launch)
     assert_same_ids(nc.reroute_numba_numpy(ids, sim, 2, 0.5), reroute_reference(ids, sim, 2, 0.5), "auto")
 
 

@@ -1,0 +1,247 @@
+"""The reroute kernel bodies (plain Python functions; numba_pointer and numba_numpy compile them).
+
+The contract is written out in `sere.routing`; the oracle every test compares with is
+`sere.kernels.reference.reroute_reference`. Index letters: T = tokens, k = experts per token,
+E = experts, S = primary slots, K2 = k - S secondary slots per token, P = primary set.
+
+How the kernel works (one launch, no other kernels, no host sync):
+  1. Each warp (a group of `lanes` lanes, 32 on the GPU) owns one secondary slot (t, S + r) at a
+     time and, before any barrier, loads the slot's expert e and the row sim[e, :] into
+     registers (lane l holds columns l, l+32, ...): those loads fly while the block builds P.
+  2. Every block builds P itself in shared memory from slots 0..S-1 of ALL tokens (a flag per
+     expert: clear, barrier, set, barrier). Redundant across blocks, but at decode sizes it is
+     a few hundred L2-resident ids, and it removes the separate clear/scatter launches of the
+     research kernel. At prefill sizes this redundant read dominates (22 - 33 us at T = 4096),
+     hence the two-launch path below.
+  3. Each lane takes the best primary column among its own (value, then smallest index), a
+     butterfly shuffle gives the warp's argmax, lane 0 writes the new id. Blocks loop over
+     slots grid-stride, so the grid stays small for large T (each block rebuilds P once).
+Large T (the shape rule in numba_launch picks it): two launches instead. Launch 1, one block,
+builds P in shared memory from all head ids and writes all E flags to a per-call int32
+workspace (no clearing launch needed); launch 2 is the kernel above with P copied from that
+workspace (E reads per block instead of T*S), and a group reads its slot's flag BEFORE loading
+the row, skipping the row for primary and invalid ids. Same ids, bit for bit. Measured on an
+H100: 13 us at T = 4096 (S = 1, 2) against 22 / 33 us in one launch; the baseline is still
+faster there (7 us): see bench/results/kernel.md.
+Invalid ids (< 0 or >= E) are never primary and pass through; S <= 0, S >= k, or an empty P
+give the input back (the kernel then only copies).
+Measured on an H100 (bench/results/kernel.md): 2.3 - 3.5 us per call in CUDA-graph replay for
+T <= 256, E = 128, k = 8.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sere.kernels import numba_device as device
+from sere.kernels.numba_runtime import cuda, numba, simulator_enabled
+
+WARP = 32
+# Kernels are compiled for a fixed number of similarity columns per lane (the row prefetch
+# lives in registers, so its length must be a compile-time constant): E <= 32 * bucket.
+COLUMNS_PER_LANE_BUCKETS = (4, 8, 16, 32)
+MAX_EXPERTS = WARP * COLUMNS_PER_LANE_BUCKETS[-1]  # 1024: beyond, the prefetch spills registers
+DEFAULT_THREADS = 256  # 8 warps per block
+FLAG_THREADS = 1024  # the one block of launch 1: T*S / 1024 head ids per thread
+_NO_EXPERT = 0x7FFFFFFF  # index sentinel: loses every tie against a real expert
+
+
+def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False):
+    """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
+    size (`lanes` lanes share one secondary slot: 32 on the GPU, fewer under the simulator,
+    where every block barrier is expensive). two_launch=True gives launch 2 of the large-T path
+    (P read from a flags buffer) instead of the one-launch kernel.
+
+    Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
+    ids [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
+    """
+    if lanes < 1 or lanes > WARP or lanes & (lanes - 1) or threads % lanes or threads % WARP:
+        raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
+    load_f32 = device.SIM_LOADERS[sim_kind]
+    group_argmax = device.group_argmax
+    mask_len = lanes * cols
+    groups_per_block = threads // lanes
+    neg_inf = np.float32(-np.inf)
+    no_expert = _NO_EXPERT
+    # The two kernels share their per-slot work through these; on the GPU they are inlined at
+    # NVVM level, so `row` (a local array) still lives in registers after unrolling.
+    device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+
+    @device_fn
+    def load_row(row, sim, e, E, lane):
+        """This lane's columns of similarity row e: row[c] = sim[e, lane + lanes*c]."""
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E:
+                row[c] = load_f32(sim[e * E + j])
+
+    @device_fn
+    def best_primary(row, is_primary, E, lane):
+        """(value, index) of this lane's most similar primary column; (-inf, no_expert) if none.
+        Ascending columns with a strict > keep the smallest index among ties."""
+        best_v = neg_inf
+        best_i = no_expert
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E and is_primary[j] != 0:
+                if best_i == no_expert or row[c] > best_v:
+                    best_v = row[c]
+                    best_i = j
+        return best_v, best_i
+
+    def reroute_kernel(ids, sim, out, T, k, E, S, rho):
+        is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
+        scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
+        scratch_i = cuda.shared.array(threads, numba.int64)
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        group = tid // lanes
+        block = cuda.blockIdx.x
+        blocks = cuda.gridDim.x
+
+        if S <= 0 or S >= k:  # identity: copy, grid-stride
+            for i in range(block * threads + tid, T * k, blocks * threads):
+                out[i] = ids[i]
+            return
+
+        K2 = k - S
+        n_head = T * S
+        n_sec = T * K2
+
+        # 1. Prefetch this group's first secondary slot and its similarity row (before barriers).
+        row = cuda.local.array(cols, numba.float32)  # registers after unrolling
+        slot = block * groups_per_block + group
+        e = -1
+        pos = 0
+        if slot < n_sec:
+            t = slot // K2
+            pos = t * k + S + (slot - t * K2)
+            e = ids[pos]
+        if e >= 0 and e < E:
+            load_row(row, sim, e, E, lane)
+
+        # 2. The primary set P, built by every block from slots 0..S-1 of all tokens.
+        for j in range(tid, E, threads):
+            is_primary[j] = 0
+        cuda.syncthreads()
+        for i in range(tid, n_head, threads):
+            t = i // S
+            h = ids[t * k + (i - t * S)]
+            if h >= 0 and h < E:
+                is_primary[h] = 1
+            if (i // threads) % blocks == block:  # one block copies each primary slot
+                out[t * k + (i - t * S)] = h
+        cuda.syncthreads()
+
+        # 3. Re-route: one group per secondary slot; the trip count is uniform per block.
+        base = block * groups_per_block
+        while base < n_sec:
+            best_v = neg_inf
+            best_i = no_expert
+            if e >= 0 and e < E and is_primary[e] == 0:
+                best_v, best_i = best_primary(row, is_primary, E, lane)
+            best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+            if lane == 0 and slot < n_sec:
+                if best_i != no_expert and best_v >= rho:
+                    out[pos] = best_i
+                else:
+                    out[pos] = e  # invalid, already primary, critical, or P empty
+
+            base += blocks * groups_per_block  # this group's next slot, loaded after the barriers
+            slot = base + group
+            e = -1
+            if slot < n_sec:
+                t = slot // K2
+                pos = t * k + S + (slot - t * K2)
+                e = ids[pos]
+            if e >= 0 and e < E:
+                load_row(row, sim, e, E, lane)
+
+    def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
+        """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1), so a
+        group knows whether its slot's expert is primary before it loads the row, and skips the
+        load for primary and invalid ids. Called only with 0 < S < k."""
+        is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags, copied from flags
+        scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
+        scratch_i = cuda.shared.array(threads, numba.int64)
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        group = tid // lanes
+        block = cuda.blockIdx.x
+        blocks = cuda.gridDim.x
+        K2 = k - S
+        n_head = T * S
+        n_sec = T * K2
+
+        # 1. This group's first slot: the row is loaded (before the barrier) only if it is needed.
+        row = cuda.local.array(cols, numba.float32)  # registers after unrolling
+        slot = block * groups_per_block + group
+        e = -1
+        pos = 0
+        needs_row = False
+        if slot < n_sec:
+            t = slot // K2
+            pos = t * k + S + (slot - t * K2)
+            e = ids[pos]
+            needs_row = e >= 0 and e < E and flags[e] == 0
+        if needs_row:
+            load_row(row, sim, e, E, lane)
+
+        # 2. P into shared memory (E reads per block, not T*S); the primary slots copy through.
+        for j in range(tid, E, threads):
+            is_primary[j] = flags[j]
+        for i in range(block * threads + tid, n_head, blocks * threads):
+            t = i // S
+            out[t * k + (i - t * S)] = ids[t * k + (i - t * S)]
+        cuda.syncthreads()
+
+        # 3. Re-route, as in the one-launch kernel; slots that need no row do no column work.
+        base = block * groups_per_block
+        while base < n_sec:
+            best_v = neg_inf
+            best_i = no_expert
+            if needs_row:
+                best_v, best_i = best_primary(row, is_primary, E, lane)
+            best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+            if lane == 0 and slot < n_sec:
+                if best_i != no_expert and best_v >= rho:
+                    out[pos] = best_i
+                else:
+                    out[pos] = e  # invalid, already primary, critical, or P empty
+
+            base += blocks * groups_per_block
+            slot = base + group
+            e = -1
+            needs_row = False
+            if slot < n_sec:
+                t = slot // K2
+                pos = t * k + S + (slot - t * K2)
+                e = ids[pos]
+                needs_row = e >= 0 and e < E and is_primary[e] == 0
+            if needs_row:
+                load_row(row, sim, e, E, lane)
+
+    return reroute_after_flags_kernel if two_launch else reroute_kernel
+
+
+def make_flags_kernel(threads: int):
+    """Launch 1 of the two-launch path, ONE block of `threads` threads: the primary flags of all
+    E experts from slots 0..S-1 of all tokens, built in shared memory and written out whole
+    (every flag is written, so the buffer needs no clearing launch). Called only with 0 < S < k.
+    ids [T*k], flags [E] int32."""
+
+    def primary_flags_kernel(ids, flags, T, k, E, S):
+        mask = cuda.shared.array(MAX_EXPERTS, numba.int32)
+        tid = cuda.threadIdx.x
+        for j in range(tid, E, threads):
+            mask[j] = 0
+        cuda.syncthreads()
+        for i in range(tid, T * S, threads):
+            t = i // S
+            h = ids[t * k + (i - t * S)]
+            if h >= 0 and h < E:
+                mask[h] = 1
+        cuda.syncthreads()
+        for j in range(tid, E, threads):
+            flags[j] = mask[j]
+
+    return primary_flags_kernel

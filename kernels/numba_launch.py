@@ -1,0 +1,112 @@
+"""The launch rule of the reroute kernels on torch tensors, and the launch itself.
+
+The shape rule (`use_two_launch`: shapes and S only, so graph- and compile-safe) picks one
+launch at decode sizes and two at large T; `grid_blocks` and `columns_per_lane` give the grid
+and the compile-time bucket; `launch_reroute` writes re-routed ids into a caller's tensor on
+torch's current stream.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP
+from sere.kernels.numba_pointer import after_flags_pointer_kernel, flags_pointer_kernel, pointer_kernel
+
+BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
+# Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
+# reads it (bench/results/kernel.md, "Large T: the two-launch path"; H100: one launch wins at
+# T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
+# batches (T <= 256) stay on the one-launch kernel whatever S.
+TWO_LAUNCH_MIN_TOKENS = 1024
+TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def columns_per_lane(num_experts: int, lanes: int = WARP) -> int:
+    """The compile-time bucket for E experts split over `lanes` lanes; a clear error when E
+    is above what the kernel keeps in registers and shared memory."""
+    for bucket in COLUMNS_PER_LANE_BUCKETS:
+        if num_experts <= lanes * bucket:
+            return bucket
+    raise ValueError(
+        f"the Numba reroute kernel supports at most {lanes * COLUMNS_PER_LANE_BUCKETS[-1]} experts "
+        f"(each of {lanes} lanes keeps {COLUMNS_PER_LANE_BUCKETS[-1]} similarity columns in registers "
+        f"and the primary set lives in shared memory); got E={num_experts}. "
+        "Use backend='torch' for larger E."
+    )
+
+
+def use_two_launch(T: int, k: int, S: int) -> bool:
+    """The shape rule (shapes and S only: graph- and compile-safe): two launches once T reaches
+    TWO_LAUNCH_MIN_TOKENS (read at call time, so tests can lower it), where the one-launch
+    kernel's per-block rebuild of P from all T*S head ids costs more than a second launch."""
+    return 0 < S < k and T >= TWO_LAUNCH_MIN_TOKENS
+
+
+@lru_cache(maxsize=None)
+def max_blocks_for(device_index: int) -> int:
+    return BLOCKS_PER_SM * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grid_blocks(T: int, k: int, S: int, threads: int, max_blocks: int, lanes: int = WARP) -> int:
+    """Blocks for one call: a group of `lanes` lanes per secondary slot (a thread per id when
+    S is out of range), capped so large T loops instead of rebuilding P in thousands of blocks."""
+    if 0 < S < k:
+        needed = -(-T * (k - S) // (threads // lanes))
+    else:
+        needed = -(-T * k // threads)
+    return max(1, min(needed, max_blocks))
+
+
+def launch_reroute(
+    topk_ids: torch.Tensor,
+    sim: torch.Tensor,
+    out: torch.Tensor,
+    select_top_k: int,
+    threshold: float,
+    *,
+    threads: int = DEFAULT_THREADS,
+    max_blocks: int | None = None,
+    lanes: int = WARP,
+    two_launch: bool | None = None,
+) -> None:
+    """Write re-routed ids into `out` (contiguous, like topk_ids) on torch's current stream.
+
+    topk_ids [T, k] int32/int64 contiguous, sim [E, E] float32/float16/bfloat16 contiguous.
+    No sync; safe inside CUDA-graph capture once the kernels are compiled. The one-launch path
+    allocates nothing; the two-launch path (large T, see `use_two_launch`) allocates an
+    E-flag int32 workspace per call from torch's allocator (stream-ordered, graph-capturable;
+    a cached buffer shared by streams or graphs would race).
+    threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks;
+    two_launch forces a path (None: the shape rule).
+    """
+    T, k = topk_ids.shape
+    E = sim.shape[0]
+    if T * k == 0:
+        return
+    cols = columns_per_lane(E, lanes)
+    sim_kind = TORCH_SIM_KIND[sim.dtype]
+    if sim_kind == "bfloat16":
+        sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
+    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
+    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    if max_blocks is None:
+        max_blocks = max_blocks_for(device_index)
+    S = max(-1, min(int(select_top_k), k))  # keep it in int32; any S <= 0 or >= k is identity
+    blocks = grid_blocks(T, k, S, threads, max_blocks, lanes)
+    stream_ptr = torch.cuda.current_stream(device_index).cuda_stream
+    shape = (np.int32(T), np.int32(k), np.int32(E), np.int32(S))
+    if two_launch is None:
+        two_launch = use_two_launch(T, k, S)
+    if two_launch and 0 < S < k:
+        flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
+        flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
+        kern = after_flags_pointer_kernel(id_name, sim_kind, cols, threads, lanes)
+        args = (topk_ids.data_ptr(), sim.data_ptr(), flags.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
+        kern.launch(blocks, stream_ptr, device_index, args)
+        return
+    kern = pointer_kernel(id_name, sim_kind, cols, threads, lanes)
+    args = (topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
+    kern.launch(blocks, stream_ptr, device_index, args)

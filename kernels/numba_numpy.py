@@ -1,0 +1,95 @@
+"""NumPy entry: the same reroute kernels on host arrays (the CUDA simulator or a GPU), for
+the simulator tests and the routing goldens.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP, make_flags_kernel, make_kernel
+from sere.kernels.numba_launch import columns_per_lane, grid_blocks, use_two_launch
+from sere.kernels.numba_runtime import NUMBA_ERROR, cuda, simulator_enabled
+
+_NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+
+
+@lru_cache(maxsize=None)
+def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch: bool = False):
+    return cuda.jit(make_kernel(sim_kind, cols, threads, lanes, two_launch))
+
+
+@lru_cache(maxsize=None)
+def _array_flags_kernel(threads: int):
+    return cuda.jit(make_flags_kernel(threads))
+
+
+SIMULATOR_LANES = 4  # lanes per slot under the simulator: fewer barrier rounds, same code path
+
+
+def reroute_numba_numpy(
+    ids: np.ndarray,
+    sim: np.ndarray,
+    select_top_k: int,
+    threshold: float,
+    *,
+    bf16_bits: bool = False,
+    threads: int | None = None,
+    max_blocks: int | None = None,
+    lanes: int | None = None,
+    two_launch: bool | None = None,
+) -> np.ndarray:
+    """The kernel on NumPy arrays; returns new ids (same shape and dtype).
+
+    ids [T, k] int32/int64; sim [E, E] float32/float16 (float64 is cast to float32, as the
+    contract compares in float32), or int16/uint16 bfloat16 bit patterns with bf16_bits=True.
+    Works under the CUDA simulator (defaults there: 32 threads, groups of 4 lanes, at most 2
+    blocks, so the grid-stride loop runs several rounds; each block barrier costs the simulator
+    dearly) and on a real GPU (32 lanes, 256 threads; numba copies the arrays both ways).
+    two_launch forces the large-T path on or off (None: `use_two_launch`, as on torch tensors).
+    """
+    if cuda is None:
+        raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
+    ids = np.asarray(ids)
+    sim = np.asarray(sim)
+    if ids.ndim != 2 or ids.dtype not in (np.int32, np.int64):
+        raise TypeError(f"ids must be a 2-D int32/int64 array, got {ids.dtype} shape {ids.shape}")
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be square [E, E], got shape {sim.shape}")
+    if bf16_bits:
+        if sim.dtype not in (np.int16, np.uint16):
+            raise TypeError(f"bf16_bits=True needs int16/uint16 bit patterns, got {sim.dtype}")
+        sim_kind, sim_flat = "bfloat16", np.ascontiguousarray(sim).view(np.int16).reshape(-1)
+    else:
+        if sim.dtype == np.float64:
+            sim = sim.astype(np.float32)
+        if sim.dtype not in _NUMPY_SIM_KIND:
+            raise TypeError(f"sim must be float32/float16 (or bf16 bits), got {sim.dtype}")
+        sim_kind, sim_flat = _NUMPY_SIM_KIND[sim.dtype], np.ascontiguousarray(sim).reshape(-1)
+    T, k = ids.shape
+    E = sim.shape[0]
+    out = np.empty_like(ids)
+    if T * k == 0:
+        return out
+    sim_mode = simulator_enabled()
+    threads = threads or (WARP if sim_mode else DEFAULT_THREADS)
+    max_blocks = max_blocks or (2 if sim_mode else 1024)
+    if lanes is None:
+        lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
+    S = max(-1, min(int(select_top_k), k))
+    blocks = grid_blocks(T, k, S, threads, max_blocks, lanes)
+    ids_flat = np.ascontiguousarray(ids).reshape(-1)
+    out_flat = out.reshape(-1)
+    shape = (np.int32(T), np.int32(k), np.int32(E), np.int32(S))
+    cols = columns_per_lane(E, lanes)
+    if two_launch is None:
+        two_launch = use_two_launch(T, k, S)
+    if two_launch and 0 < S < k:
+        flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
+        _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
+        _array_kernel(sim_kind, cols, threads, lanes, True)[blocks, threads](
+            ids_flat, sim_flat, flags, out_flat, *shape, np.float32(threshold))
+        return out
+    kernel = _array_kernel(sim_kind, cols, threads, lanes)
+    kernel[blocks, threads](ids_flat, sim_flat, out_flat, *shape, np.float32(threshold))
+    return out

@@ -1,0 +1,61 @@
+"""The reroute kernels as the torch custom op `torch.ops.sere.reroute`, and `reroute_numba`,
+the entry that skips the dispatcher on plain eager tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+from sere.kernels.numba_launch import TORCH_SIM_KIND, launch_reroute
+
+_TORCH_ID_TYPES = (torch.int32, torch.int64)
+
+
+def _check_torch_inputs(topk_ids: torch.Tensor, sim: torch.Tensor) -> None:
+    if not topk_ids.is_cuda or not sim.is_cuda:
+        raise ValueError(f"reroute_numba needs CUDA tensors, got {topk_ids.device} and {sim.device}")
+    if topk_ids.device != sim.device:
+        raise ValueError(f"topk_ids and sim are on different devices: {topk_ids.device}, {sim.device}")
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in _TORCH_ID_TYPES:
+        raise TypeError(f"reroute_numba supports int32 and int64 ids, got {topk_ids.dtype}")
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be square [E, E], got shape {tuple(sim.shape)}")
+    if topk_ids.numel() >= 2**31 or sim.numel() >= 2**31:
+        raise ValueError("reroute_numba indexes with 32-bit counts: T*k and E*E must be < 2**31")
+
+
+def _reroute_eager(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float) -> torch.Tensor:
+    _check_torch_inputs(topk_ids, sim)
+    ids = topk_ids.contiguous()  # T, k (a copy only for strided input)
+    if sim.dtype not in TORCH_SIM_KIND:
+        if not sim.dtype.is_floating_point:
+            raise TypeError(f"sim must be floating, got {sim.dtype}")
+        sim = sim.float()  # e.g. float64: the contract compares in float32 anyway (extra copy)
+    sim = sim.contiguous()  # E, E
+    out = torch.empty_like(ids)  # T, k
+    launch_reroute(ids, sim, out, select_top_k, threshold)
+    return out
+
+
+@torch.library.custom_op("sere::reroute", mutates_args=())
+def reroute_op(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float) -> torch.Tensor:
+    """torch.ops.sere.reroute: the one-launch kernel as an opaque op for torch.compile / export."""
+    return _reroute_eager(topk_ids, sim, select_top_k, threshold)
+
+
+@reroute_op.register_fake
+def _reroute_fake(topk_ids, sim, select_top_k, threshold):
+    return torch.empty_like(topk_ids, memory_format=torch.contiguous_format)
+
+
+def reroute_numba(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float) -> torch.Tensor:
+    """Re-routed ids (a new tensor, same shape and dtype) from the one-launch kernel.
+
+    Eagerly on plain tensors it launches directly (the dispatcher round trip of a custom op
+    costs microseconds per call); under torch.compile, export or fake tensors it goes through
+    the registered op `torch.ops.sere.reroute`. Either way: torch's current stream, no sync.
+    """
+    if type(topk_ids) is torch.Tensor and type(sim) is torch.Tensor and not torch.compiler.is_compiling():
+        return _reroute_eager(topk_ids, sim, select_top_k, threshold)
+    return torch.ops.sere.reroute(topk_ids, sim, select_top_k, threshold)
