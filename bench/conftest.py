@@ -26,9 +26,9 @@ What this file adds:
   slowest thread; with two threads on two busy cores a 50 us op measured 13 ms.
 - A module's `GPU_CACHE` dict (built layers) is emptied when the module ends.
 - Session fixtures: `copy_bandwidth` (bytes/s, measured once per session: a large copy,
-  read + write counted, the floor every weight-streaming kernel is measured against),
-  `stock_times` (a dict in which benches store the stock time of a case so that SERE cases
-  of the same run compute their speed-up) and `bench_device`.
+  read + write counted, the floor every weight-streaming kernel is measured against;
+  bench/timing.py), `stock_times` (bench/extra_info.py StockTimes: stock cases store their time
+  so that SERE cases of the same run compute their speed-up) and `bench_device`.
 - A SERE summary table at the end of the run: for every case that recorded `setting` in
   extra_info, activated experts before/after, bytes, GB/s, share of the HBM floor, speed-up.
 """
@@ -177,24 +177,11 @@ def bench_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def measure_copy_bandwidth(device: str, nbytes: int | None = None) -> float:
-    """Copy bandwidth of `device` in bytes/s, read + write counted (a copy of N bytes moves 2N):
-    the fastest of a few copies of 1 GiB (GPU, CUDA events) or 64 MiB (CPU, host clock),
-    timed with the shared helpers of bench/timing.py."""
-    import torch
-    from timing import time_events, time_host
-
-    nbytes = nbytes or (2**30 if device == "cuda" else 2**26)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    timer = time_events if device == "cuda" else time_host
-    timing = timer(lambda: dst.copy_(src), calls=1, repeats=5, warmup=1)
-    return 2 * nbytes / (timing.min_us * 1e-6)
-
-
 @pytest.fixture(scope="session")
 def copy_bandwidth(bench_device) -> float:
     """Measured copy bandwidth of the bench device, bytes/s (once per session)."""
+    from bench.timing import measure_copy_bandwidth  # imported here: the gate test runs a copy of this file alone
+
     return measure_copy_bandwidth(bench_device)
 
 
@@ -214,10 +201,11 @@ def _empty_gpu_cache_after_module(request):
 
 
 @pytest.fixture(scope="session")
-def stock_times() -> dict:
-    """case key -> stock time in seconds, filled by stock cases, read by SERE cases of the
-    same run (ratios are only meaningful within one run on one machine)."""
-    return {}
+def stock_times():
+    """bench.extra_info.StockTimes of this run: stock cases record, SERE cases read their speed-up."""
+    from bench.extra_info import StockTimes
+
+    return StockTimes()
 
 
 # --- summary table ----------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Record the routing traces of the zoo models into bench/traces/<model>.safetensors.
 
-    python bench/record_traces.py                       # all four zoo models
-    python bench/record_traces.py --model qwen3_moe     # one
-    python bench/record_traces.py --check               # regenerate in memory, compare with the files
+    python -m bench.record_traces                       # all four zoo models (from the repository root)
+    python -m bench.record_traces --model qwen3_moe     # one
+    python -m bench.record_traces --check               # regenerate in memory, compare with the files
 
 What is recorded, per zoo model (tests/zoo/<model>, trained on the KJV, see tests/zoo/README.md):
 the top-k ids and weights of every MoE router while the model decodes the held-out text
@@ -23,16 +23,17 @@ forward would give). Replay: bench/routing.py (`trace:PATH[@LAYER]`).
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `routing` next to this file
-from routing import load_trace, record_trace, save_trace  # noqa: E402
+from bench.routing import load_trace, record_trace, save_trace
 
 TRACE_DIR = Path(__file__).resolve().parent / "traces"
+# The zoo the committed traces were recorded on (bench/ is not installed: a checkout path is fine here).
+REPO_ZOO = Path(__file__).resolve().parents[1] / "tests" / "zoo"
 SEQUENCES, PREFILL, STEPS = 32, 64, 32  # 1024 recorded tokens per MoE layer
 
 
@@ -45,12 +46,12 @@ def decode_windows(num_tokens: int) -> list[int]:
     return [i * stride for i in range(SEQUENCES)]
 
 
-def zoo_windows(name: str):
+def zoo_windows(name: str, zoo: Path):
     """(model, windows [B, PREFILL + STEPS] of held-out token ids) of zoo model `name`."""
     from sere.harness.zoo import heldout_ids, load_zoo_model
 
-    model, tokenizer = load_zoo_model(name)
-    text = heldout_ids(tokenizer)  # N
+    model, tokenizer = load_zoo_model(name, zoo_dir=zoo)
+    text = heldout_ids(tokenizer, zoo)  # N
     windows = torch.stack([text[s:s + PREFILL + STEPS] for s in decode_windows(text.numel())])  # B, PREFILL + STEPS
     return model, windows
 
@@ -66,14 +67,14 @@ def full_forward_ids(model, windows) -> dict[int, torch.Tensor]:
     return out
 
 
-def record_model(name: str) -> dict:
+def record_model(name: str, zoo: Path) -> dict:
     """save_trace kwargs for zoo model `name`: decode-step routing plus calibrated similarity."""
     from transformers import DynamicCache
 
     from sere.artifact import load_similarity
     from sere.harness.zoo import model_dir
 
-    model, windows = zoo_windows(name)
+    model, windows = zoo_windows(name, zoo)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():  # the prefill fills the cache; only the decode steps are recorded
         model(input_ids=windows[:, :PREFILL], past_key_values=cache, use_cache=True)
@@ -83,23 +84,25 @@ def record_model(name: str) -> dict:
               f"after a {PREFILL}-token prefill; rows in step order")
     rec = record_trace(model, tqdm(steps, total=STEPS, desc=f"{name} decode", leave=False), source=source)
     rec["model"] = f"zoo/{name}"  # not the checkout's absolute path: the file must not depend on it
-    rec["similarity"] = load_similarity(model_dir(name), config=model.config).matrices
+    rec["similarity"] = load_similarity(model_dir(name, zoo), config=model.config).matrices
     return rec
 
 
 def main(argv=None) -> None:
-    from sere.harness.zoo import ZOO_MODELS
+    from sere.harness.zoo import ZOO_DIR_ENV, ZOO_MODELS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=ZOO_MODELS, action="append", help="zoo model(s); default: all")
     ap.add_argument("--out", type=Path, default=TRACE_DIR, help=f"folder of the trace files (default {TRACE_DIR})")
     ap.add_argument("--check", action="store_true", help="regenerate in memory and compare with the files")
+    ap.add_argument("--zoo-dir", type=Path, default=Path(os.environ.get(ZOO_DIR_ENV) or REPO_ZOO),
+                    help=f"zoo folder (default: ${ZOO_DIR_ENV}, else {REPO_ZOO})")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one thread: the same float32 sums, so the same top-k, every run
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in args.model or ZOO_MODELS:
-        rec = record_model(name)
+        rec = record_model(name, args.zoo_dir)
         path = args.out / f"{name}.safetensors"
         if args.check:
             stored = load_trace(path)
@@ -108,7 +111,7 @@ def main(argv=None) -> None:
                             and torch.equal(stored.weights[layer], rec["weights"][layer])
                             and torch.equal(stored.similarity[layer], rec["similarity"][layer])
                             for layer in stored.layers))
-            model, windows = zoo_windows(name)
+            model, windows = zoo_windows(name, args.zoo_dir)
             full = full_forward_ids(model, windows)
             as_forward = all(torch.equal(torch.sort(stored.ids[layer].long(), 1).values, full[layer].long())
                              for layer in stored.layers)

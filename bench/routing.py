@@ -4,7 +4,7 @@ Every bench case names the routing it ran with (`Routing.label`, written to
 `extra_info["routing"]`), because the activated-expert count, and so the speed-up of SERE,
 depends on it far more than on any kernel detail.
 
-    from routing import make_routing
+    from bench.routing import make_routing
     r = make_routing("zipf:1.2", T=16, E=128, k=8, seed=0)   # r.ids [16, 8], r.weights, r.label
 
 Specs understood by `make_routing`:
@@ -25,7 +25,7 @@ Trace file format (safetensors, no pickle), written by `save_trace`, read by `lo
 Replay draws T rows without replacement: a decode batch holds one token from each of T
 different sequences, which a random draw from a pool of recorded tokens approximates.
 Committed traces of the three trained zoo models (decode steps over held-out text, with their
-calibrated similarity): bench/traces/<model>.safetensors, made by bench/record_traces.py.
+calibrated similarity): bench/traces/<model>.safetensors, made by `python -m bench.record_traces`.
 
 Index letters: T = tokens, k = experts per token, E = experts, N = recorded tokens.
 """

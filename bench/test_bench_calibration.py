@@ -14,21 +14,21 @@ Each case first validates: the vectorised matrix must equal the pairwise loop
 (`sere.calibration.metrics.pairwise_similarity`, one metric call per pair, as the research
 code did) on the sampled pairs. Then it times the loop on those pairs and extrapolates to all
 E(E-1)/2 pairs (at real size the full loop would take minutes per case; the small size runs
-every pair, no extrapolation), and times the vectorised call. On the GPU both are timed with
-CUDA events (torch.cuda.Event directly; bench/timing.py was not there when this was written),
-on the CPU with perf_counter. extra_info: shapes, pairs timed, loop seconds per pair and
-extrapolated, vectorised seconds (median), speed-up, and whether the >= 20x target is met.
+every pair, no extrapolation), and times the vectorised call, each call once
+(bench/timing.py `seconds_of_one_call`: CUDA events on the GPU, perf_counter on the CPU).
+extra_info: shapes, pairs timed, loop seconds per pair and extrapolated, vectorised seconds
+(median), speed-up, and whether the >= 20x target is met.
 Index letters: E = experts, N = tokens, D = hidden size.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import pytest
 import torch
 
+from bench.timing import seconds_of_one_call
 from sere.calibration.metrics import pairwise_similarity, similarity_matrix
 
 SIZE = os.environ.get("SERE_BENCH_SIZE") or ("real" if torch.cuda.is_available() else "small")
@@ -82,21 +82,6 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
 
 
-def _timed(fn) -> float:
-    """Seconds of one call: CUDA events on the GPU, perf_counter on the CPU."""
-    if DEVICE == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def _sample_pairs(e: int, count: int | None) -> list[tuple[int, int]]:
     pairs = [(i, j) for i in range(e) for j in range(i + 1, e)]
     if count is None or count >= len(pairs):
@@ -114,7 +99,7 @@ def test_vectorised_vs_pairwise_loop(benchmark, outputs, method, kernel, loop_pa
     sim = similarity_matrix(outputs, method, kernel)  # E, E (also the warm-up)
     loop_seconds = []
     ref = pairwise_similarity(outputs, method, kernel, pairs=pairs[:1])  # warm-up of the loop's kernels
-    loop_seconds.append(_timed(lambda: ref.copy_(pairwise_similarity(outputs, method, kernel, pairs=pairs))))
+    loop_seconds.append(seconds_of_one_call(lambda: ref.copy_(pairwise_similarity(outputs, method, kernel, pairs=pairs))))
     rows, cols = zip(*pairs)
     got, want = sim.cpu()[list(rows), list(cols)], ref[list(rows), list(cols)]
     if method == "frobenius":
@@ -126,7 +111,7 @@ def test_vectorised_vs_pairwise_loop(benchmark, outputs, method, kernel, loop_pa
     vec_seconds: list[float] = []
 
     def vectorised():
-        vec_seconds.append(_timed(lambda: similarity_matrix(outputs, method, kernel)))
+        vec_seconds.append(seconds_of_one_call(lambda: similarity_matrix(outputs, method, kernel)))
 
     benchmark.pedantic(vectorised, rounds=VECTORISED_ROUNDS, iterations=1, warmup_rounds=0)
     total_pairs = e * (e - 1) // 2

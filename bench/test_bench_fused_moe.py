@@ -4,10 +4,10 @@
     pytest bench/test_bench_fused_moe.py -k "Qwen3 and uniform"
     SERE_BENCH_ROUTING=uniform,zipf:1.2    routings to run (bench/routing.py; default both)
 
-The same layer as bench/gpu/vllm_fused_layer.py (router + vLLM `fused_topk`, the one-launch
-Numba re-routing kernel, vLLM `fused_experts`, the model's shared expert; published shapes,
-bf16, random weights, scripted routing), here as pytest-benchmark cases, so that
-`--benchmark-compare` gates this level too. Needs a CUDA GPU and vLLM: both markers skip the
+The layer of bench/fused_layer.py (router + vLLM `fused_topk`, the one-launch Numba
+re-routing kernel, vLLM `fused_experts`, the model's shared expert; published shapes, bf16,
+random weights, scripted routing; the device script bench/gpu/vllm_fused_layer.py runs it too),
+here as pytest-benchmark cases, so that `--benchmark-compare` gates this level too. Needs a CUDA GPU and vLLM: both markers skip the
 cases with a reason elsewhere (the vLLM GPU bundle: bench/gpu/run_vllm.sh).
 
 Every case checks first: the ids reaching the experts equal `sere.reroute(backend="reference")`
@@ -22,24 +22,17 @@ batch of this run (`layer="vllm-fused"`: sere-report and the summary table show 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
-
-import vllm_fused_layer as fused  # noqa: E402
-
-from sere.harness.model_configs import REAL_MODELS, layer_shapes  # noqa: E402
+from bench import fused_layer as fused
+from bench.timing import benchmark_device
+from sere.harness.model_configs import REAL_MODELS
+from sere.harness.settings import DECODE_BATCHES, STOCK_AND_GRID, STOCK_AND_PAPER
 
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 
-STOCK = ("stock", None, None)
-SETTINGS_ALL = (STOCK,) + tuple((f"S{S}-rho{rho:g}", S, rho) for S in (1, 2) for rho in (0.0, 0.1, 0.3, 0.5))
-PAPER_SETTINGS = (STOCK, ("S1-rho0", 1, 0.0), ("S2-rho0.1", 2, 0.1))
-BATCHES = (1, 8, 16, 32, 64, 128, 256)
 ROUTINGS = tuple(s.strip() for s in os.environ.get("SERE_BENCH_ROUTING", ",".join(fused.ROUTINGS)).split(",")
                  if s.strip())
 STOCK_KEY = "vllm-fused"  # stock_times keys of this bench, apart from the transformers layer's
@@ -51,9 +44,9 @@ def _cases():
     out = []
     for model in REAL_MODELS:
         for routing in ROUTINGS:
-            for T in BATCHES:
-                for label, S, rho in SETTINGS_ALL if routing == ROUTINGS[0] else PAPER_SETTINGS:
-                    out.append(pytest.param(model, routing, T, label, S, rho, id=f"{model}-{routing}-T{T}-{label}"))
+            for T in DECODE_BATCHES:
+                for s in STOCK_AND_GRID if routing == ROUTINGS[0] else STOCK_AND_PAPER:
+                    out.append(pytest.param(model, routing, T, s.label, s.S, s.rho, id=f"{model}-{routing}-T{T}-{s.label}"))
     return out
 
 
@@ -63,22 +56,15 @@ GPU_CACHE = _layer  # emptied when the module ends (bench/conftest.py)
 
 
 def get_layer(model: str) -> fused.FusedLayer:
-    """The model's fused layer with its weight copies, built once; one model on the GPU at a time
-    (8 copies of Qwen3-30B-A3B's layer take 9.7 GB)."""
+    """The model's fused layer with its weight copies, built once; one model on the GPU at a time."""
     if model not in _layer:
         _layer.clear()
-        torch.cuda.empty_cache()
-        shapes = layer_shapes(model)
-        gen = torch.Generator("cuda").manual_seed(fused.SEED)
-        copies = [fused.build_copy(shapes, gen, "cuda") for _ in range(fused.COPIES)]
-        _layer[model] = fused.FusedLayer(shapes, copies, fused.load_vllm_ops())
+        _layer[model] = fused.build_layer(model, fused.load_vllm_ops())
     return _layer[model]
 
 
 @pytest.mark.parametrize(("model", "routing", "T", "setting", "S", "rho"), _cases())
 def test_fused_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, setting, S, rho):
-    from timing import benchmark_device
-
     layer = get_layer(model)
     case = fused.prepare_case(layer, routing, T, S, rho)
     err, problems = fused.check_case(layer, case)
@@ -89,10 +75,7 @@ def test_fused_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing,
     stats = getattr(benchmark, "stats", None)
     seconds = float(stats.stats.median) if stats is not None else None
 
-    key = (STOCK_KEY, model, routing, T)
-    if S is None and seconds is not None:
-        stock_times[key] = seconds
-    stock = stock_times.get(key)
+    speedup = stock_times.speedup_vs_stock((STOCK_KEY, model, routing, T), seconds, stock=S is None)
     import vllm
 
     benchmark.extra_info.update(
@@ -101,5 +84,5 @@ def test_fused_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing,
         timer=f"cuda-graph replay, {fused.CALLS} calls over {fused.COPIES} layer copies",
         tokens=T, setting=setting, S=S, rho=rho, check_rel_err=round(err, 5),
         **fused.case_info(layer.shapes, case, seconds, copy_bandwidth),
-        speedup_vs_stock=None if seconds is None or stock is None else round(stock / seconds, 3),
+        speedup_vs_stock=speedup,
     )

@@ -24,7 +24,7 @@ three trained zoo models (tests/zoo/<model>/config.json: E = 32 top-4 / 32 top-4
 hidden 128), random weights, routing replayed from the trace recorded on that model
 (bench/traces/<model>.safetensors, first MoE layer, made by bench/record_traces.py) and SERE on
 the model's own calibrated similarity stored in the trace; stock and the paper's two settings
-at ZOO_BATCHES. Their extra_info says `routing=trace:<model>.safetensors@<layer>`.
+(sere.harness.settings) at ZOO_BATCHES. Their extra_info says `routing=trace:<model>.safetensors@<layer>`.
 
 Every case first checks its output: the ids reaching the experts equal the router's ids
 (stock) or `sere.reroute(backend="reference")` of them (SERE), and the output is finite.
@@ -53,11 +53,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from routing import make_routing, similarity_for
 
 import sere.hf
+from bench.extra_info import floor_info, layer_expert_bytes
+from bench.routing import make_routing, similarity_for
+from bench.timing import benchmark_device
 from sere import reroute, reroute_with_stats
 from sere.harness.model_configs import REAL_MODELS, layer_shapes, real_config
+from sere.harness.settings import DECODE_BATCHES, STOCK_AND_GRID, STOCK_AND_PAPER
 from sere.routing import resolve_backend
 from sere.stats import distinct_experts
 
@@ -67,11 +70,6 @@ if SIZE not in ("real", "small"):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
-# Settings: (label, S, rho); stock first, so that every SERE case finds its stock time.
-STOCK = ("stock", None, None)
-SETTINGS_REAL = (STOCK,) + tuple((f"S{S}-rho{rho:g}", S, rho) for S in (1, 2) for rho in (0.0, 0.1, 0.3, 0.5))
-PAPER_SETTINGS = (STOCK, ("S1-rho0", 1, 0.0), ("S2-rho0.1", 2, 0.1))  # the paper's two, and stock
-BATCHES_REAL = (1, 8, 16, 32, 64, 128, 256)
 BATCHES_SMALL = (1, 16, 64)
 ROUTINGS_DEFAULT = ("uniform", "zipf:1.2")
 SMALL_HIDDEN, SMALL_SHRINK = 256, 16
@@ -80,8 +78,8 @@ GPU_COPIES = 8  # distinct copies of the layer, called in turn (cold L2, see the
 GPU_CALLS, GPU_ROUNDS = 3 * GPU_COPIES, 10  # calls per captured graph, timed replays
 
 # The first routing gets every setting at real size; the others (and the CPU) the paper's two.
-SETTINGS = SETTINGS_REAL if SIZE == "real" else PAPER_SETTINGS
-BATCHES = BATCHES_REAL if SIZE == "real" else BATCHES_SMALL
+SETTINGS = STOCK_AND_GRID if SIZE == "real" else STOCK_AND_PAPER
+BATCHES = DECODE_BATCHES if SIZE == "real" else BATCHES_SMALL
 BACKEND = os.environ.get("SERE_BENCH_BACKEND", "auto")
 ZOO_BATCHES = (1, 16, 64, 256)  # the traces hold 1024 tokens per layer
 ZOO_TRACE_DIR = Path(__file__).resolve().parent / "traces"
@@ -220,18 +218,18 @@ def _cases():
     out = []
     for model in REAL_MODELS:
         for routing in ROUTINGS:
-            settings = SETTINGS if routing == ROUTINGS[0] else PAPER_SETTINGS
+            settings = SETTINGS if routing == ROUTINGS[0] else STOCK_AND_PAPER
             for T in BATCHES:
-                for label, S, rho in settings:
-                    out.append(pytest.param(model, routing, T, label, S, rho, id=f"{model}-{routing}-T{T}-{label}"))
+                for s in settings:
+                    out.append(pytest.param(model, routing, T, s.label, s.S, s.rho, id=f"{model}-{routing}-T{T}-{s.label}"))
     if WITH_ZOO:
         from sere.harness.zoo import ZOO_MODELS
 
         for name in ZOO_MODELS:
             for T in ZOO_BATCHES:
-                for label, S, rho in PAPER_SETTINGS:
-                    out.append(pytest.param(ZOO_PREFIX + name, zoo_trace_spec(name), T, label, S, rho,
-                                            id=f"zoo-{name}-trace-T{T}-{label}"))
+                for s in STOCK_AND_PAPER:
+                    out.append(pytest.param(ZOO_PREFIX + name, zoo_trace_spec(name), T, s.label, s.S, s.rho,
+                                            id=f"zoo-{name}-trace-T{T}-{s.label}"))
     return out
 
 
@@ -256,8 +254,6 @@ def time_layer(benchmark, stack: LayerStack, x: torch.Tensor, experts_impl: str)
     GPU: CUDA-graph replay of calls cycling through the copies (CUDA events around eager calls
     where the experts path cannot be captured); CPU: pytest-benchmark around one call."""
     if DEVICE == "cuda":
-        from timing import benchmark_device
-
         turn = itertools.count()
 
         def next_layer():
@@ -317,13 +313,8 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
     else:
         stats = reroute_with_stats(r.ids, sim, S, rho, backend="torch")[1].as_dict()
         before, after, rerouted, critical = (stats[f] for f in ("experts_before", "experts_after", "rerouted", "critical"))
-    elem = torch.finfo(DTYPE).bits // 8
-    expert_bytes = (after * shapes.expert_params() + shapes.shared_params()) * elem
-    floor_s = expert_bytes / copy_bandwidth
-    key = (model, routing, T)
-    if S is None and seconds is not None:
-        stock_times[key] = seconds
-    stock = stock_times.get(key)
+    expert_bytes = layer_expert_bytes(shapes, after, DTYPE)
+    speedup = stock_times.speedup_vs_stock((model, routing, T), seconds, stock=S is None)
     benchmark.extra_info.update(
         model=model, arch=shapes.arch, size="zoo" if model.startswith(ZOO_PREFIX) else SIZE, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
         E=E, k=k, hidden=H, moe_intermediate=shapes.moe_intermediate_size,
@@ -332,10 +323,5 @@ def test_moe_layer(benchmark, copy_bandwidth, stock_times, model, routing, T, se
         routing=r.label, similarity=sim_label, tokens=T, setting=setting, S=S, rho=rho,
         sere_backend=None if S is None else resolve_backend(BACKEND, torch.device(DEVICE)),
         experts_before=before, experts_after=after, rerouted=rerouted, critical=critical,
-        expert_bytes=expert_bytes, copy_bw_gbps=round(copy_bandwidth / 1e9, 1),
-        hbm_floor_us=round(floor_s * 1e6, 2),
-        time_us=None if seconds is None else round(seconds * 1e6, 2),
-        gbps=None if seconds is None else round(expert_bytes / seconds / 1e9, 1),
-        hbm_floor_share=None if seconds is None else round(floor_s / seconds, 3),
-        speedup_vs_stock=None if seconds is None or stock is None else round(stock / seconds, 3),
+        expert_bytes=expert_bytes, **floor_info(expert_bytes, seconds, copy_bandwidth), speedup_vs_stock=speedup,
     )

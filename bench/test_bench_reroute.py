@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.timing import benchmark_device, time_events, time_graph_replay
 from sere.kernels.reference import reroute_reference
 from sere.kernels.vectorized import reroute_torch
 from sere.stats import reroute_stats
-from timing import benchmark_device, time_events, time_graph_replay
 
 T_VALUES = (1, 16, 64, 256, 4096)
 E, K, RHO = 128, 8, 0.1

@@ -14,8 +14,9 @@
                                         SERE_BENCH_E2E_MIN_LEFT (default 150) seconds: its cases skip,
                                         saying so (for a time-boxed GPU job); default: no deadline
 
-The engines are bench/gpu/vllm_decode.py's, one subprocess each (GPU memory is freed between
-them): stock, SERE S=1 rho=0 and SERE S=2 rho=0.1 (`additional_config={"sere": ...}`, the Numba
+The engines are bench/vllm_engine.py's (the device script bench/gpu/vllm_decode.py runs them
+too), one subprocess each (GPU memory is freed between them): stock, SERE S=1 rho=0 and SERE
+S=2 rho=0.1 (sere.harness.settings.ENGINES) (`additional_config={"sere": ...}`, the Numba
 kernel on CUDA), published configs with `load_format="dummy"`, bf16, torch.compile + CUDA graphs
 captured at the measured batch sizes, a RANDOM similarity (it fixes which experts merge and says
 nothing about quality). One engine measures all batch sizes of the selected cases, so the first
@@ -48,15 +49,15 @@ import math
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
-
-import vllm_decode as e2e  # noqa: E402
+from bench import vllm_engine as e2e
+from bench.extra_info import floor_info
+from bench.timing import Deadline, benchmark_samples
+from sere.harness.settings import DECODE_BATCHES, ENGINES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -68,8 +69,6 @@ def _on_cuda() -> bool:
 
 
 SMOKE = not _on_cuda()
-# case label of each engine: the same labels as the layer benches, so the report lines them up
-SETTING_LABELS = {"stock": "stock", "sere-s1": "S1-rho0", "sere-s2": "S2-rho0.1"}
 DEFAULT_ROUTING = {"deepseek-v2-lite": "model-fp32"}  # see the module docstring
 # short names for tables and plot files; extra_info["routing_description"] has the long one
 ROUTING_LABELS = {"model": "dummy-router", "model-fp32": "dummy-router-fp32", "uniform": "uniform-simulator"}
@@ -80,7 +79,7 @@ def _env_list(name: str, default: str) -> list[str]:
 
 
 MODELS = _env_list("SERE_BENCH_E2E_MODELS", "qwen1.5-moe-a2.7b" if SMOKE else ",".join(e2e.MODELS))
-BATCHES = [int(b) for b in _env_list("SERE_BENCH_E2E_BATCHES", "1,4" if SMOKE else "1,8,16,32,64,128,256")]
+BATCHES = [int(b) for b in _env_list("SERE_BENCH_E2E_BATCHES", "1,4" if SMOKE else ",".join(map(str, DECODE_BATCHES)))]
 WITH_COUNTS = os.environ.get("SERE_BENCH_E2E_COUNTS", "1") != "0"
 REPS = int(os.environ.get("SERE_BENCH_E2E_REPS", "5"))
 TIMEOUT_S = float(os.environ.get("SERE_BENCH_E2E_TIMEOUT", "600"))
@@ -98,8 +97,9 @@ def routing_of(model: str) -> str:
     return routing
 
 
-CASES = [pytest.param(model, engine, batch, id=f"{model}-{SETTING_LABELS[engine]}-B{batch}")
-         for model in MODELS for engine in e2e.SETTINGS for batch in BATCHES]  # stock first per model
+# case ids carry the setting's label, as the layer benches' do, so the report lines them up
+CASES = [pytest.param(model, engine, batch, id=f"{model}-{ENGINES[engine].label}-B{batch}")
+         for model in MODELS for engine in ENGINES for batch in BATCHES]  # stock first per model
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,13 @@ class EngineRuns:
         self.results: dict[tuple[str, str], dict | str | Skipped] = {}  # result, failure account, or skip
         self._args: dict[str, object] = {}
         self._weights: dict[str, object] = {}
-        self.started: float | None = None  # perf_counter at the first engine (for the deadline)
+        self.deadline = Deadline(DEADLINE_S, min_left=MIN_LEFT_S, start=False)  # starts at the first engine
 
     def model_batches(self, model: str) -> list[int]:
         return sorted(set().union(*(b for (m, _), b in self.batches.items() if m == model)))
 
     def args(self, model: str):
-        """vllm_decode's arguments of this model (its folder and config made once)."""
+        """bench.vllm_engine's arguments of this model (its folder and config made once)."""
         if model not in self._args:
             argv = ["--model", model, "--out", str(self.root / model), "--routing", routing_of(model),
                     "--reps", str(REPS)] + (["--smoke"] if SMOKE else [])
@@ -154,16 +154,12 @@ class EngineRuns:
         if key not in self.results:
             args = self.args(model)
             args.batches = self.model_batches(model) if engine == "counts" else sorted(self.batches[key])
-            self.started = self.started or time.perf_counter()
-            timeout = TIMEOUT_S
-            if DEADLINE_S is not None:
-                left = DEADLINE_S - (time.perf_counter() - self.started)
-                if left < MIN_LEFT_S:
-                    self.results[key] = Skipped(f"{model} engine {engine} not started: {left:.0f} s left of "
-                                                f"SERE_BENCH_E2E_DEADLINE={DEADLINE_S:.0f} (MIN_LEFT {MIN_LEFT_S:.0f})")
-                timeout = min(timeout, max(left, 1.0))
-            if key not in self.results:
-                result, account = e2e.run_engine(engine, args, timeout=timeout)
+            self.deadline.start()
+            if self.deadline.refuses():
+                self.results[key] = Skipped(f"{model} engine {engine} not started: {self.deadline.left():.0f} s left of "
+                                            f"SERE_BENCH_E2E_DEADLINE={DEADLINE_S:.0f} (MIN_LEFT {MIN_LEFT_S:.0f})")
+            else:
+                result, account = e2e.run_engine(engine, args, timeout=self.deadline.cap(TIMEOUT_S))
                 print(account.splitlines()[0], flush=True)
                 self.results[key] = result if result is not None else account
         got = self.results[key]
@@ -193,7 +189,7 @@ def experts_of(counts: dict | None, engine: str, batch: int) -> tuple[float | No
     if counts is None:
         return None, None
     rows = {(r["engine"], r["batch"]): r for r in counts["rows"]}
-    row = rows.get(("sere-s1" if engine == "stock" else engine, batch))
+    row = rows.get((e2e.SERE_ENGINES[0] if engine == "stock" else engine, batch))
     if row is None:
         return None, None
     before = row["experts_before"]
@@ -202,8 +198,7 @@ def experts_of(counts: dict | None, engine: str, batch: int) -> tuple[float | No
 
 @pytest.mark.parametrize(("model", "engine", "batch"), CASES)
 def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, model, engine, batch):
-    from timing import benchmark_samples
-
+    setting = ENGINES[engine]
     result = engine_runs.result(model, engine)
     rows = {r["batch"]: r for r in result["rows"]}
     assert batch in rows, f"{model} {engine}: no row for batch {batch} (rows: {sorted(rows)})"
@@ -211,7 +206,7 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
     samples = [ms * 1e-3 for ms in row["step_ms_all"]]
     assert samples and all(math.isfinite(s) and s > 0 for s in samples), f"step times {row['step_ms_all']} ms"
     counted = engine_runs.weights(model)
-    want_layers = 0 if e2e.SETTINGS[engine] is None else counted.moe_layers
+    want_layers = 0 if setting.is_stock else counted.moe_layers
     assert result["rerouted_layers"] == want_layers, (
         f"{model} {engine}: SERE wrapped {result['rerouted_layers']} MoE layers, expected {want_layers}")
     counts = engine_runs.result(model, "counts", optional=True) if WITH_COUNTS else None
@@ -222,26 +217,21 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
     benchmark_samples(benchmark, samples, what=f"host clock around LLM.generate, one decode step per round, {len(samples)} rounds")
     seconds = statistics.median(samples)
     routing = ROUTING_LABELS[routing_of(model)]
-    key = ("vllm-e2e", model, routing, batch)
-    if engine == "stock":
-        stock_times[key] = seconds
-    stock = stock_times.get(key)
+    speedup = stock_times.speedup_vs_stock(("vllm-e2e", model, routing, batch), seconds, stock=setting.is_stock)
 
     before, after = experts_of(counts, engine, batch)
     elem = 4 if SMOKE else 2  # float32 smoke engines, bf16 on CUDA
-    expert_bytes = weight_bytes = floor_s = None
+    expert_bytes = weight_bytes = None
     if after is not None:
         expert_bytes = round(counted.moe_layers * after * counted.shapes.expert_params() * elem)
         weight_bytes = round(counted.read_per_step(after) * elem)
-        floor_s = weight_bytes / copy_bandwidth
     spec = e2e.MODELS[model]
     import vllm
 
     benchmark.extra_info.update(
         model=spec.real_name, layer="vllm-e2e", arch=spec.arch, size="tiny (smoke)" if SMOKE else "real",
         device="cpu" if SMOKE else "cuda", dtype="float32" if SMOKE else "bfloat16", vllm=vllm.__version__,
-        engine=engine, setting=SETTING_LABELS[engine],
-        S=(e2e.SETTINGS[engine] or {}).get("select_top_k"), rho=(e2e.SETTINGS[engine] or {}).get("threshold"),
+        engine=engine, setting=setting.label, S=setting.S, rho=setting.rho,
         tokens=batch, routing=routing, routing_description=result["routing"],
         similarity="random, symmetric, uniform [0, 1)",
         compiled="eager (smoke)" if SMOKE else "torch.compile + CUDA graphs",
@@ -250,10 +240,5 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
         step_ms_all=[round(s * 1e3, 3) for s in samples], tokens_per_s=round(batch / seconds, 1),
         experts_before=before, experts_after=after, moe_layers=counted.moe_layers, E=counted.shapes.num_experts,
         k=counted.shapes.top_k, expert_bytes=expert_bytes, weight_bytes=weight_bytes,
-        copy_bw_gbps=round(copy_bandwidth / 1e9, 1),
-        hbm_floor_us=None if floor_s is None else round(floor_s * 1e6, 2),
-        time_us=round(seconds * 1e6, 2),
-        gbps=None if weight_bytes is None else round(weight_bytes / seconds / 1e9, 1),
-        hbm_floor_share=None if floor_s is None else round(floor_s / seconds, 3),
-        speedup_vs_stock=None if stock is None else round(stock / seconds, 3),
+        **floor_info(weight_bytes, seconds, copy_bandwidth), speedup_vs_stock=speedup,
     )

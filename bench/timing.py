@@ -1,7 +1,6 @@
-"""One shared timing helper for the benches (kernel, MoE layer, end to end).
+"""How long bench work takes, measured one way in every bench and device script.
 
-Use it from a bench module in bench/: `from timing import benchmark_device, time_graph_replay`
-(bench/ has no __init__.py, so pytest puts bench/ itself on sys.path for its test modules).
+    from bench.timing import benchmark_device, time_graph_replay
 
 - `time_graph_replay(fn)`: capture `calls` calls of fn in one CUDA graph, replay it, CUDA events
   around each replay, median over repeats, divided by `calls`: the per-call device time with the
@@ -9,12 +8,17 @@ Use it from a bench module in bench/: `from timing import benchmark_device, time
 - `time_events(fn)`: the same with eager calls between two events: per-call time of eager code,
   host launch overhead included whenever the host, not the GPU, is the bottleneck.
 - `time_host(fn)`: perf_counter around calls, for CPU code.
+- `seconds_of_one_call(fn)`: one call, no warm-up (CUDA events on a GPU, else the host clock),
+  for work too slow to repeat.
 - `benchmark_device(benchmark, fn, method=...)`: a pytest-benchmark adapter. It swaps the
   fixture's timer for a clock that advances by the measured device time of each round, so the
   fixture's statistics (min/median/mean, --benchmark-compare, saved JSON) are per-call DEVICE
   seconds, not host time around asynchronous work. Without CUDA it times on the host.
 - `benchmark_samples(benchmark, seconds, what=...)`: the same clock fed with times measured
   elsewhere (the end-to-end bench times decode steps inside vLLM engine subprocesses).
+- `measure_copy_bandwidth(device)`: the copy bandwidth every weight-streaming case is measured
+  against (the HBM floor, bench/extra_info.py).
+- `Deadline`: the time budget of a device run (cases or engines left when it runs out are skipped).
 Inputs stay where they are between calls: for a routing kernel that reads what the router just
 wrote, a warm L2 is the realistic case (flush the cache in fn for cold-cache numbers).
 """
@@ -149,6 +153,50 @@ def time_events(fn, *, calls: int = 100, repeats: int = 20, warmup: int = 3) -> 
 def time_host(fn, *, calls: int = 10, repeats: int = 5, warmup: int = 1) -> Timing:
     """Median per-call wall time of fn on the host (CPU code)."""
     return _measure(fn, "host", calls, repeats, warmup)
+
+
+def seconds_of_one_call(fn) -> float:
+    """Seconds of one call of fn, no warm-up: CUDA events where CUDA is present (pending work
+    finished first), else the host clock."""
+    return make_runner(fn, "events" if torch.cuda.is_available() else "host", calls=1, warmup=0).run()
+
+
+def measure_copy_bandwidth(device: str, nbytes: int | None = None) -> float:
+    """Copy bandwidth of `device` in bytes/s, read + write counted (a copy of N bytes moves 2N):
+    the fastest of a few copies of 1 GiB (GPU, CUDA events) or 64 MiB (CPU, host clock)."""
+    nbytes = nbytes or (2**30 if device == "cuda" else 2**26)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timer = time_events if device == "cuda" else time_host
+    timing = timer(lambda: dst.copy_(src), calls=1, repeats=5, warmup=1)
+    return 2 * nbytes / (timing.min_us * 1e-6)
+
+
+class Deadline:
+    """A time budget of `seconds` (None: no limit) from `start()`: `refuses()` once fewer than
+    `min_left` seconds are left (what would start then could not finish), `cap(timeout)` bounds
+    one step's timeout by what is left."""
+
+    def __init__(self, seconds: float | None, *, min_left: float = 0.0, start: bool = True):
+        self.seconds, self.min_left = seconds, min_left
+        self.started = time.perf_counter() if start else None
+
+    def start(self) -> None:
+        """Start the clock, if it is not running yet."""
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
+
+    def refuses(self) -> bool:
+        return self.left() < self.min_left
+
+    def cap(self, timeout: float) -> float:
+        return min(timeout, max(self.left(), 1.0))  # a step gets a second at least
 
 
 class DeviceClock:

@@ -18,7 +18,7 @@ controls at the paper's settings against the unmodified model (sere.harness.fide
   - the gate has teeth: with the similarity matrix shuffled (experts relabelled) it fails;
   - the models are real (perplexity far below the unigram baseline, routing far from
     uniform) and small.
-About a minute on 2 CPU cores. bench/results/accuracy.md has the full sweep (python -m sere.harness.zoo.sweep).
+About a minute on 2 CPU cores. bench/results/accuracy.md has the full sweep (sere-accuracy-report).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from sere.harness.fidelity import Composition, Tolerance, fidelity, gate_failures, reference_pass, setting_key
+from sere.harness.settings import SERE_S1, SERE_S2
 
 pytestmark = pytest.mark.accuracy
 
@@ -37,11 +38,11 @@ zoo = pytest.importorskip("sere.harness.zoo")
 ZOO = zoo.zoo_dir()
 GOLDENS = ZOO / "goldens.json"
 GATE_COMPOSITION = Composition(batch_size=16, seq_len=128, num_windows=64)
-PAPER_SETTINGS = ((2, 0.1), (1, 0.0))
+PAPER_SETTINGS = (SERE_S2, SERE_S1)  # (S, rho) each; S=2 first, the order of the goldens' runs
 # (method, S, rho): SERE and random at the paper's settings, the other controls at S=1
 GATE_SETTINGS = [(m, S, rho) for S, rho in PAPER_SETTINGS for m in ("sere", "random")] + [
-    ("truncate", 1, 0.0),
-    ("oea", 1, 0.0),
+    ("truncate", *SERE_S1),
+    ("oea", *SERE_S1),
 ]
 # Stated tolerances. The metrics are deterministic on one machine; between 1 and 2 threads,
 # and between transformers' eager and grouped_mm expert kernels, they were measured to move by
@@ -193,7 +194,7 @@ def _substitution_similarity(case: ZooCase) -> dict[int, torch.Tensor]:
     return load_similarity(path, config=case.model.config).matrices
 
 
-@pytest.mark.parametrize("S", [2, 1])
+@pytest.mark.parametrize("S", [S for S, _ in PAPER_SETTINGS])
 def test_substitution_similarity_beats_random_rerouting(case, S, request):
     """The mechanism works when the similarity measures what re-routing does: at equal budget
     (same moved slots), SERE with the substitution similarity beats random targets on KL and
@@ -218,8 +219,8 @@ def test_sere_beats_truncation_at_equal_budget(case):
     """At S=1, rho=0 SERE, top-1 truncation (and OEA, random) keep exactly the primary experts:
     SERE's moved slots must do better than dropping every secondary expert. (Against OEA and
     random the measured standing is reported in bench/results/accuracy.md, not asserted.)"""
-    sere = case.metrics[setting_key("sere", 1, 0.0)]
-    trunc = case.metrics[setting_key("truncate", 1, 0.0)]
+    sere = case.metrics[setting_key("sere", *SERE_S1)]
+    trunc = case.metrics[setting_key("truncate", *SERE_S1)]
     assert sere["experts_after"] == pytest.approx(trunc["experts_after"], rel=0.02)
     assert sere["kl"] < trunc["kl"] and sere["top1_agreement"] > trunc["top1_agreement"], (sere, trunc)
     assert sere["ppl_ratio"] < trunc["ppl_ratio"]

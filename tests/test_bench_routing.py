@@ -5,20 +5,14 @@ real-size model configs (sere.harness.model_configs.real_config / layer_shapes).
 """
 from __future__ import annotations
 
-import importlib.util
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import routing
 from sere.harness.model_configs import REAL_MODELS, build_tiny_model, layer_shapes, real_config
-
-_spec = importlib.util.spec_from_file_location(
-    "sere_bench_routing", Path(__file__).resolve().parents[1] / "bench" / "routing.py")
-routing = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(routing)
 
 # (T, E, k): extremes and odd sizes.
 SIZES = ((1, 8, 1), (33, 60, 4), (256, 128, 8), (5, 6, 6))
@@ -228,20 +222,17 @@ class _DisabledBenchmark:
         return fn(*args)
 
 
-def test_zoo_trace_bench_cases_run_in_smoke_mode(monkeypatch):
+def test_zoo_trace_bench_cases_run_in_smoke_mode():
     """Every zoo case of the layer bench (bench/test_bench_layer.py) validates its output
     (ids reaching the experts = reference re-routing, finite output) and fills extra_info."""
-    if "routing" not in sys.modules:  # the bench imports its sibling as `routing`
-        monkeypatch.setitem(sys.modules, "routing", routing)
-    spec = importlib.util.spec_from_file_location("sere_bench_layer", BENCH_DIR / "test_bench_layer.py")
-    layer_bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, layer_bench)  # its dataclasses look their module up
-    spec.loader.exec_module(layer_bench)
-    cases = [c for c in layer_bench._cases() if c.id.startswith("zoo-")]
+    from bench import test_bench_layer as layer_bench
+    from bench.extra_info import StockTimes
+    from sere.harness.settings import STOCK_AND_PAPER
     from sere.harness.zoo import ZOO_MODELS
 
-    assert len(cases) == len(ZOO_MODELS) * len(layer_bench.ZOO_BATCHES) * len(layer_bench.PAPER_SETTINGS)
-    stock_times, infos = {}, {}
+    cases = [c for c in layer_bench._cases() if c.id.startswith("zoo-")]
+    assert len(cases) == len(ZOO_MODELS) * len(layer_bench.ZOO_BATCHES) * len(STOCK_AND_PAPER)
+    stock_times, infos = StockTimes(), {}
     for case in cases:
         bench = _DisabledBenchmark()
         layer_bench.test_moe_layer(bench, 1e10, stock_times, *case.values)

@@ -6,6 +6,7 @@ times the bench measured (what --benchmark-compare then gates on).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SAMPLES_BENCH = '''
-import sys
-sys.path.insert(0, {bench!r})
 import pytest
-from timing import benchmark_samples
+from bench.timing import benchmark_samples
 
 
 def test_given_samples(benchmark):
@@ -33,11 +32,13 @@ def test_no_samples(benchmark):
 
 def _run(tmp_path, *extra):
     bench = tmp_path / "test_samples_bench.py"
-    bench.write_text(SAMPLES_BENCH.format(bench=str(REPO / "bench")))
+    bench.write_text(SAMPLES_BENCH)
     out = tmp_path / "run.json"
+    # The bench file sits in tmp_path; the repository root on the path gives it the `bench` package.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(bench),
                            f"--benchmark-json={out}", *extra],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()) if out.exists() else None
 

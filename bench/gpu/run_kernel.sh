@@ -27,7 +27,7 @@ cat "$OUT/env_install.txt"
 echo "== launch probe"
 probe_args=""
 if [ "${1:-full}" = "quick" ]; then probe_args="--quick"; fi
-timeout ${PROBE_TIMEOUT:-180} $PY bench/gpu/probe_kernel.py --out "$OUT/probe.json" $probe_args > "$OUT/probe.log" 2>&1 || status=1
+timeout ${PROBE_TIMEOUT:-180} $PY -m bench.lab.probe_kernel --out "$OUT/probe.json" $probe_args > "$OUT/probe.log" 2>&1 || status=1
 tail -n 30 "$OUT/probe.log"
 
 echo "== kernel bench"
@@ -40,7 +40,7 @@ timeout ${BENCH_TIMEOUT:-300} $PY -m pytest bench/test_bench_reroute.py -k "$sel
   --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=min,median,max --benchmark-sort=name \
   > "$OUT/bench.log" 2>&1 || status=1
 grep -E "^\[reroute|passed|failed|error" "$OUT/bench.log" | tail -n 60
-$PY bench/gpu/summarize_kernel.py "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 || status=1
+$PY -m bench.gpu.summarize_kernel "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 || status=1
 cat "$OUT/summary.md"
 echo "== GPU kernel tests"
 timeout ${TESTS_TIMEOUT:-300} $PY -m pytest tests/test_gpu_kernels.py -m gpu -q -rfEs --durations=10 -p no:cacheprovider \

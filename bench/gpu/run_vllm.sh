@@ -3,7 +3,8 @@
 # three real shapes), then end-to-end decode in vLLM, stock vs SERE, for DeepSeek-V2-Lite,
 # Qwen3-30B-A3B and (batches 128, 256) Qwen1.5-MoE-A2.7B, all within one time budget.
 #
-# On the GPU host, repo root, vLLM 0.26 bundle unpacked and this package installed:
+# On the GPU host, from the repo root (the scripts run as `python -m bench.gpu.<script>`), vLLM
+# 0.26 bundle unpacked and this package installed:
 #   export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH && bash bench/gpu/run_vllm.sh
 # Env: OUT (default /tmp/sere_vllm_out), BUDGET_S (default 520: seconds for the whole script;
 # every step gets a deadline from what is left, so the script ends in time), STEPS (default
@@ -27,7 +28,6 @@ OUT=${OUT:-/tmp/sere_vllm_out}
 BUDGET_S=${BUDGET_S:-520}
 WORK=${WORK:-/tmp/sere_vllm_work}
 PY=${PY:-python3}
-HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 status=0
@@ -77,7 +77,7 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
   local model=$1 want=$2 min_left=$3 batches=$4 engines=$5
   [ "$model" = "$last_step" ] && want=$(left)
   local limit=$(( want < $(left) ? want : $(left) ))
-  step "e2e $model" "$limit" $PY "$HERE/vllm_decode.py" --model "$model" --out "$WORK/e2e-$model" \
+  step "e2e $model" "$limit" $PY -m bench.gpu.vllm_decode --model "$model" --out "$WORK/e2e-$model" \
     --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170
 }
 
@@ -102,7 +102,7 @@ export PY WORK
 for s in $STEPS; do
   case $s in
     # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
-    fused) step fused 100 $PY "$HERE/vllm_fused_layer.py" --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
+    fused) step fused 100 $PY -m bench.gpu.vllm_fused_layer --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
     fused-pytest) step fused-pytest 240 bash -c 'bench_pytest "$@"' _ fused-pytest bench/test_bench_fused_moe.py \
       ${FUSED_K:+-k "$FUSED_K"} ;;
     # The engines' JSON and logs stay in $WORK/e2e-pytest/engines: a cut-off run keeps what it finished.

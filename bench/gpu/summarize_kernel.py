@@ -1,13 +1,15 @@
 """Markdown tables from a kernel-bench JSON (pytest-benchmark --benchmark-json of
 bench/test_bench_reroute.py): per-call time of each backend and the numba ratios.
 
-Run: `python bench/gpu/summarize_kernel.py bench_kernel.json > summary.md`
+Run: `python -m bench.gpu.summarize_kernel bench_kernel.json > summary.md`
 """
 from __future__ import annotations
 
 import json
 import sys
 from collections import defaultdict
+
+from bench.extra_info import markdown_table
 
 
 def main(path: str) -> None:
@@ -25,26 +27,25 @@ def main(path: str) -> None:
         if not keys:
             continue
         print(f"\n### {method}: median us per call (E=128, k=8, rho=0.1)\n")
-        if method == "host":
-            print("| routing | T | S | reference | torch (CPU) | experts before -> after |")
-            print("|---|---:|---:|---:|---:|---|")
-            for key in keys:
-                r = rows[key]
-                any_info = next(iter(r.values()))
-                print(f"| {key[1]} | {key[2]} | {key[3]} | {r.get('reference', {}).get('us_per_call', '-')} | "
-                      f"{r.get('torch', {}).get('us_per_call', '-')} | "
-                      f"{any_info['experts_before']} -> {any_info['experts_after']} |")
-            continue
-        print("| routing | T | S | numba | baseline | torch | numba vs baseline | numba vs torch | experts before -> after |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        cells = []
         for key in keys:
             r = rows[key]
-            numba = r.get("numba", {})
             any_info = next(iter(r.values()))
-            print(f"| {key[1]} | {key[2]} | {key[3]} | {numba.get('us_per_call', '-')} | "
-                  f"{r.get('baseline', {}).get('us_per_call', '-')} | {r.get('torch', {}).get('us_per_call', '-')} | "
-                  f"{numba.get('speedup_vs_baseline', '-')}x | {numba.get('speedup_vs_torch', '-')}x | "
-                  f"{any_info['experts_before']} -> {any_info['experts_after']} |")
+            experts = f"{any_info['experts_before']} -> {any_info['experts_after']}"
+            us = {backend: r.get(backend, {}).get("us_per_call", "-") for backend in ("reference", "torch", "numba", "baseline")}
+            if method == "host":
+                cells.append([key[1], key[2], key[3], us["reference"], us["torch"], experts])
+            else:
+                numba = r.get("numba", {})
+                cells.append([key[1], key[2], key[3], us["numba"], us["baseline"], us["torch"],
+                              f"{numba.get('speedup_vs_baseline', '-')}x", f"{numba.get('speedup_vs_torch', '-')}x", experts])
+        if method == "host":
+            table = markdown_table(["routing", "T", "S", "reference", "torch (CPU)", "experts before -> after"],
+                                   "lrrrrl", cells)
+        else:
+            table = markdown_table(["routing", "T", "S", "numba", "baseline", "torch", "numba vs baseline",
+                                    "numba vs torch", "experts before -> after"], "lrrrrrrrl", cells)
+        print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Quality against activated experts on the zoo: SERE and the controls, written as a report.
 
-    python -m sere.harness.zoo.sweep                        # all zoo models -> bench/results/accuracy.*
-    python -m sere.harness.zoo.sweep --models qwen2_moe --out /tmp/acc
+    sere-accuracy-report --out bench/results --notes bench/results/accuracy_notes.md   # all zoo models
+    sere-accuracy-report --models qwen2_moe --out /tmp/acc --zoo-dir tests/zoo
+    (= python -m sere.harness.zoo.sweep; --out is required: the report's folder is never guessed;
+    the zoo folder is --zoo-dir, else $SERE_ZOO_DIR, see sere.harness.zoo)
 
 For each zoo model, on the committed held-out text (sere.harness.fidelity; CPU, float32):
   1. methods at equal budget: SERE and random re-routing over S x threshold, top-S
@@ -33,10 +35,11 @@ import torch
 from tqdm import tqdm
 
 from sere.harness.fidelity import Composition, fidelity, reference_pass
-from sere.harness.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, model_dir
+from sere.harness.settings import SERE_S1, SERE_S2
+from sere.harness.zoo import ZOO_MODELS, ZooDirNotSet, heldout_ids, load_zoo_model, model_dir, zoo_dir
 
 THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7)
-PAPER_SETTINGS = ((2, 0.1), (1, 0.0))
+PAPER_SETTINGS = (SERE_S2, SERE_S1)  # (S, rho) each; S=2 first, the order of the report's rows
 BATCH_SIZES = (1, 4, 16, 64)
 MAIN_BATCH = 16
 SEQ_LEN, NUM_WINDOWS = 128, 64
@@ -45,7 +48,6 @@ CONTROLS = ("truncate", "drop", "oea")
 # slot moves, the equal-budget setting (CKA's values are >= 0, so for it that is rho = 0).
 ALL_MOVE_RHO = {"substitution": -1.0}
 RANDOM_SEEDS = 8
-DEFAULT_OUT = Path(__file__).resolve().parents[3] / "bench" / "results"
 
 
 def primary_slots(k: int) -> tuple[int, ...]:
@@ -53,10 +55,10 @@ def primary_slots(k: int) -> tuple[int, ...]:
     return tuple(sorted({s for s in (1, 2, k // 2) if 0 < s < k}))
 
 
-def similarity_variants(name: str) -> dict[str, Path]:
-    """label -> artifact: "sere" is the committed default (tests/zoo/<name>/, linear CKA);
-    "sere[<metric>]" for each other calibration in tests/zoo/<name>/similarity_<metric>/."""
-    d = model_dir(name)
+def similarity_variants(name: str, zoo=None) -> dict[str, Path]:
+    """label -> artifact: "sere" is the committed default (<zoo>/<name>/, linear CKA);
+    "sere[<metric>]" for each other calibration in <zoo>/<name>/similarity_<metric>/."""
+    d = model_dir(name, zoo)
     out = {"sere": d / "sere_similarity.safetensors"}
     for sub in sorted(d.glob("similarity_*/sere_similarity.safetensors")):
         out[f"sere[{sub.parent.name.removeprefix('similarity_')}]"] = sub
@@ -64,12 +66,13 @@ def similarity_variants(name: str) -> dict[str, Path]:
 
 
 def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, seq_len=SEQ_LEN, num_windows=NUM_WINDOWS,
-                random_seeds=RANDOM_SEEDS):
+                random_seeds=RANDOM_SEEDS, zoo=None):
     """All rows for one zoo model: dicts of Fidelity fields plus model, part, stock experts
-    and the similarity artifact used (method "sere[frobenius]" = SERE with that artifact)."""
-    model, tok = load_zoo_model(name)
-    ids = heldout_ids(tok)
-    sims = similarity_variants(name)
+    and the similarity artifact used (method "sere[frobenius]" = SERE with that artifact).
+    zoo: the zoo folder (None: $SERE_ZOO_DIR, see sere.harness.zoo.zoo_dir)."""
+    model, tok = load_zoo_model(name, zoo_dir=zoo)
+    ids = heldout_ids(tok, zoo)
+    sims = similarity_variants(name, zoo)
     default = sims["sere"]
     k = model.config.num_experts_per_tok
     jobs = []  # (part, B, label, method, S, rho, artifact[, method options]); method "drop": see _measure
@@ -105,7 +108,7 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
         options = opts[0] if opts else None
         m = _measure(model, refs[B], sim, S, rho, method, options)
         rows.append({"model": name, "part": part, "stock_experts": refs[B].experts, **m.as_dict(),
-                     "method": label, "similarity": str(Path(sim).relative_to(model_dir(name).parent)),
+                     "method": label, "similarity": str(Path(sim).relative_to(model_dir(name, zoo).parent)),
                      **({"seed": options["seed"]} if options else {})})
     return rows
 
@@ -121,7 +124,7 @@ def _measure(model, ref, sim, S: int, rho: float, method: str, options):
     return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method=method, method_options=options)
 
 
-def shared_origin_rows(name: str) -> list[dict]:
+def shared_origin_rows(name: str, zoo=None) -> list[dict]:
     """For an upcycled zoo model (its train_log has "upcycle"): per similarity artifact and MoE
     layer, does the similarity see which experts are copies of the same dense shard (expert e
     is shard e mod n)? Mean similarity to same-shard and to other experts, and the share of
@@ -130,13 +133,13 @@ def shared_origin_rows(name: str) -> list[dict]:
     from sere.artifact import load_similarity
     from transformers import AutoConfig
 
-    log = json.loads((model_dir(name) / "train_log.json").read_text())
+    log = json.loads((model_dir(name, zoo) / "train_log.json").read_text())
     if "upcycle" not in log:
         return []
     n = log["upcycle"]["n_shards"]
-    cfg = AutoConfig.from_pretrained(model_dir(name))
+    cfg = AutoConfig.from_pretrained(model_dir(name, zoo))
     out = []
-    for label, path in similarity_variants(name).items():
+    for label, path in similarity_variants(name, zoo).items():
         for layer, sim in sorted(load_similarity(path, config=cfg).matrices.items()):
             sim = sim.float()  # E, E
             E = sim.shape[0]
@@ -278,7 +281,7 @@ def drop_rows(rows) -> list[dict]:
     return out
 
 
-def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
+def write_markdown(rows, path: Path, meta: dict, notes: str = "", zoo=None) -> None:
     parts = [f"# Accuracy of SERE and the controls on the zoo models\n\nGenerated by `{meta['command']}` on "
              f"{meta['date']} ({meta['machine']}, torch {meta['torch']}, float32, CPU; {meta['minutes']:.1f} min). "
              "Do not edit by hand; the findings come from accuracy_notes.md (`--notes`), re-render with `--from-json`.\n",
@@ -327,7 +330,7 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "") -> None:
                  "rho = 0 for CKA, cosine and Frobenius (their values are >= 0 here), rho = -1 for substitution; "
                  "truncate, drop and oea have no threshold.\n")
     parts += standing(rows)
-    origin = [o for name in dict.fromkeys(r["model"] for r in rows) for o in shared_origin_rows(name)]
+    origin = [o for name in dict.fromkeys(r["model"] for r in rows) for o in shared_origin_rows(name, zoo)]
     if origin:
         parts.append("\n## Does the similarity see shared origin? (upcycled model)\n\n"
                      "Expert e of an upcycled model starts as a copy of dense shard e mod n. Per artifact and MoE layer: mean "
@@ -431,24 +434,31 @@ def write_plot(rows, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(ZOO_MODELS), choices=ZOO_MODELS)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder of accuracy.json/md/png (this repository keeps its report in bench/results)")
+    p.add_argument("--zoo-dir", type=Path, default=None,
+                   help="zoo folder (default: $SERE_ZOO_DIR; this repository's is tests/zoo)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--notes", type=Path, default=None, help="markdown to put under the header (findings)")
     p.add_argument("--from-json", action="store_true", help="only re-render accuracy.md/png from accuracy.json")
     args = p.parse_args(argv)
+    try:
+        zoo = zoo_dir(args.zoo_dir)
+    except ZooDirNotSet as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     notes = args.notes.read_text() if args.notes else ""
     if args.from_json:  # re-render the report from a previous run's rows
         saved = json.loads((args.out / "accuracy.json").read_text())
-        write_markdown(saved["rows"], args.out / "accuracy.md", saved["meta"], notes)
+        write_markdown(saved["rows"], args.out / "accuracy.md", saved["meta"], notes, zoo)
         write_plot(saved["rows"], args.out / "accuracy.png")
         print(f"re-rendered {args.out / 'accuracy.md'} and accuracy.png from accuracy.json")
         return
     start = time.time()
     rows = []
     for name in args.models:
-        rows += sweep_model(name)
+        rows += sweep_model(name, zoo=zoo)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python -m sere.harness.zoo.sweep" + (f" --models {' '.join(args.models)}" if args.models != list(ZOO_MODELS) else ""),
@@ -458,7 +468,7 @@ def main(argv=None) -> None:
         "minutes": (time.time() - start) / 60,
     }
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    write_markdown(rows, args.out / "accuracy.md", meta, notes)
+    write_markdown(rows, args.out / "accuracy.md", meta, notes, zoo)
     write_plot(rows, args.out / "accuracy.png")
     print(f"wrote {args.out / 'accuracy.md'}, accuracy.png, accuracy.json ({len(rows)} rows, {meta['minutes']:.1f} min)")
 

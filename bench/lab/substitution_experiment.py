@@ -2,7 +2,7 @@
 
     python -m sere.calibration --model_path tests/zoo/<m> --output_path /tmp/sere_subst/<m> \
         --max_len 128 --dtype float32 --similarity_method substitution      # per zoo model, first
-    python bench/substitution_experiment.py --artifacts /tmp/sere_subst [--models qwen2_moe ...]
+    SERE_ZOO_DIR=tests/zoo python -m bench.lab.substitution_experiment --artifacts /tmp/sere_subst [--models qwen2_moe ...]
 
 For each zoo model, on the held-out text at batch 16 (sere.harness.fidelity, as sere.harness.zoo.sweep runs it):
 SERE with the committed linear-CKA artifact and with the substitution artifact, each against

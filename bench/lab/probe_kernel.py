@@ -1,7 +1,8 @@
 """Device probe for the Numba reroute kernel: launch path, eager host overhead, and a sweep of
 the launch shape (threads per block, lanes per secondary slot, grid cap) by CUDA-graph replay.
 
-Run on a CUDA machine from the repo root: `python bench/gpu/probe_kernel.py --out probe.json`.
+Run on a CUDA machine from the repo root: `python -m bench.lab.probe_kernel --out probe.json`
+(bench/gpu/run_kernel.sh runs it before the kernel bench).
 Inputs: E = 128, k = 8, rho = 0.1, uniform random routing, int64 ids, float32 similarity.
 Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
 """
@@ -10,20 +11,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # bench/ for timing.py
-from timing import time_graph_replay  # noqa: E402
-
-import sere  # noqa: E402
-from sere.kernels import numba_cuda as nc  # noqa: E402
-from sere.kernels.reference import reroute_reference  # noqa: E402
+import sere
+from bench.timing import time_graph_replay
+from sere.kernels import numba_cuda as nc
+from sere.kernels.reference import reroute_reference
 
 E, K, RHO = 128, 8, 0.1
 T_VALUES = (1, 16, 64, 256, 4096)

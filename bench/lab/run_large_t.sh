@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device run of the large-T follow-up (issue 2): the large-T bench (one-launch vs two-launch vs
 # baseline) and the GPU kernel tests, no install (PYTHONPATH). Logs and JSON land in $OUT.
-# Run from the repo root on a CUDA machine:  bash bench/gpu/run_large_t.sh
+# Run from the repo root on a CUDA machine:  bash bench/lab/run_large_t.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/sere_large_t_out}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ status=0
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 echo "== large-T bench"
-timeout ${BENCH_TIMEOUT:-120} $PY bench/gpu/large_t.py --out "$OUT/large_t.json" > "$OUT/large_t.log" 2>&1 || status=1
+timeout ${BENCH_TIMEOUT:-120} $PY -m bench.lab.large_t --out "$OUT/large_t.json" > "$OUT/large_t.log" 2>&1 || status=1
 grep -v "large-T bench:" "$OUT/large_t.log" | tail -n 40
 echo "== GPU kernel tests"
 timeout ${TESTS_TIMEOUT:-150} $PY -m pytest tests/test_gpu_kernels.py -m gpu -q -rfEs --durations=8 -p no:cacheprovider \

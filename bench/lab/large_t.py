@@ -2,7 +2,7 @@
 baseline, CUDA-graph replay us per call, and the T*S threshold the numbers suggest.
 
 Run on a CUDA machine from the repo root:
-  `PYTHONPATH=$PWD python bench/gpu/large_t.py --out large_t.json`
+  `python -m bench.lab.large_t --out large_t.json`   (bench/lab/run_large_t.sh: with the GPU kernel tests)
 Inputs: E = 128, k = 8, rho = 0.1, int64 ids, float32 similarity uniform in [0, 1); routing
 "uniform" (each token takes k distinct experts at random: at large T every expert is primary)
 and "narrow" (ids drawn from 6 experts: P stays small, so no row is skipped). Every path's
@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # bench/ for timing.py
-from timing import time_graph_replay  # noqa: E402
-
-from sere.kernels import numba_cuda as nc  # noqa: E402
-from sere.kernels.reference import reroute_reference  # noqa: E402
-from sere.kernels.research_baseline import reroute_research_baseline  # noqa: E402
+from bench.extra_info import markdown_table
+from bench.timing import time_graph_replay
+from sere.kernels import numba_cuda as nc
+from sere.kernels.reference import reroute_reference
+from sere.kernels.research_baseline import reroute_research_baseline
 
 E, K, RHO = 128, 8, 0.1
 T_VALUES = (64, 256, 1024, 2048, 4096)
@@ -86,11 +83,10 @@ def main() -> None:
         report["rows"].append(row)
     report["suggested_min_tokens"] = suggest_threshold(report["rows"])
     print(f"\n{report['device']}, {report['date']}; graph replay, median us per call (100 calls x 20 rounds)")
-    print("| routing | T | S | T*S | one-launch | two-launch | baseline | two vs one | two vs baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in report["rows"]:
-        print(f"| {r['routing']} | {r['T']} | {r['S']} | {r['T'] * r['S']} | {r['one']:.3f} | {r['two']:.3f} | "
-              f"{r['baseline']:.3f} | {r['one'] / r['two']:.2f}x | {r['baseline'] / r['two']:.2f}x |")
+    rows = [[r["routing"], r["T"], r["S"], r["T"] * r["S"], f"{r['one']:.3f}", f"{r['two']:.3f}", f"{r['baseline']:.3f}",
+             f"{r['one'] / r['two']:.2f}x", f"{r['baseline'] / r['two']:.2f}x"] for r in report["rows"]]
+    print("\n".join(markdown_table(["routing", "T", "S", "T*S", "one-launch", "two-launch", "baseline", "two vs one",
+                                    "two vs baseline"], "lrrrrrrrr", rows)))
     print(f"suggested TWO_LAUNCH_MIN_TOKENS: {report['suggested_min_tokens']}"
           f" (in code during this run: {report['threshold_in_code']})")
     with open(args.out, "w") as fh:
