@@ -2,9 +2,17 @@
 
 Without a CUDA GPU, the Numba CUDA kernels run under the CUDA simulator. The variable must be
 set before Numba is first imported, hence here, at the top of the root conftest.
+
+The zoo folder (sere.harness.zoo) is this checkout's tests/zoo unless SERE_ZOO_DIR names
+another: the installed package never looks for repository paths, so the test suite names it
+here, before any test module (tests/test_accuracy.py reads it at import) or bench/ loads it.
 """
 import os
 import shutil
+from pathlib import Path
+
+if not os.environ.get("SERE_ZOO_DIR"):
+    os.environ["SERE_ZOO_DIR"] = str(Path(__file__).resolve().parent / "tests" / "zoo")
 
 
 def _gpu_present() -> bool:

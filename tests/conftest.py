@@ -4,6 +4,8 @@
 it measures, instead of comparing against them. The only way the goldens change:
 
     pytest -m accuracy --update-goldens tests/test_accuracy.py
+
+The zoo folder (SERE_ZOO_DIR = tests/zoo) is set in the root conftest.py, for bench/ too.
 """
 
 

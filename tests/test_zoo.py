@@ -3,7 +3,8 @@
     pytest tests/test_zoo.py -q
 
 No network: the Debian text is replaced by a synthetic `bible -f` listing; the committed
-checkpoints are only loaded, never retrained.
+checkpoints are only loaded, never retrained. The zoo folder is tests/zoo through SERE_ZOO_DIR,
+which the root conftest.py sets.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from sere.harness.zoo import ZOO_MODELS, heldout_ids, load_zoo_model, zoo_dir
+from sere.harness.zoo import ZOO_MODELS, ZooDirNotSet, heldout_ids, heldout_text, load_zoo_model, model_dir, zoo_dir
 from sere.harness.zoo.data import (
     HELDOUT_EVERY,
     HELDOUT_OFFSET,
@@ -285,3 +286,59 @@ def test_committed_checkpoint_loads(name):
         assert log["upcycle"]["reinit_fraction"] == 0.5 and log["upcycle"]["n_shards"] == 4
     else:
         assert log["curve"][-1]["loss"] < log["curve"][0]["loss"] - 3  # it learned
+
+
+# ---- where the zoo is: an argument or SERE_ZOO_DIR, never a path of the checkout -------------------
+
+
+def test_zoo_dir_argument_then_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERE_ZOO_DIR", str(tmp_path / "env"))
+    assert zoo_dir() == tmp_path / "env"
+    assert zoo_dir(tmp_path / "arg") == zoo_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+
+
+def test_no_zoo_dir_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
+    for call in (zoo_dir, lambda: model_dir("qwen2_moe"), heldout_text):
+        with pytest.raises(ZooDirNotSet, match=r"^no zoo folder: pass --zoo-dir or set SERE_ZOO_DIR \(this repository's is tests/zoo\)$"):
+            call()
+
+
+def test_model_dir_in_an_explicit_zoo(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
+    (tmp_path / "qwen2_moe").mkdir()
+    (tmp_path / "qwen2_moe" / "config.json").write_text("{}")
+    assert model_dir("qwen2_moe", tmp_path) == tmp_path / "qwen2_moe"
+    with pytest.raises(FileNotFoundError, match="--zoo-dir"):
+        model_dir("qwen3_moe", tmp_path)
+
+
+def test_committed_checkpoint_loads_from_an_explicit_zoo_dir(monkeypatch):
+    committed = zoo_dir()
+    monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
+    model, tok = load_zoo_model("qwen2_moe", zoo_dir=committed)
+    assert not model.training
+    assert heldout_ids(tok, committed).numel() == json.loads((committed / "qwen2_moe" / "card.json").read_text())["heldout_tokens"]
+
+
+def test_train_command_needs_out_or_a_zoo_folder(tmp_path, monkeypatch, capsys):
+    from sere.harness.zoo.train import output_dir, parse_args
+
+    monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "qwen2_moe"])
+    assert exc.value.code == 2
+    assert "no zoo folder: pass --zoo-dir or set SERE_ZOO_DIR" in capsys.readouterr().err.splitlines()[-1]
+    assert output_dir(parse_args(["--model", "qwen2_moe", "--zoo-dir", str(tmp_path)])) == tmp_path / "qwen2_moe"
+    assert output_dir(parse_args(["--model", "qwen2_moe", "--out", str(tmp_path / "o")])) == tmp_path / "o"
+    monkeypatch.setenv("SERE_ZOO_DIR", str(tmp_path / "env"))
+    assert output_dir(parse_args(["--model", "qwen3_moe"])) == tmp_path / "env" / "qwen3_moe"
+
+
+def test_card_command_needs_a_zoo_folder(monkeypatch, capsys):
+    from sere.harness.zoo.card import main
+
+    monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "qwen2_moe"])
+    assert exc.value.code == 2 and "pass --zoo-dir or set SERE_ZOO_DIR" in capsys.readouterr().err

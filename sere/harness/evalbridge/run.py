@@ -4,10 +4,12 @@
         --datasets gsm8k humaneval --select_top_k 1 --threshold 0.1 --work_dir runs/s1
     python -m sere.harness.evalbridge.run ... --print_config     # just the OpenCompass config
 
-Run it in the eval venv (see sere.harness.evalbridge). It writes `<work_dir>/sere_eval_config.py` (the
+Run it in the eval venv, with sere installed there (.ci/setup-eval-env installs this checkout
+editable; see sere.harness.evalbridge). It writes `<work_dir>/sere_eval_config.py` (the
 datasets' stock OpenCompass configs, the model as a `SereHuggingFaceBaseModel` or
-`SereHuggingFacewithChatTemplate` with the SERE settings), runs `opencompass` on it with the
-repository root on PYTHONPATH (OpenCompass imports the model class by name) and
+`SereHuggingFacewithChatTemplate` with the SERE settings), runs `opencompass` on it inside the
+work dir (OpenCompass imports the model class by name, so this Python must find the `sere`
+package from there: installed, or on PYTHONPATH, which is passed on as it is) with
 COMPASS_DATA_CACHE set if --data_cache is given, then reads the summary csv: OpenCompass exits 0
 even when a task fails, so this exits 1 unless every dataset row has a number. Without
 --select_top_k the model runs stock (the baseline to compare against). Expert statistics of
@@ -26,8 +28,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # name -> (OpenCompass config module, variable): the stock configs of each benchmark
 DATASETS = {
@@ -116,6 +116,29 @@ def failed_rows(rows: list[dict]) -> list[str]:
     return bad
 
 
+NOT_IMPORTABLE = ("error: {python} finds no `sere` package outside the current folder, so OpenCompass cannot load "
+                  "the model class: install sere into this venv (`pip install --no-deps -e <checkout>`; "
+                  ".ci/setup-eval-env does) or put the checkout on PYTHONPATH")
+
+
+def opencompass_env(data_cache=None, environ=None) -> dict:
+    """The environment OpenCompass runs in: this one, PYTHONPATH entries made absolute (it
+    runs in the work dir) and COMPASS_DATA_CACHE set to `data_cache` if given."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    if data_cache:
+        env["COMPASS_DATA_CACHE"] = str(Path(data_cache).resolve())
+    return env
+
+
+def sere_importable(env: dict, cwd: Path) -> bool:
+    """Whether this Python, started in `cwd` with `env` as OpenCompass's processes are, finds
+    the `sere` package (not only through the folder it was started from)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('sere') is None)"
+    return subprocess.run([sys.executable, "-c", probe], env=env, cwd=cwd, capture_output=True).returncode == 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", required=True)
@@ -150,10 +173,10 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "sere_eval_config.py"
     cfg_path.write_text(config)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    if args.data_cache:
-        env["COMPASS_DATA_CACHE"] = str(Path(args.data_cache).resolve())
+    env = opencompass_env(args.data_cache)
+    if not sere_importable(env, work):
+        print(NOT_IMPORTABLE.format(python=sys.executable), file=sys.stderr)
+        return 2
     cmd = [sys.executable, "-m", "opencompass.cli.main", str(cfg_path), "-w", str(work)] + (["--debug"] if args.debug else [])
     print("running:", " ".join(cmd), file=sys.stderr)
     # OpenCompass writes scratch folders (tmp/, icl_inference_output/) into its working

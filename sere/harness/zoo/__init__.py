@@ -2,13 +2,16 @@
 used to measure what SERE costs in quality (tests/test_accuracy.py, bench/results/accuracy.md).
 
     from sere.harness.zoo import load_zoo_model, heldout_ids, ZOO_MODELS
-    model, tokenizer = load_zoo_model("qwen2_moe")        # float32, eval mode, CPU
-    ids = heldout_ids(tokenizer)                          # the committed held-out text, N tokens
+    model, tokenizer = load_zoo_model("qwen2_moe", zoo_dir="tests/zoo")  # float32, eval mode, CPU
+    ids = heldout_ids(tokenizer, zoo_dir="tests/zoo")     # the committed held-out text, N tokens
 
-The checkpoints live in tests/zoo/<name>/ (config, fp16 safetensors, tokenizer, card,
-training log, similarity artifact); `SERE_ZOO_DIR` points elsewhere. They are built by
-`python -m sere.harness.zoo.train --model <name>` (see its docstring) and described in
-tests/zoo/DATA.md and each model's README.md.
+The zoo folder holds <name>/ per model (config, fp16 safetensors, tokenizer, card, training
+log, similarity artifact) and the held-out text; this repository's is tests/zoo (not package
+data: the installed package never looks for it). Name it with the `zoo_dir` argument of each
+function here (`--zoo-dir` on the commands), or once with $SERE_ZOO_DIR; the test suite sets
+$SERE_ZOO_DIR to tests/zoo itself (conftest.py). The models are built by
+`sere-zoo-train --model <name>` (sere.harness.zoo.train) and described in tests/zoo/DATA.md
+and each model's README.md.
 """
 from __future__ import annotations
 
@@ -18,53 +21,69 @@ from pathlib import Path
 from sere.harness.zoo.models import ZOO_MODELS, zoo_config
 
 HELDOUT_FILENAME = "heldout.txt"
+ZOO_DIR_ENV = "SERE_ZOO_DIR"
 
 
-def zoo_dir() -> Path:
-    """Where the zoo's checkpoints are: $SERE_ZOO_DIR, else tests/zoo of this checkout."""
-    env = os.environ.get("SERE_ZOO_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "tests" / "zoo"
+class ZooDirNotSet(LookupError):
+    """Neither a zoo_dir argument nor $SERE_ZOO_DIR says where the zoo is."""
 
 
-def model_dir(name: str) -> Path:
+def zoo_dir(path: str | os.PathLike | None = None) -> Path:
+    """The zoo folder: `path` if given, else $SERE_ZOO_DIR; ZooDirNotSet if neither is set
+    (the folder need not exist yet: training writes into it)."""
+    if path is not None and str(path) != "":
+        return Path(path)
+    env = os.environ.get(ZOO_DIR_ENV)
+    if env:
+        return Path(env)
+    raise ZooDirNotSet(f"no zoo folder: pass --zoo-dir or set {ZOO_DIR_ENV} (this repository's is tests/zoo)")
+
+
+_zoo_dir = zoo_dir  # for the functions below, whose `zoo_dir` argument hides it
+
+
+def model_dir(name: str, zoo_dir: str | os.PathLike | None = None) -> Path:
+    """Checkpoint folder of zoo model `name` in the zoo folder (see zoo_dir)."""
     if name not in ZOO_MODELS:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_MODELS)}")
-    path = zoo_dir() / name
+    path = _zoo_dir(zoo_dir) / name
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"zoo model {name!r} not found at {path}; train it with `python -m sere.harness.zoo.train --model {name}` "
-            "or set SERE_ZOO_DIR"
+            f"zoo model {name!r} not found at {path}; train it with `sere-zoo-train --model {name} --zoo-dir "
+            f"{path.parent}`, or name another zoo folder (--zoo-dir, {ZOO_DIR_ENV})"
         )
     return path
 
 
-def load_zoo_model(name: str, *, dtype=None, device="cpu", experts_implementation: str = "grouped_mm"):
+def load_zoo_model(name: str, *, zoo_dir: str | os.PathLike | None = None, dtype=None, device="cpu",
+                   experts_implementation: str = "grouped_mm"):
     """(model in eval mode, tokenizer) of zoo model `name`. float32 by default: the stored
     fp16 weights widen exactly, and float32 keeps the reference and re-routed runs comparable.
     experts_implementation: transformers' expert kernel ("grouped_mm" is the fastest on the CPU
     here and gives the same metrics as "eager")."""
+    path = model_dir(name, zoo_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model_dir(name)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or torch.float32, experts_implementation=experts_implementation
     )
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def heldout_text() -> str:
-    path = zoo_dir() / HELDOUT_FILENAME
+def heldout_text(zoo_dir: str | os.PathLike | None = None) -> str:
+    path = _zoo_dir(zoo_dir) / HELDOUT_FILENAME
     if not path.exists():
         raise FileNotFoundError(f"held-out text not found at {path} (see tests/zoo/DATA.md)")
     return path.read_text()
 
 
-def heldout_ids(tokenizer):
-    """The committed held-out text as one 1-D int64 tensor of token ids."""
+def heldout_ids(tokenizer, zoo_dir: str | os.PathLike | None = None):
+    """The zoo's held-out text as one 1-D int64 tensor of token ids."""
     from sere.harness.zoo.data import encode
 
-    return encode(tokenizer, heldout_text())
+    return encode(tokenizer, heldout_text(zoo_dir))
 
 
-__all__ = ["ZOO_MODELS", "heldout_ids", "heldout_text", "load_zoo_model", "model_dir", "zoo_config", "zoo_dir"]
+__all__ = ["ZOO_DIR_ENV", "ZOO_MODELS", "ZooDirNotSet", "heldout_ids", "heldout_text", "load_zoo_model", "model_dir",
+           "zoo_config", "zoo_dir"]

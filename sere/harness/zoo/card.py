@@ -1,6 +1,6 @@
 """Write the card of a trained zoo model: README.md (for people) and card.json (for tools).
 
-    python -m sere.harness.zoo.card --model qwen2_moe          # after sere.harness.zoo.train and calibration
+    python -m sere.harness.zoo.card --model qwen2_moe --zoo-dir tests/zoo   # after sere-zoo-train and calibration
 
 Measures on the committed held-out text: perplexity, the unigram baseline of the same
 tokenizer (token frequencies of the training split, add-one smoothed), and the routing
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sere.harness.zoo import heldout_ids, load_zoo_model, model_dir
+from sere.harness.zoo import ZooDirNotSet, heldout_ids, load_zoo_model, model_dir, zoo_dir
 from sere.harness.zoo.data import DEFAULT_VOCAB, HELDOUT_EVERY, HELDOUT_OFFSET, encode, prepare
 from sere.harness.zoo.evaluate import heldout_perplexity, routing_entropy, unigram_perplexity
 from sere.harness.zoo.models import ZOO_MODELS, count_parameters
@@ -22,10 +22,10 @@ from sere.harness.zoo.train import DEFAULT_DATA_DIR
 EVAL_SEQ_LEN = 128
 
 
-def measure(name: str, data_dir: Path) -> dict:
+def measure(name: str, data_dir: Path, zoo_dir=None) -> dict:
     """Held-out numbers of zoo model `name` (needs the training split for the unigram baseline)."""
-    model, tok = load_zoo_model(name)
-    held = heldout_ids(tok)  # N
+    model, tok = load_zoo_model(name, zoo_dir=zoo_dir)
+    held = heldout_ids(tok, zoo_dir)  # N
     train_ids = encode(tok, Path(prepare(data_dir)["train"]).read_text())  # N'
     ppl = heldout_perplexity(model, held, EVAL_SEQ_LEN)
     uni = unigram_perplexity(train_ids, held, len(tok))
@@ -47,7 +47,7 @@ def _curve_points(curve: list[dict], n: int = 8) -> list[dict]:
     return [curve[i] for i in idx]
 
 
-def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
+def render(name: str, cfg, log: dict, m: dict, has_artifact: bool, zoo_dir=None) -> str:
     E = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts")
     shared = {
         "qwen2_moe": f"1 gated shared expert (intermediate {getattr(cfg, 'shared_expert_intermediate_size', '-')})",
@@ -66,7 +66,7 @@ def render(name: str, cfg, log: dict, m: dict, has_artifact: bool) -> str:
     )
     # On the GPU host bench/gpu/train_zoo.sh calibrates in float32 (the command's default there is bfloat16).
     calib_flags = " --device cuda --dtype float32" if a.get("device", "cpu") != "cpu" else ""
-    found = sorted(p.name.removeprefix("similarity_") for p in model_dir(name).glob("similarity_*") if p.is_dir())
+    found = sorted(p.name.removeprefix("similarity_") for p in model_dir(name, zoo_dir).glob("similarity_*") if p.is_dir())
     variants = "".join(
         f"`similarity_{v}/`: the same command with `--similarity_method {v} --output_path tests/zoo/{name}/similarity_{v}` "
         "(compared in bench/results/accuracy.md).\n" for v in found
@@ -167,15 +167,16 @@ attention, embeddings and norms copied; router {up['router']}; seed {up['seed']}
 """
 
 
-def write_card(name: str, data_dir: Path) -> Path:
-    path = model_dir(name)
+def write_card(name: str, data_dir: Path, zoo_dir=None) -> Path:
+    path = model_dir(name, zoo_dir)
     log = json.loads((path / "train_log.json").read_text())
-    m = measure(name, data_dir)
+    m = measure(name, data_dir, zoo_dir)
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
     (path / "card.json").write_text(json.dumps(m, indent=1) + "\n")
-    (path / "README.md").write_text(render(name, cfg, log, m, (path / "sere_similarity.safetensors").exists()))
+    (path / "README.md").write_text(render(name, cfg, log, m, (path / "sere_similarity.safetensors").exists(),
+                                          zoo_dir))
     return path / "README.md"
 
 
@@ -183,8 +184,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=ZOO_MODELS)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--zoo-dir", type=Path, default=None,
+                   help="zoo folder (default: $SERE_ZOO_DIR; this repository's is tests/zoo)")
     args = p.parse_args(argv)
-    print(write_card(args.model, args.data_dir))
+    try:
+        zoo = zoo_dir(args.zoo_dir)
+    except ZooDirNotSet as e:
+        p.error(str(e))
+    print(write_card(args.model, args.data_dir, zoo))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Train one zoo model on the King James Bible and write its checkpoint directory.
 
-    python -m sere.harness.zoo.train --model qwen2_moe                  # CPU, writes tests/zoo/qwen2_moe/
+    sere-zoo-train --model qwen2_moe --zoo-dir tests/zoo        # CPU, writes tests/zoo/qwen2_moe/
     python -m sere.harness.zoo.train --model qwen3_moe --device cuda --steps 2000 --out /tmp/q3
     python -m sere.harness.zoo.train --model qwen2_dense --out /tmp/dense          # then upcycle it:
     python -m sere.harness.zoo.train --model qwen2_moe_upcycled --init-from /tmp/dense
 
-Steps: fetch and split the text (sere.harness.zoo.data; cached in --data-dir), train the shared BPE
+The checkpoint goes to --out, else to <zoo folder>/<model> (--zoo-dir, else $SERE_ZOO_DIR;
+one of the three must be given). Steps: fetch and split the text (sere.harness.zoo.data; cached in --data-dir), train the shared BPE
 tokenizer once, train with AdamW (linear warm-up, cosine decay) on random windows of the
 training split, the load-balancing loss of the model family included, then save the model in
 fp16 safetensors with its tokenizer, `train_log.json` (arguments, seed, steps, wall time, loss
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sere.harness.zoo import zoo_dir
+from sere.harness.zoo import ZooDirNotSet, zoo_dir
 from sere.harness.zoo.data import encode, prepare, split_validation
 from sere.harness.zoo.evaluate import heldout_perplexity
 from sere.harness.model_configs import num_experts_of
@@ -144,7 +145,13 @@ def ensure_experts_kernel(model, x: torch.Tensor) -> str:
         model.zero_grad(set_to_none=True)
 
 
+def output_dir(args) -> Path:
+    """--out, else <zoo folder>/<model>; ZooDirNotSet when neither --out nor a zoo folder is given."""
+    return Path(args.out) if args.out else zoo_dir(getattr(args, "zoo_dir", None)) / args.model
+
+
 def train(args) -> Path:
+    out_dir = output_dir(args)  # before training: a missing zoo folder must not cost a run
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -214,7 +221,6 @@ def train(args) -> Path:
     if args.select_best and best["state"] is not None:
         model.load_state_dict(best["state"])
 
-    out_dir = Path(args.out) if args.out else zoo_dir() / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to("cpu").to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -272,7 +278,10 @@ def _sync_heldout(heldout: Path, zoo: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=ZOO_MODELS + DENSE_MODELS)
-    p.add_argument("--out", default=None, help="checkpoint directory (default tests/zoo/<model>)")
+    p.add_argument("--out", default=None, help="checkpoint directory (default: <zoo folder>/<model>)")
+    p.add_argument("--zoo-dir", type=Path, default=None,
+                   help="zoo folder the checkpoint goes into when --out is not given (default: $SERE_ZOO_DIR; "
+                   "this repository's is tests/zoo)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="cache for the text and tokenizer")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=4000)
@@ -296,7 +305,12 @@ def parse_args(argv=None):
         "--max-minutes", type=float, default=6.0,
         help="wall-time budget: the schedule runs by time when this binds before --steps (inf: steps only)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        output_dir(args)
+    except ZooDirNotSet as e:
+        p.error(str(e))
+    return args
 
 
 def main(argv=None) -> None:
