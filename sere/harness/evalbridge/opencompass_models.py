@@ -24,31 +24,25 @@ from typing import Any, Mapping
 
 from opencompass.models.huggingface_above_v4_33 import HuggingFaceBaseModel, HuggingFacewithChatTemplate
 
-SERE_KEYS = {"select_top_k", "threshold", "similarity", "method", "layers", "layer_overrides", "max_tokens", "backend", "stats_path"}
+BRIDGE_KEYS = {"stats_path"}  # the bridge's own; every other key is a sere.SereConfig field
 
 
 def attach_sere(model, model_path: str, settings: Mapping[str, Any] | None):
-    """`sere.hf.enable` on a loaded model from the bridge's `sere` dict; None for stock."""
+    """`sere.hf.enable` on a loaded model from the bridge's `sere` dict (parsed once into a
+    sere.SereConfig: its fields, plus BRIDGE_KEYS); None for stock."""
     if not settings:
         return None
-    unknown = set(settings) - SERE_KEYS
-    if unknown:
-        raise ValueError(f"unknown sere settings {sorted(unknown)}; allowed: {sorted(SERE_KEYS)}")
     if "select_top_k" not in settings or "threshold" not in settings:
         raise ValueError("sere=dict(...) needs select_top_k and threshold (or sere=None for the stock model)")
+    from sere.config import SereConfig
     from sere.hf import enable
 
-    return enable(
-        model,
-        settings.get("similarity") or model_path,
-        select_top_k=int(settings["select_top_k"]),
-        threshold=float(settings["threshold"]),
-        layers=settings.get("layers"),
-        layer_overrides=settings.get("layer_overrides"),
-        max_tokens=settings.get("max_tokens"),
-        backend=settings.get("backend", "auto"),
-        method=settings.get("method", "sere"),
-    )
+    fields = {k: v for k, v in settings.items() if k not in BRIDGE_KEYS}
+    # The command line hands S and rho over as text in OpenCompass's config: read them as numbers.
+    fields.update(select_top_k=int(settings["select_top_k"]), threshold=float(settings["threshold"]))
+    fields.setdefault("record_stats", True)
+    config = SereConfig.from_dict(fields, source="sere-eval")
+    return enable(model, config.similarity or model_path, config=config)
 
 
 def _restore_batch_encode_plus(tokenizer) -> None:
