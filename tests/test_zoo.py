@@ -79,16 +79,22 @@ def test_validation_split_takes_whole_training_chapters():
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_configs_have_the_features_sere_needs(name):
-    cfg = zoo_config(name, vocab_size=2048)
+    cfg = zoo_config(name, vocab_size=12288)
     experts = getattr(cfg, "num_experts", None) or cfg.n_routed_experts
-    assert experts >= 32
-    assert cfg.num_experts_per_tok == (8 if name == "qwen3_moe" else 4)
+    # the proportions of the real models: Qwen1.5-MoE 60 x top-4 + shared, DeepSeek-V2-Lite
+    # 64 x top-6 + 2 shared after a dense layer, Qwen3-30B-A3B 128 x top-8
+    want = {"qwen2_moe": (60, 4), "qwen2_moe_upcycled": (60, 4), "deepseek_v2": (64, 6), "qwen3_moe": (128, 8)}[name]
+    assert (experts, cfg.num_experts_per_tok) == want
     if name.startswith("qwen2_moe"):
         assert cfg.shared_expert_intermediate_size > 0
     if name == "deepseek_v2":
-        assert cfg.n_shared_experts >= 1 and cfg.first_k_dense_replace == 1
+        assert cfg.n_shared_experts == 2 and cfg.first_k_dense_replace == 1
     assert not cfg.output_router_logits  # on in inference, transformers' generate fails with a mask
-    assert count_parameters(build_model(name, vocab_size=2048)) * 2 <= MAX_CHECKPOINT_BYTES
+    import torch as _torch
+
+    with _torch.device("meta"):  # size only: no need to initialise 11 M weights
+        n = count_parameters(build_model(name, vocab_size=12288))
+    assert n * 2 <= MAX_CHECKPOINT_BYTES == 24 * 1024 * 1024
 
 
 def test_upcycled_model_has_qwen2_moe_config_and_a_dense_source():
@@ -270,11 +276,13 @@ def test_expert_kernel_probe_keeps_a_working_kernel_and_no_gradient():
 def test_committed_checkpoint_loads(name):
     model, tok = load_zoo_model(name)
     assert model.dtype == torch.float32 and not model.training
-    assert len(tok) == model.config.vocab_size == 2048
-    ids = heldout_ids(tok)
-    assert ids.numel() == json.loads((zoo_dir() / name / "card.json").read_text())["heldout_tokens"]
+    assert len(tok) == model.config.vocab_size == 12288
+    card = json.loads((zoo_dir() / name / "card.json").read_text())
+    assert heldout_ids(tok, domain="pycode").numel() == card["domains"]["pycode"]["tokens"]
     log = json.loads((zoo_dir() / name / "train_log.json").read_text())
     assert log["seed"] == 0 and log["steps_done"] > 1000 and len(log["curve"]) == log["steps_done"] // log["args"]["log_every"]
+    assert log["tokens_seen"] > 3 * 13_107_200  # several times the first (KJV-only) zoo's 1600 x 64 x 128 tokens
+    assert log["precision"].startswith("bf16") and set(log["train_tokens_per_domain"]) == set(card["domains"]) - {"en_fortunes"}
     assert log["saved_step"] in {e["step"] for e in log["heldout_evals"]}
     assert min(e["val_ppl"] for e in log["heldout_evals"]) == log["best_val_ppl"]  # the best evaluation was kept
     if "upcycle" in log:  # it starts from a trained dense model: its first evaluation is already close to it
@@ -318,7 +326,8 @@ def test_committed_checkpoint_loads_from_an_explicit_zoo_dir(monkeypatch):
     monkeypatch.delenv("SERE_ZOO_DIR", raising=False)
     model, tok = load_zoo_model("qwen2_moe", zoo_dir=committed)
     assert not model.training
-    assert heldout_ids(tok, committed).numel() == json.loads((committed / "qwen2_moe" / "card.json").read_text())["heldout_tokens"]
+    card = json.loads((committed / "qwen2_moe" / "card.json").read_text())
+    assert heldout_ids(tok, committed, domain="kjv").numel() == card["domains"]["kjv"]["tokens"]
 
 
 def test_train_command_needs_out_or_a_zoo_folder(tmp_path, monkeypatch, capsys):
@@ -342,3 +351,55 @@ def test_card_command_needs_a_zoo_folder(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", "qwen2_moe"])
     assert exc.value.code == 2 and "pass --zoo-dir or set SERE_ZOO_DIR" in capsys.readouterr().err
+
+
+# ---- the multi-domain training data and the routing-specialisation numbers ---------------------
+
+
+def test_mixed_batches_draw_domains_uniformly_and_stay_inside_each_stream():
+    from sere.harness.zoo.tokens import sample_mixed_batch
+
+    streams = [torch.full((1000,), 1), torch.full((50_000,), 2), torch.full((300,), 3)]  # sizes differ 170x
+    x = sample_mixed_batch(streams, batch=3000, seq_len=64, gen=torch.Generator().manual_seed(0))
+    assert x.shape == (3000, 64) and bool((x == x[:, :1]).all())  # a window never crosses into another stream
+    share = torch.bincount(x[:, 0], minlength=4)[1:].float() / 3000
+    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.04), share  # uniform over domains, not by size
+    with pytest.raises(ValueError, match="no window of 400"):
+        sample_mixed_batch(streams, batch=2, seq_len=400, gen=torch.Generator())
+
+
+def test_token_streams_load_by_split(tmp_path):
+    import numpy as np
+
+    from sere.harness.zoo.tokens import load_streams, mean_perplexity
+
+    (tmp_path / "tokens" / "train").mkdir(parents=True)
+    np.save(tmp_path / "tokens" / "train" / "kjv.npy", np.arange(10, dtype=np.uint16))
+    got = load_streams(tmp_path, "train")
+    assert list(got) == ["kjv"] and got["kjv"].dtype == torch.int64 and got["kjv"].tolist() == list(range(10))
+    with pytest.raises(FileNotFoundError, match="sere.harness.zoo.corpus"):
+        load_streams(tmp_path, "validation")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_streams(tmp_path, "test")
+    assert mean_perplexity({"a": 10.0, "b": 40.0}) == pytest.approx(20.0)
+
+
+def test_domain_expert_information_bounds():
+    from sere.harness.zoo.evaluate import domain_expert_information, text_unigram_perplexity
+
+    same = domain_expert_information({"a": torch.tensor([5.0, 5, 0, 0]), "b": torch.tensor([1.0, 1, 0, 0])})
+    assert same["mi_bits"] == pytest.approx(0.0, abs=1e-12)  # both domains route alike
+    apart = domain_expert_information({"a": torch.tensor([5.0, 5, 0, 0]), "b": torch.tensor([0.0, 0, 2, 2])})
+    assert apart["mi_bits"] == pytest.approx(1.0) == apart["max_bits"]  # the expert names the domain
+    assert apart["domain_load_entropy"] == pytest.approx(0.5)  # 2 of 4 experts within a domain
+    assert text_unigram_perplexity(torch.tensor([0, 1, 2, 3])) == pytest.approx(4.0)
+    assert text_unigram_perplexity(torch.tensor([7, 7, 7])) == pytest.approx(1.0)
+
+
+def test_calibration_pieces_keep_whole_lines_and_reach_every_line():
+    from sere.harness.zoo.calib_text import pieces
+
+    text = "".join(f"line {i:03d}\n" for i in range(100))  # 9 characters a line
+    got = pieces(text, chars=40)
+    assert all(len(p) >= 40 and p.endswith("\n") for p in got)
+    assert "".join(got) == text[: len("".join(got))] and len(text) - len("".join(got)) < 40  # only a short tail is left

@@ -1,34 +1,35 @@
 #!/usr/bin/env bash
-# Train the four zoo models on one GPU, calibrate them, and pack the checkpoints (issue 6).
-# Run from the repo root:  bash bench/gpu/train_zoo.sh        (device run: see bench/results/accuracy.md)
+# Train the four zoo models on one GPU, calibrate them, and pack the checkpoints (issues 6, 12).
+# Run from the repo root:  bash bench/gpu/train_zoo.sh        (device run: see tests/zoo/README.md)
 #
-# Needs the prepared KJV cache (python -m sere.harness.zoo.data --out .kjv, with the committed tokenizer
-# copied to .kjv/tokenizer first: see tests/zoo/README.md) in $DATA, because the GPU host is
-# offline and has no `bible` command. The models are tiny, so one training keeps an H100 far
+# Needs the corpus's token streams and tokenizer (python -m sere.harness.zoo.corpus --out .corpus;
+# the run reads only .corpus/tokens and .corpus/tokenizer) in $DATA, because the GPU host is offline. The models are tiny, so one training keeps an H100 far
 # from busy (kernel launches bind, not FLOPs): the three from-scratch models and the dense
 # model train at the same time, each in its own process, and the upcycled model follows the
 # dense one. Each run stops at its wall-time cap (minutes below; the learning-rate schedule runs
 # by time) or early by validation patience, and keeps its best-by-validation weights
 # (sere/harness/zoo/train.py). Budget: the dense + upcycled pair gets the same wall time as each
 # from-scratch model (DENSE_MIN + UP_MIN = MAIN_MIN), and the same step count each.
-# Then the calibration command (default linear CKA, plus frobenius and cosine) runs on each.
+# Then the calibration command runs on each: linear CKA (the default), frobenius, cosine and
+# substitution on the multi-domain mix (calibration/data/multidomain_mix.txt), and CKA on one
+# domain only (kjv, pycode: calibration/data/domains/) for the calibration-domain-shift study.
 # Out: $OUT/zoo_<name>.tar.gz per checkpoint dir, $OUT/zoo_logs.tar.gz, $OUT/summary.txt.
-# CPU smoke test of this script:  DEVICE=cpu PY=python MAIN_MIN=0.2 DENSE_MIN=0.1 UP_MIN=0.1 STEPS=6 EVAL=3 BATCH=4 bash bench/gpu/train_zoo.sh
+# CPU smoke test of this script:  DEVICE=cpu PY=python MAIN_MIN=0.2 DENSE_MIN=0.1 UP_MIN=0.1 STEPS=4 EVAL=2 BATCH=2 VARIANTS=cka CALIB_S=300 bash bench/gpu/train_zoo.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/sere_zoo_out}
-DATA=${DATA:-.kjv}
+DATA=${DATA:-.corpus}
 DEVICE=${DEVICE:-cuda}
-MAIN_MIN=${MAIN_MIN:-3.5}
-DENSE_MIN=${DENSE_MIN:-1.0}
-UP_MIN=${UP_MIN:-2.5}
-STEPS=${STEPS:-1600}  # 1600 x 64 x 128 tokens = 12 passes over the training text; a first H100 run
-# with 3000 steps found the best validation perplexity at step 1350-1500 (overfitting after), so
-# the schedule now ends there; on an H100 the step count binds before the time caps
+MAIN_MIN=${MAIN_MIN:-5.0}
+DENSE_MIN=${DENSE_MIN:-1.5}
+UP_MIN=${UP_MIN:-3.5}
+STEPS=${STEPS:-4000}  # 4000 x 64 x 256 tokens = 65 M, about 7 passes over the 9.3 M training tokens;
+# the time caps bind first if the GPU is slower than that (the schedule then runs by time)
 BATCH=${BATCH:-64}
-LR=${LR:-3e-3}
-EVAL=${EVAL:-150}
+SEQ=${SEQ:-256}
+LR=${LR:-2e-3}
+EVAL=${EVAL:-250}
 PATIENCE=${PATIENCE:-4}
-CALIB_S=${CALIB_S:-75}  # each calibration run is cut at this many seconds: the packing below must happen
+CALIB_S=${CALIB_S:-100}  # each calibration run is cut at this many seconds: the packing below must happen
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/sere_zoo_gpu}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10
@@ -52,35 +53,46 @@ cat "$LOG/env.txt"
 train() {  # name, minutes, extra args...
   local name=$1 minutes=$2; shift 2
   $PY -m sere.harness.zoo.train --model "$name" --device "$DEVICE" --out "$WORK/$name" --data-dir "$DATA" \
-    --steps "$STEPS" --max-minutes "$minutes" --batch "$BATCH" --lr "$LR" --eval-every "$EVAL" \
+    --steps "$STEPS" --max-minutes "$minutes" --batch "$BATCH" --seq-len "$SEQ" --lr "$LR" --eval-every "$EVAL" \
     --patience "$PATIENCE" --seed 0 "$@" > "$LOG/train_$name.log" 2>&1
   echo "== train $name -> rc $? at $((SECONDS - t0)) s: $(tail -n 1 "$LOG/train_$name.log")"
 }
 
-for m in qwen2_moe deepseek_v2 qwen3_moe; do
-  train "$m" "$MAIN_MIN" &
+MODELS=${MODELS:-qwen2_moe deepseek_v2 qwen3_moe qwen2_moe_upcycled}  # a subset retrains only those
+for m in $MODELS; do
+  [ "$m" = qwen2_moe_upcycled ] || train "$m" "$MAIN_MIN" &
 done
-( train qwen2_dense "$DENSE_MIN" && train qwen2_moe_upcycled "$UP_MIN" --init-from "$WORK/qwen2_dense" ) &
+case " $MODELS " in *" qwen2_moe_upcycled "*)
+  ( train qwen2_dense "$DENSE_MIN" && train qwen2_moe_upcycled "$UP_MIN" --init-from "$WORK/qwen2_dense" \
+    && cp "$WORK/qwen2_dense/train_log.json" "$WORK/qwen2_moe_upcycled/dense_train_log.json" ) & ;;
+esac
 wait
 
-calibrate_one() {  # name, method: CKA (the default) next to the model, the other metrics in subfolders
-  local dir=$WORK/$1 method=$2 extra=()
+# Calibration documents: the shipped texts cut into ~1600-character pieces at line ends
+# (sere.harness.zoo.calib_text: code and man pages have short paragraphs the command would drop).
+CAL=$WORK/calib_text && mkdir -p "$CAL"
+$PY -m sere.harness.zoo.calib_text calibration/data/multidomain_mix.txt "$CAL/mix.jsonl"
+for d in kjv pycode; do $PY -m sere.harness.zoo.calib_text "calibration/data/domains/$d.txt" "$CAL/$d.jsonl"; done
+
+calibrate_one() {  # name, variant: cka on the mix next to the model, every other variant in similarity_<variant>/
+  local dir=$WORK/$1 variant=$2 method=$2 text=$CAL/mix.jsonl extra=()
   [ -f "$dir/model.safetensors" ] || { echo "== calibrate $1: no checkpoint"; return; }
-  [ "$method" = cka ] || extra=(--similarity_method "$method" --output_path "$dir/similarity_$method")
-  timeout "$CALIB_S" $PY -m sere.calibration --model_path "$dir" --max_len 128 --device "$DEVICE" --dtype float32 \
-    --no_progress "${extra[@]}" > "$LOG/calib_$1_$method.log" 2>&1
-  echo "== calibrate $1 $method -> rc $?"
+  case $variant in cka_*) method=cka; text=$CAL/${variant#cka_}.jsonl ;; esac
+  [ "$variant" = cka ] || extra=(--output_path "$dir/similarity_$variant")
+  timeout "$CALIB_S" $PY -m sere.calibration --model_path "$dir" --data_path "$text" --similarity_method "$method" \
+    --max_len 256 --device "$DEVICE" --dtype float32 --no_progress "${extra[@]}" > "$LOG/calib_$1_$variant.log" 2>&1
+  echo "== calibrate $1 $variant -> rc $?"
 }
-for m in qwen2_moe deepseek_v2 qwen3_moe qwen2_moe_upcycled; do  # 16 small jobs at once, each cut at CALIB_S
-  for method in cka frobenius cosine substitution; do
-    calibrate_one "$m" "$method" &
+for m in $MODELS; do  # up to 24 small jobs at once, each cut at CALIB_S
+  for variant in ${VARIANTS:-cka frobenius cosine substitution cka_kjv cka_pycode}; do
+    calibrate_one "$m" "$variant" &
   done
 done
 wait
 
 {
   echo "wall $((SECONDS - t0)) s"
-  for m in qwen2_dense qwen2_moe deepseek_v2 qwen3_moe qwen2_moe_upcycled; do
+  for m in qwen2_dense $MODELS; do
     $PY - "$WORK/$m/train_log.json" <<'EOF' 2>&1
 import json, sys
 try:
@@ -89,16 +101,16 @@ except OSError as e:
     print(f"{sys.argv[1]}: {e}"); raise SystemExit
 print(f"{log['model']}: {log['steps_done']} steps in {log['wall_s']} s on {log['device']}, stopped by {log['stopped_by']}; "
       f"kept step {log['saved_step']} (validation ppl {log['best_val_ppl']}); {log['checkpoint_bytes']} bytes")
-print("  evals:", [(e["step"], e["val_ppl"], e["heldout_ppl_subset"]) for e in log["heldout_evals"]])
+print(f"  {log['tokens_seen']:,} tokens seen, {log.get('precision')}, kernel {log.get('experts_kernel')}")
+print("  evals:", [(e["step"], e["val_ppl"]) for e in log["heldout_evals"]])
+print("  best per domain:", min(log["heldout_evals"], key=lambda e: e["val_ppl"]).get("val_ppl_per_domain"))
 EOF
   done
 } > "$LOG/summary.txt"
 cp "$LOG/summary.txt" "$OUT/summary.txt"
 cat "$LOG/summary.txt"
-# One tar per checkpoint dir (the device returns files of at most 16 MiB; the four fp16
-# checkpoints together are more), one of the logs.
-for dir in "$WORK"/*/; do
-  name=$(basename "$dir")
-  tar czf "$OUT/zoo_$name.tar.gz" -C "$WORK" "$name"
-done
+# One tar of the checkpoints and logs (not the dense model's weights: its log went into the
+# upcycled model's folder), cut into 15 MiB parts: the device returns at most 8 files of at most
+# 16 MiB each, and one bf16 checkpoint is about 21 MB. Unpack: cat zoo.tar.gz.* | tar xz
+tar czf - -C "$WORK" --exclude=qwen2_dense $MODELS logs | split -b 15M -d - "$OUT/zoo.tar.gz."
 ls -la "$OUT"

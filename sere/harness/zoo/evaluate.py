@@ -1,4 +1,4 @@
-"""Held-out quality of a zoo model: perplexity, the unigram baseline, and how it routes.
+"""Held-out quality of a zoo model: perplexity, the unigram baselines, and how it routes.
 
     from sere.harness.zoo.evaluate import heldout_perplexity, unigram_perplexity, routing_entropy
     ppl = heldout_perplexity(model, heldout_ids, seq_len=128)
@@ -10,6 +10,8 @@ layer, both normalised by log(E) so 1.0 is uniform:
                  (the load-balancing loss pushes it towards 1; a collapsed router is near 0);
   router entropy mean entropy of each token's softmax over experts (1.0 = the router cannot
                  tell experts apart; a trained router is well below).
+Across domains: the mutual information between domain and chosen expert (bits; 0 = every
+domain routes alike), see domain_expert_information.
 Index letters: N = tokens, W = windows, L = window length, E = experts, k = experts per token.
 """
 from __future__ import annotations
@@ -55,45 +57,84 @@ def unigram_perplexity(train_ids: torch.Tensor, heldout_ids: torch.Tensor, vocab
     return math.exp(-float(logp[heldout_ids].mean()))
 
 
+def text_unigram_perplexity(ids: torch.Tensor) -> float:
+    """Perplexity of the text's own unigram model (its token frequencies, fitted on the text
+    itself): the best any context-free model can do on it, a stricter baseline than a unigram
+    fitted on training text."""
+    counts = torch.bincount(ids).double()
+    p = counts[counts > 0] / ids.numel()
+    return math.exp(-float((p * p.log()).sum()))
+
+
 @torch.no_grad()
-def routing_entropy(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> dict[int, dict[str, float]]:
-    """Per MoE layer: normalised expert-load entropy and mean router entropy (see module doc)."""
+def expert_routing(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> tuple[dict[int, dict], float]:
+    """(per MoE layer over the windows of `ids`: {"loads": E top-k slot counts (float64),
+    "router_entropy_sum": summed entropy of each token's softmax, "tokens": N, "num_experts": E},
+    perplexity of the same pass, as heldout_perplexity computes it)."""
     from sere.hf import find_routers
 
     sites = find_routers(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no MoE router")
-    loads = {s.layer: torch.zeros(s.num_experts, dtype=torch.float64) for s in sites}
-    router_h = {s.layer: [0.0, 0] for s in sites}
+    acc = {s.layer: {"loads": torch.zeros(s.num_experts, dtype=torch.float64), "router_entropy_sum": 0.0, "tokens": 0,
+                     "num_experts": s.num_experts} for s in sites}
 
     def make_hook(layer):
         def hook(module, args, output):
             logits, _, topk_ids = output  # N, E and N, k
-            loads[layer] += torch.bincount(topk_ids.reshape(-1).cpu(), minlength=loads[layer].numel()).double()
+            a = acc[layer]
+            a["loads"] += torch.bincount(topk_ids.reshape(-1).cpu(), minlength=a["num_experts"]).double()
             p = logits.float().softmax(-1)  # N, E
-            h = -(p * p.clamp_min(1e-30).log()).sum(-1)  # N
-            router_h[layer][0] += float(h.sum())
-            router_h[layer][1] += h.numel()
+            a["router_entropy_sum"] += float(-(p * p.clamp_min(1e-30).log()).sum())
+            a["tokens"] += p.shape[0]
 
         return hook
 
     hooks = [s.module.register_forward_hook(make_hook(s.layer)) for s in sites]
+    total, count = 0.0, 0
     try:
         win = windows(ids, seq_len)
         dev = next(model.parameters()).device
         for start in range(0, win.shape[0], batch_size):
-            model(input_ids=win[start : start + batch_size].to(dev))
+            x = win[start : start + batch_size].to(dev)  # B, L
+            logits = model(input_ids=x).logits.float()  # B, L, V
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+            count += x[:, 1:].numel()
     finally:
         for h in hooks:
             h.remove()
+    return acc, math.exp(total / count)
+
+
+def _entropy(share: torch.Tensor) -> float:
+    return -float((share * share.clamp_min(1e-30).log()).sum())
+
+
+def routing_entropy(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> dict[int, dict[str, float]]:
+    """Per MoE layer: normalised expert-load entropy and mean router entropy (see module doc)."""
     out = {}
-    for s in sites:
-        share = loads[s.layer] / loads[s.layer].sum()  # E
-        load_h = -float((share * share.clamp_min(1e-30).log()).sum())
-        out[s.layer] = {
-            "load_entropy": load_h / math.log(s.num_experts),
-            "router_entropy": router_h[s.layer][0] / router_h[s.layer][1] / math.log(s.num_experts),
+    for layer, a in expert_routing(model, ids, seq_len, batch_size)[0].items():
+        share = a["loads"] / a["loads"].sum()  # E
+        log_e = math.log(a["num_experts"])
+        out[layer] = {
+            "load_entropy": _entropy(share) / log_e,
+            "router_entropy": a["router_entropy_sum"] / a["tokens"] / log_e,
             "max_load_share": float(share.max()),
             "min_load_share": float(share.min()),
         }
     return out
+
+
+def domain_expert_information(loads: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mutual information between domain and chosen expert for one layer, from each domain's
+    top-k slot counts {domain: E}, domains weighted equally (p(d) = 1/D):
+    I(D; X) = H(X) - sum_d p(d) H(X | d), in bits, with the two bounds it is read against
+    (log2 D: the expert names the domain; 0: every domain routes alike) and the mean load
+    entropy of a domain (low = a domain uses few experts)."""
+    shares = torch.stack([c / c.sum() for c in loads.values()])  # D, E
+    D, E = shares.shape
+    h_mix = _entropy(shares.mean(0))
+    h_cond = sum(_entropy(s) for s in shares) / D
+    return {"mi_bits": (h_mix - h_cond) / math.log(2), "max_bits": math.log2(min(D, E)),
+            "domain_load_entropy": h_cond / math.log(E)}

@@ -1,14 +1,16 @@
 """The zoo's model definitions: four small MoE causal LMs of the paper's architectures.
 
-Each is a transformers config written here (no hub), small enough that its fp16 checkpoint
-stays under 6 MB (the working tree travels to the GPU machine), yet with the features SERE
-cares about: at least 32 routed experts, top-4 or top-8 routing, shared experts where the
-family has them, DeepSeek-V2's dense first layer and unsorted top-k.
+Each is a transformers config written here (no hub), small enough that its bf16 checkpoint
+stays under 24 MB (the working tree travels to the GPU machine), with fine-grained experts in
+the proportions of the real models: Qwen1.5-MoE's 60 experts top-4 plus a shared expert,
+DeepSeek-V2-Lite's 64 experts top-6 plus 2 shared after a dense first layer (unsorted
+top-k), Qwen3-30B-A3B's 128 experts top-8. Hidden size 256, context 256, a 12288-token
+byte-level BPE vocabulary (sere.harness.zoo.corpus) shared by all.
 `qwen2_moe_upcycled` has qwen2_moe's config but is made the way Qwen1.5-MoE was: upcycled
 from the dense model `qwen2_dense` (sere.harness.zoo.upcycle), then trained as an MoE.
 
     from sere.harness.zoo.models import ZOO_MODELS, zoo_config
-    config = zoo_config("qwen3_moe", vocab_size=2048)
+    config = zoo_config("qwen3_moe", vocab_size=12288)
 """
 from __future__ import annotations
 
@@ -18,14 +20,15 @@ ZOO_MODELS = ("qwen2_moe", "deepseek_v2", "qwen3_moe", "qwen2_moe_upcycled")
 # Dense models trained only to be upcycled (not zoo members: they have no router).
 DENSE_MODELS = ("qwen2_dense",)
 # qwen2_dense's FFN is this many expert-sized shards (Qwen-1.8B's FFN made 4 shards of
-# Qwen1.5-MoE's expert size; 64 experts = 16 copies of each): FFN intermediate = 4 * 48.
+# Qwen1.5-MoE's expert size; 60 experts = 15 copies of each): FFN intermediate = 4 * 48.
 UPCYCLE_SHARDS = 4
-MAX_CHECKPOINT_BYTES = 6 * 1024 * 1024
+MAX_CHECKPOINT_BYTES = 24 * 1024 * 1024
+CHECKPOINT_DTYPE = "bfloat16"
 
-# Shared by the three: hidden 128, 4 heads of 32, context 256, tied embeddings (they are
-# a large share of such a small model), load-balancing loss on as in the real models.
+# Shared by all: hidden 256, 4 heads of 64, context 256, tied embeddings (they are a large
+# share of such a small model), load-balancing loss on as in the real models.
 _COMMON: dict[str, Any] = dict(
-    hidden_size=128,
+    hidden_size=256,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
@@ -38,7 +41,7 @@ _COMMON: dict[str, Any] = dict(
 
 _QWEN2_MOE: dict[str, Any] = dict(
     num_hidden_layers=3,
-    num_experts=32,
+    num_experts=60,
     num_experts_per_tok=4,
     moe_intermediate_size=48,
     shared_expert_intermediate_size=192,
@@ -49,7 +52,7 @@ _QWEN2_MOE: dict[str, Any] = dict(
 
 # name -> (what it mirrors, config keyword arguments)
 _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Qwen1.5-MoE-A2.7B: 60 experts top-4 + one gated shared expert; here 32 experts top-4.
+    # Qwen1.5-MoE-A2.7B: 60 experts top-4 + one gated shared expert (4 experts wide).
     "qwen2_moe": ("Qwen2MoeConfig", _QWEN2_MOE),
     # The same model upcycled from qwen2_dense (how Qwen1.5-MoE was made from Qwen-1.8B).
     "qwen2_moe_upcycled": ("Qwen2MoeConfig", _QWEN2_MOE),
@@ -59,18 +62,18 @@ _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
         dict(num_hidden_layers=3, intermediate_size=UPCYCLE_SHARDS * _QWEN2_MOE["moe_intermediate_size"]),
     ),
     # DeepSeek-V2-Lite: dense first layer, 64 experts top-6 + 2 shared, MLA attention;
-    # here 1 dense + 2 MoE layers, 32 experts top-4 + 2 shared.
+    # here 1 dense + 3 MoE layers with the same expert counts.
     "deepseek_v2": (
         "DeepseekV2Config",
         dict(
-            num_hidden_layers=3,
+            num_hidden_layers=4,
             first_k_dense_replace=1,
-            n_routed_experts=32,
+            n_routed_experts=64,
             n_shared_experts=2,
-            num_experts_per_tok=4,
-            moe_intermediate_size=48,
-            intermediate_size=256,
-            kv_lora_rank=32,
+            num_experts_per_tok=6,
+            moe_intermediate_size=40,
+            intermediate_size=512,
+            kv_lora_rank=64,
             q_lora_rank=None,
             qk_nope_head_dim=32,
             qk_rope_head_dim=16,
@@ -83,16 +86,16 @@ _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             routed_scaling_factor=1.0,
         ),
     ),
-    # Qwen3-30B-A3B: 128 experts top-8, no shared expert; here 64 experts top-8.
+    # Qwen3-30B-A3B: 128 experts top-8, no shared expert.
     "qwen3_moe": (
         "Qwen3MoeConfig",
         dict(
             num_hidden_layers=3,
-            num_experts=64,
+            num_experts=128,
             num_experts_per_tok=8,
             moe_intermediate_size=24,
-            intermediate_size=192,
-            head_dim=32,
+            intermediate_size=384,
+            head_dim=64,
             norm_topk_prob=True,
             decoder_sparse_step=1,
         ),

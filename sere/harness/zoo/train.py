@@ -1,20 +1,21 @@
-"""Train one zoo model on the King James Bible and write its checkpoint directory.
+"""Train one zoo model on the multi-domain corpus and write its checkpoint directory.
 
-    sere-zoo-train --model qwen2_moe --zoo-dir tests/zoo        # CPU, writes tests/zoo/qwen2_moe/
-    python -m sere.harness.zoo.train --model qwen3_moe --device cuda --steps 2000 --out /tmp/q3
-    python -m sere.harness.zoo.train --model qwen2_dense --out /tmp/dense          # then upcycle it:
-    python -m sere.harness.zoo.train --model qwen2_moe_upcycled --init-from /tmp/dense
+    python -m sere.harness.zoo.corpus --out .corpus                 # once: text, tokenizer, token streams
+    sere-zoo-train --model qwen2_moe --data-dir .corpus --zoo-dir tests/zoo   # writes tests/zoo/qwen2_moe/
+    python -m sere.harness.zoo.train --model qwen3_moe --data-dir .corpus --device cuda --steps 3000 --out /tmp/q3
+    python -m sere.harness.zoo.train --model qwen2_dense --data-dir .corpus --out /tmp/dense   # then upcycle it:
+    python -m sere.harness.zoo.train --model qwen2_moe_upcycled --data-dir .corpus --init-from /tmp/dense
 
 The checkpoint goes to --out, else to <zoo folder>/<model> (--zoo-dir, else $SERE_ZOO_DIR;
-one of the three must be given). Steps: fetch and split the text (sere.harness.zoo.data; cached in --data-dir), train the shared BPE
-tokenizer once, train with AdamW (linear warm-up, cosine decay) on random windows of the
-training split, the load-balancing loss of the model family included, then save the model in
-fp16 safetensors with its tokenizer, `train_log.json` (arguments, seed, steps, wall time, loss
-curve, validation and held-out loss along the way) and `README.md` (the card, see sere.harness.zoo.card).
-Model selection: every --eval-every steps the perplexity on a validation split of the training
-text (sere.harness.zoo.data.split_validation; never the held-out text) is measured; the weights saved
-are those of the best evaluation (--select-best, on by default: on a GPU the model sees the
-1.1 M training tokens dozens of times and can overfit), and the run stops early after
+one of the three must be given). Steps: read the token streams and tokenizer of the corpus
+(--data-dir, sere.harness.zoo.tokens), train with AdamW (linear warm-up, cosine decay) on random
+windows, each from a domain drawn uniformly, the load-balancing loss of the model family
+included (bf16 autocast on CUDA, float32 master weights), then save the model in bf16
+safetensors with its tokenizer and `train_log.json` (arguments, seed, steps, tokens, wall time,
+loss curve, validation perplexity per domain along the way); the card is written afterwards by
+sere.harness.zoo.card. Model selection: every --eval-every steps the perplexity on each domain's
+validation split (never the held-out split) is measured; the weights saved are those of the
+best geometric mean over domains (--select-best, on by default), and the run stops early after
 --patience evaluations without improvement. `qwen2_moe_upcycled` starts from a trained
 `qwen2_dense` (--init-from, sere.harness.zoo.upcycle) instead of random weights.
 The run ends at --steps or after --max-minutes of wall time, whichever comes first; the
@@ -25,10 +26,10 @@ seed, device and thread count when the step count binds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
-import shutil
 import time
 from pathlib import Path
 
@@ -36,15 +37,19 @@ import torch
 from tqdm import tqdm
 
 from sere.harness.zoo import ZooDirNotSet, zoo_dir
-from sere.harness.zoo.data import encode, prepare, split_validation
+from sere.artifact import num_experts_of
 from sere.harness.zoo.evaluate import heldout_perplexity
-from sere.harness.model_configs import num_experts_of
-from sere.harness.zoo.models import DENSE_MODELS, MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters, zoo_config
+from sere.harness.zoo.models import (
+    CHECKPOINT_DTYPE, DENSE_MODELS, MAX_CHECKPOINT_BYTES, ZOO_MODELS, build_model, count_parameters, zoo_config,
+)
+from sere.harness.zoo.tokens import load_streams, mean_perplexity, sample_mixed_batch, tokenizer_dir
 from sere.harness.zoo.upcycle import DEFAULT_REINIT_FRACTION, upcycle, upcycle_record
 
 UPCYCLED = "qwen2_moe_upcycled"
 
-DEFAULT_DATA_DIR = Path.home() / ".cache" / "sere" / "kjv"
+DEFAULT_DATA_DIR = Path(".corpus")
+# Validation windows per domain at each evaluation (the splits hold ~20k tokens: all of it at 256).
+VAL_WINDOWS = 96
 
 
 def lr_at(progress: float, *, warmup: float, peak: float, floor: float = 0.1) -> float:
@@ -62,12 +67,6 @@ def run_progress(step: int, steps: int, elapsed_s: float, max_minutes: float) ->
     the lr of every step, so a time-bound run's schedule is known exactly afterwards."""
     by_time = elapsed_s / (max_minutes * 60) if math.isfinite(max_minutes) else 0.0
     return min(1.0, max(step / steps, by_time))
-
-
-def sample_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
-    """`batch` random windows of `seq_len` tokens from the 1-D stream `ids`."""
-    starts = torch.randint(0, ids.numel() - seq_len, (batch,), generator=gen)  # B
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])  # B, L
 
 
 def training_loss(model, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
@@ -159,21 +158,23 @@ def train(args) -> Path:
     if device.type == "cuda":  # TF32 matmuls: the same float32 model, Hopper's tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    paths = prepare(args.data_dir)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    train_text, val_text = split_validation(Path(paths["train"]).read_text())
-    train_ids = encode(tokenizer, train_text)  # N
-    val_ids = encode(tokenizer, val_text)  # N''
-    held_ids = encode(tokenizer, Path(paths["heldout"]).read_text())  # N'
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(args.data_dir))
+    train_streams = load_streams(args.data_dir, "train")  # {domain: N_d}
+    val_streams = {d: ids[: VAL_WINDOWS * args.seq_len] for d, ids in load_streams(args.data_dir, "validation").items()}
+    streams = list(train_streams.values())
+    train_tokens = sum(s.numel() for s in streams)
 
     model, upcycled = initial_model(args, len(tokenizer))
     model = model.to(device).train()
-    experts_kernel = ensure_experts_kernel(model, train_ids[: 2 * args.seq_len].view(2, -1).to(device))
+    # bf16 autocast on CUDA (Hopper's tensor cores), float32 master weights and optimiser state.
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 else contextlib.nullcontext()
+    with amp:
+        experts_kernel = ensure_experts_kernel(model, streams[0][: 2 * args.seq_len].view(2, -1).to(device))
     n_params = count_parameters(model)
     if n_params * 2 > MAX_CHECKPOINT_BYTES:
-        raise ValueError(f"{args.model}: {n_params} parameters would not fit {MAX_CHECKPOINT_BYTES} bytes in fp16")
+        raise ValueError(f"{args.model}: {n_params} parameters would not fit {MAX_CHECKPOINT_BYTES} bytes in bf16")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -186,8 +187,9 @@ def train(args) -> Path:
         progress = run_progress(step, args.steps, time.time() - start, args.max_minutes)
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, warmup=args.warmup, peak=args.lr)
-        x = sample_batch(train_ids, args.batch, args.seq_len, gen).to(device)  # B, L
-        loss, lm_loss, aux = training_loss(model, x)
+        x = sample_mixed_batch(streams, args.batch, args.seq_len, gen).to(device)  # B, L
+        with amp:
+            loss, lm_loss, aux = training_loss(model, x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -205,10 +207,12 @@ def train(args) -> Path:
             stopped_by = "time"
         if (step + 1) % args.eval_every == 0 or last:
             model.eval()
-            val = heldout_perplexity(model, val_ids, args.seq_len, batch_size=64)
-            ppl = heldout_perplexity(model, held_ids[: 64 * args.seq_len], args.seq_len)
+            with amp:
+                per_domain = {d: heldout_perplexity(model, ids, args.seq_len, batch_size=64) for d, ids in val_streams.items()}
+            val = mean_perplexity(per_domain)
             model.train()
-            evals.append({"step": step, "val_ppl": round(val, 3), "heldout_ppl_subset": round(ppl, 3),
+            evals.append({"step": step, "val_ppl": round(val, 3),
+                          "val_ppl_per_domain": {d: round(v, 2) for d, v in per_domain.items()},
                           "elapsed_s": round(time.time() - start, 1)})
             if val < best["val_ppl"]:
                 best.update(val_ppl=val, step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -222,7 +226,7 @@ def train(args) -> Path:
         model.load_state_dict(best["state"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval().to("cpu").to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    model.eval().to("cpu").to(getattr(torch, CHECKPOINT_DTYPE)).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     size = (out_dir / "model.safetensors").stat().st_size
     log = {
@@ -231,12 +235,14 @@ def train(args) -> Path:
         "seed": args.seed,
         "steps_done": steps_done,
         "tokens_seen": steps_done * args.batch * args.seq_len,
-        "train_tokens": train_ids.numel(),
+        "train_tokens": train_tokens,
+        "train_tokens_per_domain": {d: s.numel() for d, s in train_streams.items()},
+        "precision": "bf16 autocast, float32 master weights" if device.type == "cuda" and args.bf16 else "float32",
         "wall_s": round(wall, 1),
         "stopped_by": stopped_by,
         "saved_step": best["step"] if args.select_best else steps_done - 1,
         "best_val_ppl": round(best["val_ppl"], 3),
-        "validation_tokens": val_ids.numel(),
+        "validation_tokens": sum(v.numel() for v in val_streams.values()),
         "parameters": n_params,
         "checkpoint_bytes": size,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -250,7 +256,6 @@ def train(args) -> Path:
         "curve": curve,
     }
     (out_dir / "train_log.json").write_text(_dump_log(log))
-    _sync_heldout(Path(paths["heldout"]), out_dir.parent)
     if size > MAX_CHECKPOINT_BYTES:
         raise RuntimeError(f"checkpoint is {size} bytes, over the {MAX_CHECKPOINT_BYTES} limit")
     print(f"saved {out_dir} ({size / 2**20:.2f} MB, {steps_done} steps, {wall / 60:.1f} min, "
@@ -265,16 +270,6 @@ def _dump_log(log: dict) -> str:
     return f'{head},\n "curve": [\n  {points}\n ]\n}}\n'
 
 
-def _sync_heldout(heldout: Path, zoo: Path) -> None:
-    """Keep one held-out text per zoo: copy it there, or check it is the one already there
-    (a different split would leak training text into the held-out numbers)."""
-    target = zoo / "heldout.txt"
-    if not target.exists():
-        shutil.copy(heldout, target)
-    elif target.read_text() != heldout.read_text():
-        raise RuntimeError(f"{target} differs from this run's held-out split ({heldout}); refusing to mix them")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=ZOO_MODELS + DENSE_MODELS)
@@ -282,11 +277,13 @@ def parse_args(argv=None):
     p.add_argument("--zoo-dir", type=Path, default=None,
                    help="zoo folder the checkpoint goes into when --out is not given (default: $SERE_ZOO_DIR; "
                    "this repository's is tests/zoo)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="cache for the text and tokenizer")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="corpus folder (python -m sere.harness.zoo.corpus --out DIR): tokens/ and tokenizer/")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the run")
     p.add_argument("--seed", type=int, default=0)
