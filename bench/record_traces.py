@@ -4,9 +4,9 @@
     python -m bench.record_traces --model qwen3_moe     # one
     python -m bench.record_traces --check               # regenerate in memory, compare with the files
 
-What is recorded, per zoo model (tests/zoo/<model>, trained on the KJV, see tests/zoo/README.md):
-the top-k ids and weights of every MoE router while the model decodes the held-out text
-(tests/zoo/heldout.txt) in decode batches: SEQUENCES windows of the text, evenly spaced, are
+What is recorded, per zoo model (tests/zoo/<model>, trained on ten domains, see tests/zoo/README.md):
+the top-k ids and weights of every MoE router while the model decodes the held-out texts
+(tests/zoo/heldout/*.txt, joined in name order, so the evenly spaced windows span the domains) in decode batches: SEQUENCES windows of the text, evenly spaced, are
 prefilled with PREFILL tokens (not recorded), then STEPS decode steps follow, each one token per
 sequence through the KV cache, teacher-forced (the next token of the text, not a sampled one).
 Each step is a batch of SEQUENCES tokens from different sequences, as in serving; the trace
@@ -80,7 +80,7 @@ def record_model(name: str, zoo: Path) -> dict:
         model(input_ids=windows[:, :PREFILL], past_key_values=cache, use_cache=True)
     steps = (dict(input_ids=windows[:, PREFILL + t:PREFILL + t + 1], past_key_values=cache, use_cache=True)
              for t in range(STEPS))  # each: B, 1
-    source = (f"tests/zoo/heldout.txt: {SEQUENCES} sequences x {STEPS} decode steps (KV cache, teacher-forced) "
+    source = (f"tests/zoo/heldout/ (all domains): {SEQUENCES} sequences x {STEPS} decode steps (KV cache, teacher-forced) "
               f"after a {PREFILL}-token prefill; rows in step order")
     rec = record_trace(model, tqdm(steps, total=STEPS, desc=f"{name} decode", leave=False), source=source)
     rec["model"] = f"zoo/{name}"  # not the checkout's absolute path: the file must not depend on it

@@ -3,22 +3,27 @@
     pytest -m accuracy tests/test_accuracy.py                     # compare with the goldens
     pytest -m accuracy tests/test_accuracy.py --update-goldens    # rewrite tests/zoo/goldens.json
 
-For each zoo model (tests/zoo/<name>: trained on the King James Bible, calibrated with the
-project's calibration command), at one fixed batch composition (GATE_COMPOSITION: 64
-held-out windows of 128 tokens, 16 sequences per decode step), the gate measures SERE and the
-controls at the paper's settings against the unmodified model (sere.harness.fidelity) and checks:
-  - the metrics equal the committed goldens within TOLERANCES (both directions: a change for
-    the better also needs an explicit --update-goldens);
-  - the claim: SERE's similarity beats random re-routing (same moved slots, same experts per
-    step, random targets) on KL and top-1 agreement at S=2, rho=0.1 and S=1, rho=0 (where it
-    was measured not to hold, a strict xfail: CLAIM_FAILS_ON), and SERE beats top-1
-    truncation at equal budget;
-  - the same claim with the substitution similarity (calibration/substitution.py) at equal
-    budget (rho = -1, every secondary moves), where it holds on every model;
-  - the gate has teeth: with the similarity matrix shuffled (experts relabelled) it fails;
-  - the models are real (perplexity far below the unigram baseline, routing far from
-    uniform) and small.
-About a minute on 2 CPU cores. bench/results/accuracy.md has the full sweep (sere-accuracy-report).
+The zoo (tests/zoo/<name>: trained on ten domains, calibrated with the project's command on a
+mix of them; see tests/zoo/README.md) is measured against the unmodified model
+(sere.harness.fidelity) at two fixed batch compositions (sere.harness.compositions) of the
+committed held-out texts:
+  MIXED     16 requests per decode step, four of each of kjv / pydoc / pycode / de;
+  MINORITY  one code request (pycode) among 15 King James requests; its own KL and top-1
+            agreement (row 0) are the minority metric, next to the same request batched with
+            15 other code requests (MINORITY_ALONE).
+It checks:
+  - the metrics, the minority metric included, equal the committed goldens within TOLERANCES
+    (both directions: a change for the better also needs an explicit --update-goldens);
+  - the claim, at equal budget (every secondary slot moves: S=1 and a threshold below every
+    similarity, so SERE and random re-routing activate the same experts per step): the best of
+    the calibrated similarities (linear CKA, cosine, Frobenius, substitution) beats every one of
+    RANDOM_SEEDS random draws on mean KL (MIXED) and on the minority request's KL (MINORITY);
+    the paper's CKA alone is held to the same test, with a strict xfail where it was measured
+    not to hold (CLAIM_FAILS_ON);
+  - SERE beats top-1 truncation at equal budget; the gate fails with a shuffled similarity;
+  - the models are real: per-domain held-out perplexity far below the text's own unigram model,
+    routing that is not uniform and that depends on the domain; and they are small.
+bench/results/accuracy.md has the full sweep (sere-accuracy-report).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sere.harness import compositions as comp
 from sere.harness.fidelity import Composition, Tolerance, fidelity, gate_failures, reference_pass, setting_key
 from sere.harness.settings import SERE_S1, SERE_S2
 
@@ -37,52 +43,62 @@ pytestmark = pytest.mark.accuracy
 zoo = pytest.importorskip("sere.harness.zoo")
 ZOO = zoo.zoo_dir()
 GOLDENS = ZOO / "goldens.json"
-GATE_COMPOSITION = Composition(batch_size=16, seq_len=128, num_windows=64)
-PAPER_SETTINGS = (SERE_S2, SERE_S1)  # (S, rho) each; S=2 first, the order of the goldens' runs
-# (method, S, rho): SERE and random at the paper's settings, the other controls at S=1
+# One batch of 16 windows of 32 tokens per composition, no greedy generation: each pass
+# re-routes every decode step on its own (sere.harness.fidelity), the 12k vocabulary makes
+# passes costly on a CPU, and the gate runs ~35 of them per model. The sweep
+# (bench/results/accuracy.md) measures 128-token windows, 8 random seeds and greedy match.
+SEQ_LEN, BATCH, NUM_BATCHES = 32, 16, 1
+COMPOSITION = Composition(batch_size=BATCH, seq_len=SEQ_LEN, num_windows=BATCH * NUM_BATCHES)
+MIXED_DOMAINS = ["kjv", "pydoc", "pycode", "de"]
+MINORITY, MAJORITY = "pycode", "kjv"
+PAPER_SETTINGS = (SERE_S2, SERE_S1)  # (S, rho) each
 GATE_SETTINGS = [(m, S, rho) for S, rho in PAPER_SETTINGS for m in ("sere", "random")] + [
     ("truncate", *SERE_S1),
     ("oea", *SERE_S1),
 ]
-# Stated tolerances. The metrics are deterministic on one machine; between 1 and 2 threads,
-# and between transformers' eager and grouped_mm expert kernels, they were measured to move by
-# < 3e-8 in KL and 2.6e-7 in perplexity ratio, and not at all in the discrete metrics (no router
-# decision flipped). The margins below are far above that drift and far below what relabelling
-# the similarity matrix moves (test_gate_fails_with_shuffled_similarity): on these models the
-# choice of target moves KL by only 1-15 %, so a loose gate would not notice a broken similarity.
+# Equal budget for every similarity: S=1 and a threshold below any similarity value, so every
+# secondary slot moves (for CKA, whose values are >= 0, the same as the paper's S=1, rho=0).
+ALL_MOVE = (1, -1e9)
+RANDOM_SEEDS = 4  # the gate's draws; the sweep takes 8
+SIMILARITIES = ("cka", "cosine", "frobenius", "substitution")  # cka = the committed default artifact
 TOLERANCES = {
     "kl": Tolerance(abs=1e-6, rel=2e-3),
-    "top1_agreement": Tolerance(abs=6e-4),  # ~5 of the 8,128 scored positions
+    "top1_agreement": Tolerance(abs=2.5e-3),  # ~1 of the 496 scored positions
     "ppl_ratio": Tolerance(abs=5e-4),
-    "match_length": Tolerance(abs=0.1),  # one token of one of the 64 sequences is 0.016
     "experts_after": Tolerance(abs=0.01),
+    "minority_kl": Tolerance(abs=1e-6, rel=2e-3),
+    "minority_top1": Tolerance(abs=2e-2),  # 1 of the minority request's 31 positions is 0.032
 }
-# Where the paper's claim (SERE's similarity beats random re-routing on KL and top-1) was
-# measured NOT to hold on the zoo with the committed (linear CKA) artifacts; each becomes a
-# strict xfail, so the day it holds the test says so. See bench/results/accuracy.md.
-# Measured 2026-11-23 (CPU, float32, GATE_COMPOSITION) on the H100-trained zoo (bench/gpu/
-# train_zoo.sh; the upcycled model included), SERE vs random (seed 0):
-CLAIM_FAILS_ON: dict[tuple[str, int, float], str] = {
-    ("qwen2_moe", 2, 0.1): "KL 0.0609 vs random 0.0572, top-1 0.8701 vs 0.8690",
-    ("qwen2_moe", 1, 0.0): "KL 0.3361 vs random 0.3236, top-1 0.7064 vs 0.7058",
-    ("deepseek_v2", 2, 0.1): "KL 0.0376 vs random 0.0372, top-1 0.8970 vs 0.8965",
-    ("deepseek_v2", 1, 0.0): "KL 0.1830 vs random 0.1780, top-1 0.7692 vs 0.7784",
-    ("qwen3_moe", 2, 0.1): "KL 0.3097 vs random 0.3023, top-1 0.7111 vs 0.7135",
-    ("qwen3_moe", 1, 0.0): "KL 1.1670 vs random 1.1771, top-1 0.4476 vs 0.4515",
-    ("qwen2_moe_upcycled", 2, 0.1): "KL 0.0216 vs random 0.0215, top-1 0.9154 vs 0.9203",
-    ("qwen2_moe_upcycled", 1, 0.0): "KL 0.0891 vs random 0.0887, top-1 0.8271 vs 0.8246",
+MIXED_KEYS = ("kl", "top1_agreement", "ppl_ratio", "experts_after")
+MINORITY_KEYS = ("minority_kl", "minority_top1", "experts_after")
+# Where the claim was measured NOT to hold at equal budget (strict xfail: the day it holds the
+# test says so), (model, "best" | "cka", composition) -> the numbers. Measured 2026-12-02, CPU
+# float32, this zoo, the gate's compositions (32-token windows; the sweep's 128-token windows
+# agree for CKA, and there the best similarity fails on qwen3_moe's minority request too but
+# wins on its MIXED batches and on the upcycled model's: bench/results/accuracy.md).
+CLAIM_FAILS_ON: dict[tuple[str, str, str], str] = {
+    ("qwen3_moe", "best", "mixed"): "substitution KL 0.8131, random 0.7464..0.7892",
+    ("qwen3_moe", "best", "minority"): "substitution KL 1.0580, random 1.0445..1.2363",
+    ("qwen2_moe_upcycled", "best", "mixed"): "substitution KL 0.1279, random 0.1233..0.1349",
+    ("qwen2_moe_upcycled", "best", "minority"): "cosine KL 0.2174, random 0.1929..0.2419",
+    ("qwen2_moe", "cka", "mixed"): "KL 0.1972, random 0.1893..0.1934",
+    ("qwen2_moe", "cka", "minority"): "KL 0.2973, random 0.2752..0.3559",
+    ("deepseek_v2", "cka", "mixed"): "KL 0.2443, random 0.2164..0.2247",
+    ("deepseek_v2", "cka", "minority"): "KL 0.4636, random 0.4072..0.4524",
+    ("qwen3_moe", "cka", "mixed"): "KL 0.8711, random 0.7464..0.7892",
+    ("qwen3_moe", "cka", "minority"): "KL 1.1967, random 1.0445..1.2363",
+    ("qwen2_moe_upcycled", "cka", "mixed"): "KL 0.1315, random 0.1233..0.1349",
+    ("qwen2_moe_upcycled", "cka", "minority"): "KL 0.2299, random 0.1929..0.2419",
 }
 # "Real model" thresholds (the cards in tests/zoo/<name>/README.md have the measured values).
-MAX_PPL_VS_UNIGRAM = 1 / 3  # held-out perplexity at most a third of the unigram baseline's
-MAX_ROUTER_ENTROPY = 0.9  # mean per-token router entropy / log E (1.0 = uniform)
-MIN_LOAD_ENTROPY = 0.8  # expert-load entropy / log E (low = collapsed onto a few experts)
-MAX_CHECKPOINT_BYTES = 6 * 1024 * 1024
-MAX_ZOO_BYTES = 20 * 1024 * 1024  # four models of <= 5 MB, their artifacts and logs
+MAX_PPL_VS_UNIGRAM = 1 / 3  # held-out perplexity at most a third of the text's own unigram model's
+MIN_LOAD_ENTROPY = 0.75  # expert-load entropy / log E over all domains (low = collapsed)
+MIN_DOMAIN_MI_BITS = 0.3  # mutual information between domain and chosen expert, per layer
+MAX_CHECKPOINT_BYTES = 24 * 1024 * 1024
 
 
 def _available():
-    missing = [n for n in zoo.ZOO_MODELS if not (ZOO / n / "sere_similarity.safetensors").exists()]
-    return [n for n in zoo.ZOO_MODELS if n not in missing]
+    return [n for n in zoo.ZOO_MODELS if (ZOO / n / "sere_similarity.safetensors").exists()]
 
 
 MODELS = _available()
@@ -93,25 +109,41 @@ def _sha256(path: Path) -> str:
 
 
 class ZooCase:
-    """One zoo model with its stock reference pass, loaded once per session."""
+    """One zoo model with its stock reference passes, loaded once per session."""
 
     def __init__(self, name: str):
+        from sere.artifact import load_similarity
+
         torch.manual_seed(0)
         self.name = name
         self.model, self.tokenizer = zoo.load_zoo_model(name)
-        self.ids = zoo.heldout_ids(self.tokenizer)
+        streams = {d: zoo.heldout_ids(self.tokenizer, domain=d) for d in {*MIXED_DOMAINS, MINORITY, MAJORITY}}
+        pool = comp.window_pool(streams, SEQ_LEN)
         self.artifact = ZOO / name / "sere_similarity.safetensors"
-        from sere.artifact import load_similarity
-
-        self.similarity = load_similarity(self.artifact, config=self.model.config).matrices
-        self.ref = reference_pass(self.model, self.ids, GATE_COMPOSITION)
+        paths = {"cka": self.artifact, **{m: ZOO / name / f"similarity_{m}" / "sere_similarity.safetensors"
+                                          for m in SIMILARITIES if m != "cka"}}
+        self.similarities = {m: load_similarity(p, config=self.model.config).matrices for m, p in paths.items()}
+        self.similarity = self.similarities["cka"]
+        ref = lambda batches: reference_pass(self.model, batches, COMPOSITION, gen_len=1)  # noqa: E731 (no greedy: see SEQ_LEN)
+        self.mixed = ref(comp.mixed(pool, MIXED_DOMAINS, BATCH, NUM_BATCHES))
+        self.minority = ref(comp.minority(pool, MINORITY, MAJORITY, BATCH, NUM_BATCHES))
+        self.minority_alone = ref(comp.minority_alone(pool, MINORITY, BATCH, NUM_BATCHES))
         self._metrics = None
+        self._claims: dict = {}
+
+    def run(self, ref, method, S, rho, similarity=None, greedy=False, **options):
+        return fidelity(self.model, ref, self.similarity if similarity is None else similarity, select_top_k=S,
+                        threshold=rho, method=method, method_options=options or None, greedy=greedy)
 
     def measure(self, similarity=None, settings=GATE_SETTINGS) -> dict[str, dict[str, float]]:
+        """Gate metrics per setting: MIXED's means (greedy match included) and MINORITY's row 0."""
         out = {}
         for method, S, rho in settings:
-            m = fidelity(self.model, self.ref, similarity or self.similarity, select_top_k=S, threshold=rho, method=method)
-            out[setting_key(method, S, rho)] = {k: getattr(m, k) for k in TOLERANCES}
+            m = self.run(self.mixed, method, S, rho, similarity)
+            row = {k: getattr(m, k) for k in MIXED_KEYS}
+            mi = self.run(self.minority, method, S, rho, similarity)
+            row.update(minority_kl=mi.kl_by_row[0], minority_top1=mi.top1_by_row[0])
+            out[setting_key(method, S, rho)] = row
         return out
 
     @property
@@ -119,6 +151,20 @@ class ZooCase:
         if self._metrics is None:
             self._metrics = self.measure()
         return self._metrics
+
+    def claim(self, where: str) -> dict:
+        """At ALL_MOVE: {"sims": {name: (kl, experts)}, "random": [(kl, experts)] x seeds} on
+        MIXED (mean KL) or MINORITY (row 0's KL)."""
+        if where not in self._claims:
+            ref = self.mixed if where == "mixed" else self.minority
+
+            def kl(m):
+                return (m.kl if where == "mixed" else m.kl_by_row[0]), m.experts_after
+
+            sims = {n: kl(self.run(ref, "sere", *ALL_MOVE, s)) for n, s in self.similarities.items()}
+            rnd = [kl(self.run(ref, "random", *ALL_MOVE, seed=seed)) for seed in range(RANDOM_SEEDS)]
+            self._claims[where] = {"sims": sims, "random": rnd}
+        return self._claims[where]
 
 
 _CASES: dict[str, ZooCase] = {}
@@ -138,11 +184,11 @@ def _load_goldens() -> dict:
 def test_metrics_match_goldens(case, request):
     if request.config.getoption("--update-goldens"):
         goldens = _load_goldens()
-        goldens["composition"] = vars(GATE_COMPOSITION)
+        goldens["composition"] = {**vars(COMPOSITION), "mixed": MIXED_DOMAINS, "minority": [MINORITY, MAJORITY]}
         goldens["models"][case.name] = {
             "artifact_sha256": _sha256(case.artifact),
             "checkpoint_sha256": _sha256(ZOO / case.name / "model.safetensors"),
-            "stock_experts": case.ref.experts,
+            "stock_experts": case.mixed.experts,
             "torch": torch.__version__,
             "settings": case.metrics,
         }
@@ -154,76 +200,61 @@ def test_metrics_match_goldens(case, request):
     stale = [what for what, path in (("artifact", case.artifact), ("checkpoint", ZOO / case.name / "model.safetensors"))
              if gold[f"{what}_sha256"] != _sha256(path)]
     assert not stale, f"{case.name}: the {' and '.join(stale)} changed since the goldens were written; re-run with --update-goldens"
-    assert case.ref.experts == pytest.approx(gold["stock_experts"], abs=TOLERANCES["experts_after"].abs)
+    assert case.mixed.experts == pytest.approx(gold["stock_experts"], abs=TOLERANCES["experts_after"].abs)
     failures = gate_failures(case.metrics, gold["settings"], TOLERANCES)
     assert not failures, f"{case.name}: accuracy regression vs tests/zoo/goldens.json:\n  " + "\n  ".join(failures)
 
 
-@pytest.mark.parametrize("S, rho", PAPER_SETTINGS)
-def test_sere_beats_random_rerouting(case, S, rho, request):
-    known = CLAIM_FAILS_ON.get((case.name, S, rho))
+def _beats_every_draw(claim: dict, sim: str) -> tuple[bool, str]:
+    kl, experts = claim["sims"][sim]
+    draws = [k for k, _ in claim["random"]]
+    for _, e in claim["random"]:  # equal budget: the same slots move, so the same experts per step
+        assert e == pytest.approx(experts, rel=0.03), (experts, claim["random"])
+    return kl < min(draws), f"{sim} KL {kl:.4f}, random {min(draws):.4f}..{max(draws):.4f} ({len(draws)} seeds)"
+
+
+@pytest.mark.parametrize("where", ["mixed", "minority"])
+def test_best_similarity_beats_every_random_draw(case, where, request):
+    known = CLAIM_FAILS_ON.get((case.name, "best", where))
     if known:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"measured: {known}"))
-    sere = case.metrics[setting_key("sere", S, rho)]
-    rnd = case.metrics[setting_key("random", S, rho)]
-    # Same slots moved in the first MoE layer; later layers see different hidden states, so
-    # their experts per step differ a little.
-    assert sere["experts_after"] == pytest.approx(rnd["experts_after"], rel=0.02)
-    assert sere["kl"] < rnd["kl"], f"{case.name} S={S} rho={rho}: SERE KL {sere['kl']:.5f} >= random {rnd['kl']:.5f}"
-    assert sere["top1_agreement"] > rnd["top1_agreement"], (
-        f"{case.name} S={S} rho={rho}: SERE top-1 {sere['top1_agreement']:.4f} <= random {rnd['top1_agreement']:.4f}"
-    )
+    claim = case.claim(where)
+    best = min(claim["sims"], key=lambda n: claim["sims"][n][0])
+    ok, msg = _beats_every_draw(claim, best)
+    print(f"{case.name} {where}: best {msg}")
+    assert ok, f"{case.name} {where}: the best similarity does not beat every random draw: {msg}"
 
 
-# The substitution similarity (calibration/substitution.py: how well expert i stands in for j
-# on the tokens the router sends to j; asymmetric, in [-1, 1]) at rho = -1, where every secondary
-# slot moves, as CKA's rho = 0 does. bench/results/substitution.md has the 8-seed comparison.
-SUBSTITUTION_RHO = -1.0
-# Where it was measured not to hold against random (seed 0), 2026-11-23, CPU float32: nowhere.
-# KL is 6-21 % lower on every model and S; top-1 is higher everywhere, by 0.0002 (2 of 8,128
-# positions) on qwen2_moe_upcycled at S=2, by 0.005-0.027 elsewhere.
-SUBSTITUTION_FAILS_ON: dict[tuple[str, int], str] = {}
-
-
-def _substitution_similarity(case: ZooCase) -> dict[int, torch.Tensor]:
-    from sere.artifact import load_similarity
-
-    path = ZOO / case.name / "similarity_substitution" / "sere_similarity.safetensors"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: calibrate with --similarity_method substitution (bench/gpu/train_zoo.sh)")
-    return load_similarity(path, config=case.model.config).matrices
-
-
-@pytest.mark.parametrize("S", [S for S, _ in PAPER_SETTINGS])
-def test_substitution_similarity_beats_random_rerouting(case, S, request):
-    """The mechanism works when the similarity measures what re-routing does: at equal budget
-    (same moved slots), SERE with the substitution similarity beats random targets on KL and
-    top-1 agreement (the CKA default does not: test_sere_beats_random_rerouting)."""
-    known = SUBSTITUTION_FAILS_ON.get((case.name, S))
+@pytest.mark.parametrize("where", ["mixed", "minority"])
+def test_cka_beats_every_random_draw(case, where, request):
+    known = CLAIM_FAILS_ON.get((case.name, "cka", where))
     if known:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"measured: {known}"))
-    sim = _substitution_similarity(case)
-    settings = [(m, S, SUBSTITUTION_RHO) for m in ("sere", "random")]
-    got = case.measure(sim, settings)
-    sere, rnd = (got[setting_key(m, S, SUBSTITUTION_RHO)] for m in ("sere", "random"))
-    print(f"{case.name} S={S}: KL {sere['kl']:.4f} vs random {rnd['kl']:.4f}, "
-          f"top-1 {sere['top1_agreement']:.4f} vs {rnd['top1_agreement']:.4f}")
-    assert sere["experts_after"] == pytest.approx(rnd["experts_after"], rel=0.02)
-    assert sere["kl"] < rnd["kl"], f"{case.name} S={S}: KL {sere['kl']:.5f} >= random {rnd['kl']:.5f}"
-    assert sere["top1_agreement"] > rnd["top1_agreement"], (
-        f"{case.name} S={S}: top-1 {sere['top1_agreement']:.4f} <= random {rnd['top1_agreement']:.4f}"
-    )
+    ok, msg = _beats_every_draw(case.claim(where), "cka")
+    print(f"{case.name} {where}: {msg}")
+    assert ok, f"{case.name} {where}: {msg}"
 
 
 def test_sere_beats_truncation_at_equal_budget(case):
-    """At S=1, rho=0 SERE, top-1 truncation (and OEA, random) keep exactly the primary experts:
-    SERE's moved slots must do better than dropping every secondary expert. (Against OEA and
-    random the measured standing is reported in bench/results/accuracy.md, not asserted.)"""
+    """At S=1, rho=0 SERE and top-1 truncation keep exactly the primary experts: SERE's moved
+    slots must do better than dropping every secondary expert."""
     sere = case.metrics[setting_key("sere", *SERE_S1)]
     trunc = case.metrics[setting_key("truncate", *SERE_S1)]
-    assert sere["experts_after"] == pytest.approx(trunc["experts_after"], rel=0.02)
+    # the same primary set in the first MoE layer; later layers see other hidden states, so on
+    # one batch of 32 positions their experts per step differ by up to ~3 %
+    assert sere["experts_after"] == pytest.approx(trunc["experts_after"], rel=0.04)
     assert sere["kl"] < trunc["kl"] and sere["top1_agreement"] > trunc["top1_agreement"], (sere, trunc)
     assert sere["ppl_ratio"] < trunc["ppl_ratio"]
+
+
+def test_minority_request_pays_for_its_company(case):
+    """The minority request loses more among 15 requests of another domain than among its own:
+    the cost the batch-level primary set puts on a lone request (reported, with numbers, in
+    bench/results/accuracy.md)."""
+    crowd = case.run(case.minority, "sere", *SERE_S1)
+    alone = case.run(case.minority_alone, "sere", *SERE_S1)
+    print(f"{case.name}: minority KL {crowd.kl_by_row[0]:.4f} among {MAJORITY}, {alone.kl_by_row[0]:.4f} among {MINORITY}")
+    assert crowd.kl_by_row[0] > alone.kl_by_row[0]
 
 
 def test_gate_fails_with_shuffled_similarity(case):
@@ -243,23 +274,24 @@ def test_gate_fails_with_shuffled_similarity(case):
     failed = {f.split(":")[0] for f in failures}
     assert failed == {"sere"}, f"{case.name}: the gate did not catch a shuffled similarity matrix ({failures})"
     assert any(" kl " in f or " top1_agreement " in f for f in failures), failures
+    assert any(" minority_kl " in f for f in failures), f"{case.name}: the minority metric did not catch it ({failures})"
 
 
 def test_zoo_model_is_real(case):
     card = json.loads((ZOO / case.name / "card.json").read_text())
     from sere.harness.zoo.evaluate import heldout_perplexity
 
-    ppl = heldout_perplexity(case.model, case.ids, 128)
-    assert ppl == pytest.approx(card["heldout_ppl"], rel=1e-3), "the card's perplexity is stale"
-    assert ppl < MAX_PPL_VS_UNIGRAM * card["unigram_ppl"], f"{case.name}: perplexity {ppl:.1f} vs unigram {card['unigram_ppl']:.1f}"
+    ids = zoo.heldout_ids(case.tokenizer, domain="pycode")
+    assert heldout_perplexity(case.model, ids, 128) == pytest.approx(card["domains"]["pycode"]["ppl"], rel=1e-3), \
+        "the card's perplexity is stale"
+    for domain, d in card["domains"].items():
+        assert d["ppl"] < MAX_PPL_VS_UNIGRAM * d["unigram_ppl"], f"{case.name} {domain}: {d}"
     for layer, r in card["routing"].items():
-        assert r["router_entropy"] < MAX_ROUTER_ENTROPY, f"{case.name} layer {layer}: near-uniform router"
         assert r["load_entropy"] > MIN_LOAD_ENTROPY, f"{case.name} layer {layer}: routing collapsed onto few experts"
+        assert r["domain_mi_bits"] > MIN_DOMAIN_MI_BITS, f"{case.name} layer {layer}: experts do not specialise by domain"
 
 
 def test_zoo_is_small():
-    sizes = {p.name: p.stat().st_size for p in ZOO.glob("*/model.safetensors")}
-    assert set(zoo.ZOO_MODELS) <= {p.parent.name for p in ZOO.glob("*/model.safetensors")}
+    sizes = {p.parent.name: p.stat().st_size for p in ZOO.glob("*/model.safetensors")}
+    assert set(zoo.ZOO_MODELS) <= set(sizes)
     assert all(s <= MAX_CHECKPOINT_BYTES for s in sizes.values()), sizes
-    total = sum(p.stat().st_size for p in ZOO.rglob("*") if p.is_file())
-    assert total <= MAX_ZOO_BYTES, f"tests/zoo is {total / 2**20:.1f} MB"

@@ -19,9 +19,11 @@ from sere.harness.fidelity import (
     PerStepTransform,
     StepExpertCounter,
     Tolerance,
+    cache_kwargs,
     distinct_per_step,
     fidelity,
     gate_failures,
+    greedy_continuation,
     leading_matches,
     reference_pass,
     setting_key,
@@ -131,12 +133,32 @@ def test_teacher_forced_grouping_equals_token_by_token_decoding(arch):
             out = model(input_ids=x[:, :1], use_cache=True)
             steps = [out.logits[:, -1]]
             for t in range(1, L):
-                out = model(input_ids=x[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=x[:, t : t + 1], use_cache=True, **cache_kwargs(model, out))
                 steps.append(out.logits[:, -1])
         stock = model(input_ids=x).logits
     # float64 throughout except DeepSeek-V2's router, which computes its logits in float32
     torch.testing.assert_close(full, torch.stack(steps, dim=1), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(full, stock)  # and re-routing did change something
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decoding_hands_the_cache_on_without_deprecation_warnings(arch):
+    """greedy_continuation passes the KV cache by the keyword the installed transformers takes
+    (`cache`, or `past_key_values` before 5.2x): no FutureWarning, and the same tokens as
+    decoding without a cache."""
+    import warnings
+
+    model = build_tiny_model(arch, seed=1)
+    prompts = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = greedy_continuation(model, prompts, gen_len=4)
+    seq = prompts
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq[:, 5:])
+    assert set(cache_kwargs(model, model(input_ids=prompts, use_cache=True))) <= {"cache", "past_key_values"}
 
 
 def test_stock_setting_has_perfect_fidelity(tiny):

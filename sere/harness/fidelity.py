@@ -34,6 +34,7 @@ V = vocabulary, T = tokens of one router call, k = experts per token, E = expert
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
@@ -70,9 +71,16 @@ class Composition:
         return self.num_windows // self.batch_size
 
     def batches(self, ids: torch.Tensor) -> torch.Tensor:
-        """[n_batches, B, L] token ids: window w of the stream goes to batch w % n_batches."""
+        """[n_batches, B, L] token ids: window w of the stream goes to batch w % n_batches.
+        ids may also be the batches already composed, [n_batches, B, L] (e.g. one minority
+        request among B-1 of another domain, sere.harness.compositions): checked and kept."""
+        if ids.dim() == 3:
+            if tuple(ids.shape) != (self.num_batches, self.batch_size, self.seq_len):
+                raise ValueError(f"composed batches of shape {tuple(ids.shape)} do not match {self} "
+                                 f"({self.num_batches}, {self.batch_size}, {self.seq_len})")
+            return ids
         if ids.dim() != 1:
-            raise ValueError(f"expected a 1-D token stream, got shape {tuple(ids.shape)}")
+            raise ValueError(f"expected a 1-D token stream or [n, B, L] batches, got shape {tuple(ids.shape)}")
         need = self.num_windows * self.seq_len
         if ids.numel() < need:
             raise ValueError(f"{self.num_windows} windows of {self.seq_len} need {need} tokens, the stream has {ids.numel()}")
@@ -184,6 +192,9 @@ class Fidelity:
     experts_before: float
     experts_after: float
     experts_after_per_layer: dict[int, float] = field(default_factory=dict)
+    # Per batch row (the same row of every batch: one request's place in the batch), [B] each.
+    kl_by_row: list[float] = field(default_factory=list)
+    top1_by_row: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -205,16 +216,35 @@ def greedy_continuation(model, prompts: torch.Tensor, gen_len: int) -> torch.Ten
     have the same length, so the batch stays aligned (no padding)."""
     dev = _device_of(model)
     out = model(input_ids=prompts.to(dev), use_cache=True)
-    past, tokens = out.past_key_values, []
+    tokens = []
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # B, 1
     for _ in range(gen_len):
         tokens.append(nxt)
         if len(tokens) == gen_len:
             break
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, out))
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # B, 1
     return torch.cat(tokens, dim=1).cpu()  # B, gen_len
+
+
+def cache_kwargs(model, out) -> dict:
+    """The keyword that hands `out`'s KV cache to the model's next forward: `cache` where the
+    forward takes it (transformers >= 5.2x, which deprecates `past_key_values` with a
+    FutureWarning), else `past_key_values` (earlier 5.x)."""
+    past = getattr(out, "cache", None)
+    if past is None:
+        past = out.past_key_values
+    return {"cache" if "cache" in _forward_parameters(type(model)) else "past_key_values": past}
+
+
+def _forward_parameters(cls) -> frozenset[str]:
+    params = _FORWARD_PARAMETERS.get(cls)
+    if params is None:
+        params = _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return params
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
 def _nll(logprobs: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
@@ -288,13 +318,16 @@ def fidelity(
     )
     after = StepExpertCounter(model, B)
     try:
-        nll_sum, agree, kl_sum = 0.0, 0, 0.0
+        nll_sum = 0.0
+        agree_rows = torch.zeros(B, dtype=torch.float64)  # B
+        kl_rows = torch.zeros(B, dtype=torch.float64)  # B
         for i, batch in enumerate(ref.batches):
             lp = _logprobs(model, batch)  # B, L-1, V
             lp_ref = ref.logprobs[i]  # B, L-1, V
             nll_sum += float(_nll(lp, batch))
-            agree += int((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
-            kl_sum += float((lp_ref.exp() * (lp_ref - lp)).sum())
+            agree_rows += (lp.argmax(-1) == lp_ref.argmax(-1)).sum(-1).double()
+            kl_rows += (lp_ref.exp() * (lp_ref - lp)).sum((-1, -2)).double()
+        agree, kl_sum = float(agree_rows.sum()), float(kl_rows.sum())
         experts_before, experts_after, per_layer = before.mean(), after.mean(), after.per_layer()
         before.remove()
         after.remove()
@@ -319,6 +352,8 @@ def fidelity(
         experts_before=experts_before,
         experts_after=experts_after,
         experts_after_per_layer=per_layer,
+        kl_by_row=(kl_rows / (positions // B)).tolist(),
+        top1_by_row=(agree_rows / (positions // B)).tolist(),
     )
 
 

@@ -5,19 +5,26 @@
     (= python -m sere.harness.zoo.sweep; --out is required: the report's folder is never guessed;
     the zoo folder is --zoo-dir, else $SERE_ZOO_DIR, see sere.harness.zoo)
 
-For each zoo model, on the committed held-out text (sere.harness.fidelity; CPU, float32):
+For each zoo model, on the committed held-out texts (sere.harness.fidelity; CPU, float32), with
+batches composed by sere.harness.compositions (MIXED: four domains in every batch):
   1. methods at equal budget: SERE and random re-routing over S x threshold, top-S
      truncation, drop (truncate's slots get weight 0, not renormalised: sere.harness.methods.drop)
-     and OEA over S, at batch size 16 (64 windows of 128 tokens); SERE with each other
+     and OEA over S, at batch size 16 (MIXED, 32 windows of 128 tokens); SERE with each other
      calibrated similarity at rho = 0 and the paper's S=2, rho=0.1; and, for a similarity
      that can be negative (substitution, in [-1, 1]), at rho = -1, where every secondary slot
      moves (the budget of CKA at rho = 0), with random re-routing at that same setting;
   2. batch size: SERE and random at the paper's settings (S=2, rho=0.1; S=1, rho=0) for
-     B in 1, 4, 16, 64 on the same 64 windows;
+     B in 16 and 64 (MIXED, 64 windows);
   3. the spread of random re-routing: at the paper's settings and batch 16, random with
      RANDOM_SEEDS seeds (seed 0 is the "random" row of part 1), so that "SERE beats random" can
      be read against the spread of random draws, not against one draw; the same at rho = -1
-     for the substitution similarity.
+     for the substitution similarity;
+  4. compositions: at equal budget (S=1, every secondary slot moves) every similarity and
+     RANDOM_SEEDS random draws on one-domain batches (kjv, pydoc, pycode, de), MIXED, and the
+     minority case (one pycode request among 15 kjv requests; its own KL, row 0) next to the same
+     request among 15 of its own domain;
+  5. calibration-domain shift: SERE with CKA calibrated on the mix, on kjv only and on pycode only
+     (similarity_cka_<domain>/), evaluated on one-domain batches of each of the four domains.
 Writes accuracy.json (every row), accuracy.md (tables, the claim check, where SERE stands)
 and accuracy.png (KL and top-1 agreement against activated experts, one column per model); for
 an upcycled model also whether its similarity artifacts see which experts share a dense origin.
@@ -34,15 +41,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sere.harness import compositions as comp
 from sere.harness.fidelity import Composition, fidelity, reference_pass
 from sere.harness.settings import SERE_S1, SERE_S2
 from sere.harness.zoo import ZOO_MODELS, ZooDirNotSet, heldout_ids, load_zoo_model, model_dir, zoo_dir
 
-THRESHOLDS = (0.0, 0.1, 0.3, 0.5, 0.7)
+THRESHOLDS = (0.0, 0.1, 0.3, 0.5)
 PAPER_SETTINGS = (SERE_S2, SERE_S1)  # (S, rho) each; S=2 first, the order of the report's rows
-BATCH_SIZES = (1, 4, 16, 64)
+BATCH_SIZES = (16, 64)
 MAIN_BATCH = 16
 SEQ_LEN, NUM_WINDOWS = 128, 64
+MAIN_WINDOWS = 32  # at MAIN_BATCH: two batches per setting (the 12k vocabulary makes each pass costly on a CPU)
+MIXED_DOMAINS = ["kjv", "pydoc", "pycode", "de"]
+MINORITY, MAJORITY = "pycode", "kjv"
+ALL_MOVE = (1, -1e9)  # S=1, a threshold below every similarity: every secondary slot moves (equal budget)
+SHIFT_VARIANTS = ("cka_kjv", "cka_pycode")
 CONTROLS = ("truncate", "drop", "oea")
 # Similarities with values in [-1, 1] (calibration/substitution.py): at rho = -1 every secondary
 # slot moves, the equal-budget setting (CKA's values are >= 0, so for it that is rho = 0).
@@ -51,8 +64,25 @@ RANDOM_SEEDS = 8
 
 
 def primary_slots(k: int) -> tuple[int, ...]:
-    """S values worth sweeping for top-k routing: 1, 2 and k/2 (distinct, below k)."""
-    return tuple(sorted({s for s in (1, 2, k // 2) if 0 < s < k}))
+    """S values swept for top-k routing: 1 and 2 (below k)."""
+    return tuple(s for s in (1, 2) if s < k)
+
+
+def composed(pool, kind: str, B: int, n: int) -> torch.Tensor:
+    """[n, B, L] batches of composition `kind`: "mixed", "minority", "minority_alone" or
+    "domain:<name>" (see sere.harness.compositions)."""
+    if kind == "mixed":
+        return comp.mixed(pool, MIXED_DOMAINS, B, n)
+    if kind == "minority":
+        return comp.minority(pool, MINORITY, MAJORITY, B, n)
+    if kind == "minority_alone":
+        return comp.minority_alone(pool, MINORITY, B, n)
+    if kind.startswith("domain:"):
+        return comp.one_domain(pool, kind.split(":", 1)[1], B, n)
+    raise ValueError(f"unknown composition {kind!r}")
+
+
+COMPOSITIONS = ("mixed", "minority", "minority_alone", *(f"domain:{d}" for d in MIXED_DOMAINS))
 
 
 def similarity_variants(name: str, zoo=None) -> dict[str, Path]:
@@ -61,7 +91,9 @@ def similarity_variants(name: str, zoo=None) -> dict[str, Path]:
     d = model_dir(name, zoo)
     out = {"sere": d / "sere_similarity.safetensors"}
     for sub in sorted(d.glob("similarity_*/sere_similarity.safetensors")):
-        out[f"sere[{sub.parent.name.removeprefix('similarity_')}]"] = sub
+        metric = sub.parent.name.removeprefix("similarity_")
+        if metric not in SHIFT_VARIANTS:  # the one-domain calibrations belong to part 5 only
+            out[f"sere[{metric}]"] = sub
     return out
 
 
@@ -71,7 +103,8 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
     and the similarity artifact used (method "sere[frobenius]" = SERE with that artifact).
     zoo: the zoo folder (None: $SERE_ZOO_DIR, see sere.harness.zoo.zoo_dir)."""
     model, tok = load_zoo_model(name, zoo_dir=zoo)
-    ids = heldout_ids(tok, zoo)
+    domains = sorted({*MIXED_DOMAINS, MINORITY, MAJORITY})
+    pool = comp.window_pool({d: heldout_ids(tok, zoo, domain=d) for d in domains}, seq_len)
     sims = similarity_variants(name, zoo)
     default = sims["sere"]
     k = model.config.num_experts_per_tok
@@ -101,27 +134,38 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
             jobs += [("batch", B, "sere", "sere", S, rho, default), ("batch", B, "random", "random", S, rho, default)]
     for S, rho in PAPER_SETTINGS:
         jobs += [("seeds", MAIN_BATCH, "random", "random", S, rho, default, {"seed": seed}) for seed in range(1, random_seeds)]
+    jobs = [("mixed", *j) for j in jobs]
+    for kind in COMPOSITIONS:  # part 4: equal budget, every similarity and the random draws
+        jobs += [(kind, "compositions", MAIN_BATCH, label, "sere", *ALL_MOVE, path) for label, path in sims.items()]
+        jobs += [(kind, "compositions", MAIN_BATCH, "random", "random", *ALL_MOVE, default, {"seed": seed})
+                 for seed in range(random_seeds)]
+    d = model_dir(name, zoo)
+    shift = {"sere": default, **{f"sere[{v}]": d / f"similarity_{v}" / "sere_similarity.safetensors" for v in SHIFT_VARIANTS}}
+    for kind in (f"domain:{x}" for x in MIXED_DOMAINS):  # part 5: calibration-domain shift
+        jobs += [(kind, "shift", MAIN_BATCH, label, "sere", S, rho, path) for label, path in shift.items() if path.exists()
+                 for S, rho in (ALL_MOVE, SERE_S2)]
     refs, rows = {}, []
-    for part, B, label, method, S, rho, sim, *opts in tqdm(jobs, desc=f"sweep {name}", unit="setting"):
-        if B not in refs:
-            refs[B] = reference_pass(model, ids, Composition(B, seq_len, num_windows))
+    for kind, part, B, label, method, S, rho, sim, *opts in tqdm(jobs, desc=f"sweep {name}", unit="setting"):
+        windows = MAIN_WINDOWS if B == MAIN_BATCH else num_windows
+        if (kind, B) not in refs:
+            refs[kind, B] = reference_pass(model, composed(pool, kind, B, windows // B), Composition(B, seq_len, windows))
         options = opts[0] if opts else None
-        m = _measure(model, refs[B], sim, S, rho, method, options)
-        rows.append({"model": name, "part": part, "stock_experts": refs[B].experts, **m.as_dict(),
-                     "method": label, "similarity": str(Path(sim).relative_to(model_dir(name, zoo).parent)),
+        m = _measure(model, refs[kind, B], sim, S, rho, method, options, greedy=part == "methods")
+        rows.append({"model": name, "part": part, "composition": kind, "stock_experts": refs[kind, B].experts,
+                     **m.as_dict(), "method": label, "similarity": str(Path(sim).relative_to(model_dir(name, zoo).parent)),
                      **({"seed": options["seed"]} if options else {})})
     return rows
 
 
-def _measure(model, ref, sim, S: int, rho: float, method: str, options):
+def _measure(model, ref, sim, S: int, rho: float, method: str, options, greedy: bool = True):
     """fidelity() of one setting; "drop" = router weights zeroed by sere.harness.methods.dropping_weights
     while the truncate transform folds the same slots' ids (so experts per step are truncate's)."""
     if method == "drop":
         from sere.harness.methods import dropping_weights
 
         with dropping_weights(model, S):
-            return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method="truncate")
-    return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method=method, method_options=options)
+            return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method="truncate", greedy=greedy)
+    return fidelity(model, ref, sim, select_top_k=S, threshold=rho, method=method, method_options=options, greedy=greedy)
 
 
 def shared_origin_rows(name: str, zoo=None) -> list[dict]:
@@ -281,13 +325,122 @@ def drop_rows(rows) -> list[dict]:
     return out
 
 
+def _kl_of(r) -> float:
+    """The composition's headline KL: the minority request's own (row 0) in the minority cases."""
+    return r["kl_by_row"][0] if r["composition"].startswith("minority") else r["kl"]
+
+
+def composition_rows(rows) -> list[dict]:
+    """Per model and composition (part 4): each similarity's KL, the random draws' range, and
+    whether the best similarity / CKA beat every draw."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for kind in COMPOSITIONS:
+            mine = [r for r in rows if r["model"] == name and r["part"] == "compositions" and r["composition"] == kind]
+            if not mine:
+                continue
+            sims = {r["method"]: r for r in mine if r["method"].startswith("sere")}
+            draws = [_kl_of(r) for r in mine if r["method"] == "random"]
+            best = min(sims, key=lambda m: _kl_of(sims[m]))
+            out.append({"model": name, "composition": kind, "stock_experts": mine[0]["stock_experts"],
+                        "experts": sims["sere"]["experts_after"], "kl": {m: _kl_of(r) for m, r in sims.items()},
+                        "top1": {m: (r["top1_by_row"][0] if kind.startswith("minority") else r["top1_agreement"])
+                                 for m, r in sims.items()},
+                        "random_kl": (min(draws), max(draws)), "seeds": len(draws), "best": best,
+                        "best_beats_all": _kl_of(sims[best]) < min(draws), "cka_beats_all": _kl_of(sims["sere"]) < min(draws)})
+    return out
+
+
+def _composition_section(rows) -> list[str]:
+    crow = composition_rows(rows)
+    if not crow:
+        return []
+    sims = sorted({m for c in crow for m in c["kl"]}, key=lambda m: (m != "sere", m))
+    lines = ["\n## Batch compositions at equal budget (S=1, every secondary slot moves, batch 16)\n",
+             "KL per similarity (sere = linear CKA, the default) and the min-max of random re-routing over "
+             f"{crow[0]['seeds']} seeds; minority = one {MINORITY} request among 15 {MAJORITY} requests, its own KL (row 0); "
+             f"minority_alone = the same request among 15 {MINORITY} requests. experts = distinct experts per decode step "
+             "and layer, SERE / stock. ![KL by composition](accuracy_compositions.png)\n",
+             "| model | composition | experts | " + " | ".join(f"KL {m}" for m in sims) + " | KL random | best beats all | CKA beats all |",
+             "|---|---|---:|" + "---:|" * len(sims) + "---|---|---|"]
+    for c in crow:
+        lo, hi = c["random_kl"]
+        lines.append(f"| {c['model']} | {c['composition']} | {c['experts']:.2f} / {c['stock_experts']:.2f} | "
+                     + " | ".join(f"{c['kl'].get(m, float('nan')):.4f}" for m in sims)
+                     + f" | {lo:.4f}-{hi:.4f} | {'yes (' + c['best'] + ')' if c['best_beats_all'] else 'NO'} | "
+                     f"{'yes' if c['cka_beats_all'] else 'no'} |")
+    n = len(crow)
+    lines.append(f"\nCounted over the {n} model x composition cases: the best similarity beats every random draw in "
+                 f"{sum(c['best_beats_all'] for c in crow)}, CKA in {sum(c['cka_beats_all'] for c in crow)}.")
+    pairs = [(a, b) for a in crow for b in crow if a["model"] == b["model"] and a["composition"] == "minority"
+             and b["composition"] == "minority_alone"]
+    if pairs:
+        lines.append("\nThe minority request's own KL with SERE (CKA), among another domain's requests vs among its own: "
+                     + "; ".join(f"{a['model']} {a['kl']['sere']:.4f} vs {b['kl']['sere']:.4f}" for a, b in pairs) + ".")
+    return lines
+
+
+def _shift_section(rows) -> list[str]:
+    mine = [r for r in rows if r["part"] == "shift"]
+    if not mine:
+        return []
+    labels = list(dict.fromkeys(r["method"] for r in mine))
+    lines = ["\n## Calibration-domain shift (batch 16, one-domain batches)\n",
+             "SERE with linear CKA calibrated on the multi-domain mix (sere), on King James text only (sere[cka_kjv]) "
+             "and on Python code only (sere[cka_pycode]), evaluated on batches of one held-out domain each. KL; the "
+             "lowest per row in bold.\n",
+             "| model | evaluated on | S | rho | " + " | ".join(labels) + " |", "|---|---|---:|---:|" + "---:|" * len(labels)]
+    for name in dict.fromkeys(r["model"] for r in mine):
+        for kind in dict.fromkeys(r["composition"] for r in mine if r["model"] == name):
+            for S, rho in sorted({(r["select_top_k"], r["threshold"]) for r in mine if r["model"] == name}):
+                got = {r["method"]: r["kl"] for r in mine if r["model"] == name and r["composition"] == kind
+                       and r["select_top_k"] == S and r["threshold"] == rho}
+                lo = min(got.values())
+                cells = [(f"**{got[m]:.4f}**" if got[m] == lo else f"{got[m]:.4f}") if m in got else "-" for m in labels]
+                rho_s = "all move" if rho < -1e8 else f"{rho:g}"
+                lines.append(f"| {name} | {kind.split(':', 1)[1]} | {S} | {rho_s} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_composition_plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    crow = composition_rows(rows)
+    names = list(dict.fromkeys(c["model"] for c in crow))
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
+    for j, name in enumerate(names):
+        ax = axes[0][j]
+        mine = [c for c in crow if c["model"] == name]
+        x = range(len(mine))
+        for lbl, marker in (("sere", "o"), ("sere[cosine]", "v"), ("sere[frobenius]", "D"), ("sere[substitution]", "*")):
+            ys = [c["kl"].get(lbl, float("nan")) for c in mine]
+            ax.plot(x, ys, marker=marker, linestyle="", label="sere (CKA)" if lbl == "sere" else lbl)
+        ax.vlines(list(x), [c["random_kl"][0] for c in mine], [c["random_kl"][1] for c in mine], color="C3", linewidth=4,
+                  alpha=0.5, label=f"random ({mine[0]['seeds']} seeds)")
+        ax.set_xticks(list(x), [c["composition"].replace("domain:", "") for c in mine], rotation=45, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(stock || re-routed), nats (minority: its own)")
+        ax.set_title(f"{name}: S=1, every secondary moves")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_markdown(rows, path: Path, meta: dict, notes: str = "", zoo=None) -> None:
     parts = [f"# Accuracy of SERE and the controls on the zoo models\n\nGenerated by `{meta['command']}` on "
              f"{meta['date']} ({meta['machine']}, torch {meta['torch']}, float32, CPU; {meta['minutes']:.1f} min). "
              "Do not edit by hand; the findings come from accuracy_notes.md (`--notes`), re-render with `--from-json`.\n",
              "Every number compares a re-routed model with the unmodified model on the committed held-out "
-             f"text (tests/zoo/heldout.txt; {NUM_WINDOWS} windows of {SEQ_LEN} tokens; B windows share each "
-             "decode step, see sere/harness/fidelity.py). KL = mean KL(stock || re-routed) of the next-token "
+             f"texts (tests/zoo/heldout/; windows of {SEQ_LEN} tokens, {MAIN_WINDOWS} at batch {MAIN_BATCH}, {NUM_WINDOWS} "
+             f"at batch 64; unless a section says otherwise the batches are MIXED: four of each of {', '.join(MIXED_DOMAINS)} "
+             "in every decode step, see sere/harness/compositions.py and sere/harness/fidelity.py). KL = mean KL(stock || re-routed) of the next-token "
              "distributions (nats); top-1 agree = share of positions where both pick the same next token; "
              "ppl ratio = re-routed / stock held-out perplexity; greedy match = leading greedy tokens (of 32) "
              "equal to the stock model's after a 16-token prompt; experts per step = distinct experts per "
@@ -323,6 +476,8 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "", zoo=None) -> N
                      f"{c['random_experts']:.2f} | {c['sere_kl']:.4f} | {c['random_kl']:.4f} | "
                      f"{klo:.4f}-{khi:.4f} | {c['sere_top1']:.4f} | {c['random_top1']:.4f} | {tlo:.4f}-{thi:.4f} | "
                      f"{'yes' if c['holds'] else 'NO'} | {'yes' if c['beats_every_seed'] else 'no'} |")
+    parts += _composition_section(rows)
+    parts += _shift_section(rows)
     drops = drop_rows(rows)
     if drops:
         parts += _drop_section(drops)
@@ -453,6 +608,7 @@ def main(argv=None) -> None:
         saved = json.loads((args.out / "accuracy.json").read_text())
         write_markdown(saved["rows"], args.out / "accuracy.md", saved["meta"], notes, zoo)
         write_plot(saved["rows"], args.out / "accuracy.png")
+        write_composition_plot(saved["rows"], args.out / "accuracy_compositions.png")
         print(f"re-rendered {args.out / 'accuracy.md'} and accuracy.png from accuracy.json")
         return
     start = time.time()
@@ -470,6 +626,7 @@ def main(argv=None) -> None:
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_markdown(rows, args.out / "accuracy.md", meta, notes, zoo)
     write_plot(rows, args.out / "accuracy.png")
+    write_composition_plot(rows, args.out / "accuracy_compositions.png")
     print(f"wrote {args.out / 'accuracy.md'}, accuracy.png, accuracy.json ({len(rows)} rows, {meta['minutes']:.1f} min)")
 
 
