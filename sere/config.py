@@ -18,6 +18,8 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
   record_stats             False; True (the integration's default recorder); or N > 1, a ring
                            of the last N steps per layer (CUDA-graph safe)
   similarity               the artifact file or folder (None: the integration's default place)
+  metadata                 free-form provenance (e.g. what `sere-tune` measured); JSON-like,
+                           carried along, ignored by routing and by comparisons
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class SereConfig:
     sort_slots: bool | None = None
     record_stats: bool | int = False
     similarity: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
 
     def __post_init__(self):
@@ -100,6 +103,8 @@ class SereConfig:
             if not isinstance(self.similarity, (str, os.PathLike)):
                 raise TypeError(f"similarity must be an artifact path, got {self.similarity!r}")
             object.__setattr__(self, "similarity", os.fspath(self.similarity))
+        if not isinstance(self.metadata, Mapping):
+            raise TypeError(f"metadata must be a dict, got {type(self.metadata).__name__}")
 
     # ---- per layer ----------------------------------------------------------------------
 
@@ -147,7 +152,7 @@ class SereConfig:
                 raise ValueError(f"SERE setting {name!r} given twice (as {name!r} and as its alias)")
             kw[name] = value
         if isinstance(kw.get("layer_overrides"), Mapping):
-            kw["layer_overrides"] = {_int_key(k): v for k, v in kw["layer_overrides"].items()}
+            kw["layer_overrides"] = {int_layer_key(k): v for k, v in kw["layer_overrides"].items()}
         return cls(**kw, source=source)
 
     def describe(self) -> str:
@@ -155,7 +160,8 @@ class SereConfig:
                 f"backend={self.backend}, method={self.method}")
 
 
-def _int_key(k):
+def int_layer_key(k):
+    """A layer key as JSON writes it ("2") read as the int it names; anything else unchanged (validation then refuses it)."""
     if isinstance(k, str) and k.strip().lstrip("-").isdigit():
         return int(k)
     return k

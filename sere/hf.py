@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from sere.config import SereConfig
+from sere.config import SereConfig, int_layer_key
 from sere.recorder import ExpertStatsRecorder
 from sere.rerouter import LayerRerouter, StatsObserver, layer_index, router_returns_sorted
 from sere.routing import resolve_backend
@@ -153,6 +153,7 @@ def enable(
     method_options: Mapping[str, Any] | None = None,
     recorder: ExpertStatsRecorder | None = None,
     sort_slots: bool | None = None,
+    metadata: Mapping[str, Any] | None = None,
     config: SereConfig | None = None,
 ) -> SereHandle:
     """Apply SERE to every MoE router of a transformers model; returns a `SereHandle`.
@@ -161,7 +162,9 @@ def enable(
       {layer index: [E, E] tensor}; it must cover every re-routed layer.
     The settings are a `sere.SereConfig`, given whole as `config=` or as these keywords
     (select_top_k and threshold are then required):
-    select_top_k, threshold: S and rho; layer_overrides {layer: {"select_top_k"?, "threshold"?}}.
+    select_top_k, threshold: S and rho; layer_overrides {layer: {"select_top_k"?, "threshold"?}}
+      (layer keys may be decimal strings, as JSON writes them: `enable(model, **json.load(f))`
+      takes a `sere-tune` sere_tuning.json unchanged).
     layers: re-route only these MoE layers (default: all).
     backend: "auto" | "torch" | "reference" | "numba" (see `sere.reroute`).
     max_tokens: leave calls with more tokens than this untouched (e.g. long prefills).
@@ -172,6 +175,7 @@ def enable(
     recorder: an `ExpertStatsRecorder` to fill (default: a new one when record_stats).
     sort_slots: order each token's slots by weight before re-routing (True), trust the router's
       order (False), or None: sort unless the router is one of sere.rerouter.SORTED_ROUTERS.
+    metadata: provenance carried in the config (SereConfig.metadata), ignored by routing.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -184,10 +188,11 @@ def enable(
         if select_top_k is None or threshold is None:
             raise TypeError("enable needs select_top_k and threshold (or a SereConfig as config=)")
         config = SereConfig(
-            select_top_k=select_top_k, threshold=threshold, layer_overrides=dict(layer_overrides or {}),
+            select_top_k=select_top_k, threshold=threshold,
+            layer_overrides={int_layer_key(k): v for k, v in (layer_overrides or {}).items()},
             max_tokens=max_tokens, layers=None if layers is None else list(layers), backend=backend,
             method="sere" if transform_fn is not None else method, method_options=dict(method_options or {}),
-            sort_slots=sort_slots, record_stats=record_stats, source="sere.hf.enable",
+            sort_slots=sort_slots, record_stats=record_stats, metadata=dict(metadata or {}), source="sere.hf.enable",
         )
     elif not isinstance(config, SereConfig):
         raise TypeError(f"config must be a sere.SereConfig, got {type(config).__name__}")
