@@ -29,8 +29,11 @@ What this file adds:
   read + write counted, the floor every weight-streaming kernel is measured against;
   bench/timing.py), `stock_times` (bench/extra_info.py StockTimes: stock cases store their time
   so that SERE cases of the same run compute their speed-up) and `bench_device`.
-- A SERE summary table at the end of the run: for every case that recorded `setting` in
-  extra_info, activated experts before/after, bytes, GB/s, share of the HBM floor, speed-up.
+- A SERE summary table at the very end of the run (after pytest-benchmark's table;
+  bench/summary.py): for every case that recorded `setting` in extra_info, activated experts
+  before/after and the share saved, time, GB/s, share of the HBM floor, speed-up, with the
+  columns explained under it. On the CPU its heading says that the timing is a smoke run that
+  does not model GPU memory bandwidth, and that the activated experts are what holds there.
 """
 from __future__ import annotations
 
@@ -210,27 +213,20 @@ def stock_times():
 
 # --- summary table ----------------------------------------------------------------------
 
-_SUMMARY_COLUMNS = (
-    ("model", "model"), ("routing", "routing"), ("tokens", "T"), ("setting", "setting"),
-    ("experts_before", "exp. before"), ("experts_after", "exp. after"), ("time_us", "time us"),
-    ("gbps", "GB/s"), ("hbm_floor_share", "floor share"), ("speedup_vs_stock", "speed-up"),
-)
 
-
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own table (its hook is plain): the SERE table comes last
 def pytest_terminal_summary(terminalreporter, config):
+    bs = getattr(config, "_benchmarksession", None)
+    infos = [info for info in (getattr(b, "extra_info", None) or {} for b in getattr(bs, "benchmarks", None) or [])
+             if "setting" in info]
+    if not infos:
+        return
+    import torch
+
+    from bench.summary import TITLE, is_cpu, summary_lines
     from sere.harness.report import model_label
 
-    bs = getattr(config, "_benchmarksession", None)
-    rows = []
-    for bench in getattr(bs, "benchmarks", None) or []:
-        info = getattr(bench, "extra_info", None) or {}
-        if "setting" in info:
-            row = [info.get(key) for key, _ in _SUMMARY_COLUMNS]
-            row[0] = model_label(info)
-            rows.append(row)
-    if not rows:
-        return
-    from tabulate import tabulate
-
-    terminalreporter.write_sep("-", "SERE vs stock: activated experts and speed-up (same run)")
-    terminalreporter.write_line(tabulate(rows, headers=[h for _, h in _SUMMARY_COLUMNS], floatfmt=".3g"))
+    on_cpu = any(is_cpu(info) for info in infos) or not torch.cuda.is_available()
+    terminalreporter.write_sep("-", TITLE + (" -- CPU smoke run" if on_cpu else ""))
+    for line in summary_lines(infos, on_cpu=on_cpu, label=model_label):
+        terminalreporter.write_line(line)

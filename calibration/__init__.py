@@ -8,8 +8,9 @@
 
 Modules: metrics (entry points), cka / pointwise (the metrics and their pairwise-loop
 references), experts (MoE layer discovery, all-expert outputs), calibrate (the model pass),
-data (text in), report (table, heatmap), __main__ (the command). The artifact format is
-sere.artifact.
+data (text in), report (table, heatmap), loading (device, tokenizer and model checks; the model
+read straight onto the device), memory (peak host and device memory), __main__ (the command).
+The artifact format is sere.artifact.
 """
 from sere.calibration.calibrate import CalibrationError, CalibrationResult, calibrate
 from sere.calibration.metrics import KERNELS, METHODS, pairwise_similarity, similarity_matrix

@@ -5,7 +5,10 @@
 
 The runtime (what a serving process imports) is this package less `sere.harness`: routing and
 its backends, config, artifact, statistics, the re-router, and the transformers / vLLM
-integrations. Nothing in it imports the harness; `import sere` loads torch only.
+integrations. Nothing in it imports the harness; `import sere` loads torch only. The runtime's
+submodules are also reachable as attributes and imported on first use (PEP 562), so
+`import sere; sere.artifact.load_similarity(...)` works as written while `import sere` itself
+stays light (`sere.hf` loads transformers only when it is touched).
 """
 import importlib.abc as _abc
 import importlib.util as _util
@@ -41,3 +44,19 @@ from sere.stats import RerouteStats  # noqa: E402
 
 __all__ = ["BACKENDS", "RerouteStats", "SereConfig", "reroute", "reroute_with_stats"]
 __version__ = "0.1.0"
+
+# The runtime's submodules, imported when first read as attributes of the package.
+_LAZY_SUBMODULES = frozenset({"artifact", "config", "hf", "recorder", "rerouter", "routing", "stats",
+                              "transforms", "validation", "vllm"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it on the package
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

@@ -10,6 +10,7 @@ the host until a read-out (`rows`, `per_layer`, `summary`), which costs one sync
     rec.preallocate(layers=[0, 1], device="cuda")  # before graph capture (ring mode)
     rec.record_stats(layer, reroute_stats, tokens=T)
     rec.summary()  # {layer: {"steps": n, "mean_experts_before": .., "mean_experts_after": ..}}
+    print(rec)     # the same per layer as a small aligned table (rec.table(max_tokens=batch): decode steps only)
 
 Fields per step: experts_before, experts_after (distinct valid experts in the router's ids and
 in the ids after the transform), rerouted (slots whose id changed), critical (secondary slots
@@ -178,6 +179,18 @@ class ExpertStatsRecorder:
             for f in ("experts_before", "experts_after", "rerouted", "critical"):
                 out[layer][f"mean_{f}"] = sum(entry[f][i] for i in keep) / len(keep) if keep else float("nan")
         return out
+
+    def table(self, *, min_tokens: int = 0, max_tokens: int | None = None) -> str:
+        """summary() as a small aligned text table, one row per layer and a mean row
+        (sere.stats.stats_table: tokens per step, experts before / after, share saved, moved
+        and critical slots per token)."""
+        from sere.stats import stats_table
+
+        return stats_table(self, min_tokens=min_tokens, max_tokens=max_tokens)
+
+    def __str__(self) -> str:
+        """`print(handle.stats)`: the table over every recorded step."""
+        return self.table()
 
     # ---- internals ---------------------------------------------------------------------
 

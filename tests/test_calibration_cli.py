@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,9 @@ from sere.calibration import __main__ as cli
 from sere.calibration.calibrate import CalibrationError, calibrate
 from sere.calibration.data import DEFAULT_DATA, DataError, read_texts, token_sequences
 from sere.calibration.experts import all_expert_outputs, find_moe_layers
+from sere.calibration.loading import load_model, resolve_device
 from sere.calibration.metrics import similarity_matrix
+from sere.calibration.report import heatmap_figure
 from sere.harness.model_configs import build_tiny_model
 
 FAST = ["--max_len", "32", "--batch_size", "3", "--no_progress"]
@@ -266,10 +271,12 @@ def test_error_empty_data(model_dirs, tmp_path, capsys):
 
 
 def test_error_no_text_long_enough(model_dirs, tmp_path, capsys):
-    rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", tmp_path,
-                         "--max_len", 100000, "--no_progress")
-    assert rc == 2 and "none of the 50 texts has 100000 tokens (the longest has 9179)" in err
-    assert _no_outputs(tmp_path)
+    data = tmp_path / "short.txt"
+    data.write_text("In the beginning.\n\nAnd the earth was without form, and void.\n")
+    rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", tmp_path / "o",
+                         "--data_path", data, "--max_len", 100, "--no_progress")
+    assert rc == 2 and "none of the 2 texts has 100 tokens (the longest has 41)" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_error_model_without_moe_layer(tmp_path, capsys):
@@ -314,3 +321,271 @@ def test_module_entry_point_runs():
                  "--kernel", "--batch_size", "--max_len", "--device", "--dtype", "--max_tokens"):
         assert flag in done.stdout
     assert json.dumps("qwen2_moe")[1:-1] in done.stdout
+
+
+# ---------------------------------------------------------------------------- rough edges (issue 13)
+
+
+def test_max_len_is_cut_to_the_model_context(tmp_path, capsys):
+    model_dir = save_tiny(tmp_path / "short_ctx", "qwen2_moe", max_position_embeddings=48)
+    rc, _, err = run_cli(capsys, "--model_path", model_dir, "--output_path", tmp_path / "o",
+                         "--similarity_method", "cosine", "--max_tokens", 96, "--batch_size", 2, "--no_progress")
+    assert rc == 0, err
+    notice = [line for line in err.splitlines() if "--max_len" in line and "context" in line]
+    assert notice == ["sere-calibrate: --max_len 512 exceeds the model's context of 48 tokens "
+                      "(max_position_embeddings); using --max_len 48"]
+    assert "sequences of 48 tokens" in err
+    assert load_similarity(tmp_path / "o").metadata["max_len"] == "48"
+    # within the context: no notice, the value as given
+    rc, _, err = run_cli(capsys, "--model_path", model_dir, "--output_path", tmp_path / "o2",
+                         "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    assert rc == 0 and "context" not in err and "sequences of 32 tokens" in err
+
+
+@pytest.mark.parametrize("device,match", [
+    ("gpu", "argument --device: invalid device 'gpu' (did you mean cuda?)"),
+    ("tpu9", "argument --device: invalid device 'tpu9'"),
+    ("meta", "argument --device: meta holds no data"),
+    ("cuda", "argument --device: cuda is not available"),
+    ("cuda:0", "argument --device: cuda:0 is not available"),
+])
+def test_bad_device_is_a_one_line_error(model_dirs, tmp_path, capsys, device, match):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    rc, out, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", tmp_path / "o",
+                           "--device", device, *FAST)
+    assert rc == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith(f"sere-calibrate: error: {match}"), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_device_from_the_command_line_has_no_traceback(model_dirs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "sere.calibration", "--model_path", str(model_dirs["qwen2_moe"]),
+                           "--output_path", str(tmp_path / "o"), "--device", "gpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["sere-calibrate: error: argument --device: invalid device 'gpu' "
+                                                "(did you mean cuda?); use cpu, cuda or cuda:N"]
+
+
+def test_resolve_device_defaults_and_normalises():
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_model_folder_without_tokenizer_says_so(tmp_path, capsys):
+    model_dir = tmp_path / "no_tok"
+    build_tiny_model("qwen2_moe").save_pretrained(model_dir)
+    rc, _, err = run_cli(capsys, "--model_path", model_dir, "--output_path", tmp_path / "o", *FAST)
+    assert rc == 2, err
+    assert "the tokenizer is missing" in err and str(model_dir) in err and "the longest has 0" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_the_heatmap_is_skipped_with_a_notice(model_dirs, tmp_path, capsys, monkeypatch):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    (out_dir / "sere_similarity.png").write_bytes(b"an older run's picture")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen3_moe"], "--output_path", out_dir,
+                         "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    assert rc == 0, err
+    notice = [line for line in err.splitlines() if "heatmap" in line]
+    assert notice == ["sere-calibrate: no heatmap (matplotlib is not installed): pip install 'sere[calibration]' "
+                      "to get sere_similarity.png"]
+    assert {p.name for p in out_dir.iterdir()} == {ARTIFACT_FILENAME}  # the stale picture is gone too
+
+
+def test_pyproject_extra_named_in_the_notice_has_matplotlib():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(dep.split(">")[0].split("=")[0].strip() == "matplotlib" for dep in extras["calibration"])
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_are_readable_as_the_umask_allows(model_dirs, tmp_path, capsys, umask, mode):
+    before = os.umask(umask)
+    try:
+        rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", tmp_path,
+                             "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    finally:
+        os.umask(before)
+    assert rc == 0, err
+    for name in (ARTIFACT_FILENAME, "sere_similarity.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.parametrize("failure", ["no-moe-layer", "empty-data", "bad-device"])
+def test_a_failed_run_leaves_no_output_folder(model_dirs, tmp_path, capsys, failure):
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    target = keep / "new" / "deeper"
+    model_dir, extra = model_dirs["qwen2_moe"], []
+    if failure == "no-moe-layer":
+        model_dir = save_tiny(tmp_path / "dense", "qwen2_moe", mlp_only_layers=[0, 1])
+    elif failure == "empty-data":
+        (tmp_path / "empty.txt").write_text("")
+        extra = ["--data_path", tmp_path / "empty.txt"]
+    else:
+        extra = ["--device", "gpu"]
+    rc, _, err = run_cli(capsys, "--model_path", model_dir, "--output_path", target, *extra, *FAST)
+    assert rc == 2, err
+    assert keep.is_dir() and list(keep.iterdir()) == []  # what was there stays, what the run made is gone
+
+
+def test_a_successful_run_creates_the_output_folder(model_dirs, tmp_path, capsys):
+    target = tmp_path / "a" / "b"
+    rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", target,
+                         "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    assert rc == 0, err
+    assert (target / ARTIFACT_FILENAME).is_file()
+
+
+def test_the_last_line_reports_peak_memory(model_dirs, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "--model_path", model_dirs["qwen2_moe"], "--output_path", tmp_path,
+                         "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    assert rc == 0, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("peak memory: host RSS ") and " GiB" in last
+    if sys.platform == "linux":
+        assert "anonymous" in last and "file-backed" in last
+
+
+def test_the_model_is_loaded_straight_onto_the_device(tmp_path, monkeypatch):
+    """On an accelerator, from_pretrained gets a one-device device_map (the weights go from the
+    files onto the device; host memory never holds the model) and no .to() follows."""
+    import transformers
+
+    calls = []
+
+    class Loaded:
+        def eval(self):
+            return self
+
+        def to(self, *a, **k):
+            raise AssertionError("the model was moved after loading")
+
+    def fake_from_pretrained(path, **kwargs):
+        calls.append(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    device = torch.device("cuda", 0)
+    model, how = load_model(tmp_path, device, torch.bfloat16)
+    assert how == "direct" and isinstance(model, Loaded)
+    assert calls == [{"dtype": torch.bfloat16, "device_map": {"": device}}]
+
+
+def test_one_device_map_loads_without_accelerate(tmp_path):
+    """The path load_model takes on a GPU, run here with the CPU as the one device: transformers
+    loads the checkpoint through its own loop (without accelerate installed, through the
+    opened gate), bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from sere.calibration.loading import _one_device_gate_open
+
+    model_dir = save_tiny(tmp_path / "m", "qwen3_moe")
+    stock = AutoModelForCausalLM.from_pretrained(model_dir)
+    with _one_device_gate_open():
+        got = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": torch.device("cpu")})
+    want = stock.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items()) and len(want) == len(got.state_dict())
+    import transformers.integrations.accelerate as gate
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        assert not gate.is_accelerate_available()  # put back after the call
+
+
+def test_without_the_gate_the_model_is_loaded_on_the_host_with_a_notice(tmp_path, capsys, monkeypatch):
+    try:
+        import accelerate  # noqa: F401
+        pytest.skip("accelerate is installed: the gate is never needed")
+    except ImportError:
+        pass
+    import transformers
+    import transformers.integrations.accelerate as gate
+
+    monkeypatch.delattr(gate, "is_accelerate_available")  # another transformers layout
+    moved = []
+
+    class Loaded:
+        def eval(self):
+            return self
+
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda path, **kw: Loaded())
+    _, how = load_model(tmp_path, torch.device("cuda", 0), torch.bfloat16)
+    assert how == "via host" and moved == [torch.device("cuda", 0)]
+    assert "pip install accelerate" in capsys.readouterr().err
+
+
+def test_heatmap_names_its_axes_and_shows_no_empty_panels():
+    matrices = {i: torch.rand(6, 6, generator=torch.Generator().manual_seed(i)) for i in (1, 2, 3)}
+    fig = heatmap_figure(matrices, title="t")
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("layer ")]
+    assert [ax.get_title() for ax in panels] == ["layer 1", "layer 2", "layer 3"]
+    assert len(fig.axes) == 3 + 1  # the 2 x 2 grid's fourth cell is removed; one colour bar
+    assert {ax.get_ylabel() for ax in panels if ax.get_ylabel()} == {"moved expert (row)"}
+    assert {ax.get_xlabel() for ax in panels if ax.get_xlabel()} == {"target expert (column)"}
+    assert panels[0].get_ylabel() and panels[2].get_ylabel()  # the left column
+    assert panels[1].get_xlabel() and panels[2].get_xlabel()  # the lowest panel of each column
+    assert "row expert" in fig.axes[-1].get_ylabel()
+
+
+README_LOAD = """
+import sys
+import sere
+assert "sere.artifact" not in sys.modules and "transformers" not in sys.modules   # import sere stays light
+from transformers import AutoConfig
+art = sere.artifact.load_similarity(sys.argv[1], config=AutoConfig.from_pretrained(sys.argv[1]))
+print(type(art).__name__, art.layers, art.num_experts, sorted(art.matrices) == art.layers, art.metadata["method"])
+print(sere.stats.RerouteStats.__name__, sere.config.SereConfig.__name__, callable(sere.hf.enable))
+"""
+
+
+def test_the_readme_load_call_works_as_written(tmp_path, capsys):
+    model_dir = save_tiny(tmp_path / "m", "qwen2_moe")
+    rc, _, err = run_cli(capsys, "--model_path", model_dir, "--similarity_method", "cosine", "--max_tokens", 64, *FAST)
+    assert rc == 0, err
+    done = subprocess.run([sys.executable, "-c", README_LOAD, str(model_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["SimilarityArtifact [0, 1] 8 True cosine", "RerouteStats SereConfig True"]
+
+
+@pytest.mark.slow
+def test_the_real_scale_builder_on_a_narrow_model(tmp_path, monkeypatch, capsys):
+    """bench/gpu/make_random_model.py (used by bench/gpu/calibrate_real.sh) on the CPU: a narrow
+    2-layer Qwen3-30B-A3B-structured checkpoint with the zoo tokenizer that the command
+    calibrates; with --fit-disk and too little free space the layer count is cut."""
+    from bench.gpu import make_random_model as mk
+
+    zoo_tok = Path(__file__).resolve().parent / "zoo" / "qwen2_moe"  # what bench/gpu/calibrate_real.sh copies
+    args = ["--model", "Qwen3-30B-A3B", "--layers", "2", "--hidden", "64", "--device", "cpu", "--dtype", "float32",
+            "--tokenizer-from", str(zoo_tok)]
+    assert mk.main([*args, "--out", str(tmp_path / "m")]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["layers"] == 2 and result["published_layers"] == 48 and result["param_devices"] == ["cpu"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(result["tokenizer_files"])
+    rc, _, err = run_cli(capsys, "--model_path", tmp_path / "m", "--output_path", tmp_path / "o",
+                         "--similarity_method", "cka", "--max_len", 64, "--max_tokens", 128, "--no_progress")
+    assert rc == 0, err
+    assert load_similarity(tmp_path / "o").num_experts == 128
+    vocab = max(4096, result["tokenizer_vocab"])  # the narrow model's vocabulary holds the tokenizer's ids
+    total, per_layer = mk._sizes(mk.config_for("Qwen3-30B-A3B", layers=2, hidden=64, vocab=vocab), torch.float32)
+    assert total == result["checkpoint_bytes"]
+    monkeypatch.setattr(mk, "_free_bytes", lambda path: mk.DISK_RESERVE + total - per_layer)  # one layer fits
+    assert mk.main([*args, "--out", str(tmp_path / "cut"), "--fit-disk"]) == 0
+    cut = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert cut["layers"] == 1 and cut["cut_to_fit_disk"] is True
+    with pytest.raises(SystemExit, match="use --fit-disk"):
+        mk.main([*args, "--out", str(tmp_path / "nofit")])

@@ -149,6 +149,58 @@ def test_cli_writes_table_and_plots(fake_json, tmp_path, capsys):
         assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def _with_machine(data, sere=None, cpu=None):
+    return {**data, "machine_info": {"sere": sere or {}, "cpu": cpu or {}}, "datetime": "2026-11-23T10:11:12.5",
+            "commit_info": {"id": "0123456789abcdef"}}
+
+
+@pytest.mark.parametrize("machine,expected,cpu_note", [
+    ({"sere": {"gpu_name": "NVIDIA H200", "gpu_count": 1, "gpu_memory_gib": 139.8, "cuda_runtime": "13.0",
+               "gpu_driver": "580.1", "versions": {"torch": "2.11.0"}}},
+     "bench.json: NVIDIA H200, 139.8 GiB, CUDA 13.0, driver 580.1, torch 2.11.0, 2026-11-23 10:11:12 UTC, "
+     "commit 0123456789", False),
+    ({"sere": {"cpu_model": "AMD EPYC", "cpu_count": 2}}, "bench.json: CPU AMD EPYC (2 cores), 2026-11-23 10:11:12 UTC, "
+     "commit 0123456789", True),
+    ({"cpu": {"brand_raw": "Intel Xeon", "count": 4}}, "bench.json: CPU Intel Xeon (4 cores), 2026-11-23 10:11:12 UTC, "
+     "commit 0123456789", True),
+])
+def test_report_names_the_device_explains_its_columns_and_links_its_plots(tmp_path, machine, expected, cpu_note):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(_with_machine(FAKE_RUN, **machine)))
+    text, paths = report.render(path, tmp_path / "rep")
+    assert text.splitlines()[0] == f"device: {expected}"
+    assert (report.CPU_NOTE in text) == cpu_note
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"device: {expected}" in md and (report.CPU_NOTE in md) == cpu_note
+    for name, _ in report.LEGEND:  # the legend, once, under the table
+        assert md.count(f"- **{name}**:") == 1 and f"  {name}: " in text
+    assert md.index("| model") < md.index("- **floor share**") < md.index("## Plots")
+    plots = [p for p in paths if p.suffix == ".png"]
+    assert plots and all(f"![{p.stem}]({p.name})" in md for p in plots)
+
+
+def test_report_of_a_file_without_machine_info_says_the_device_is_unknown(fake_json):
+    text, _ = report.render(fake_json)
+    assert text.splitlines()[0] == "device: bench.json: unknown device (no machine_info in the file)"
+    assert report.CPU_NOTE not in text
+
+
+def test_bench_summary_heading_legend_and_saved_share():
+    from bench.summary import CPU_CAVEAT, summary_lines
+
+    infos = [dict(b["extra_info"], device="cpu", time_us=b["stats"]["median"] * 1e6, gbps=0.2,
+                  hbm_floor_share=0.01, speedup_vs_stock=0.9, copy_bw_gbps=6.5) for b in FAKE_RUN["benchmarks"][:4]]
+    lines = summary_lines(infos, on_cpu=True)
+    assert lines[:3] == CPU_CAVEAT.splitlines() and "does not model" not in lines[3]
+    header = lines[3].split()
+    assert header[:8] == ["model", "routing", "T", "setting", "exp.", "before", "exp.", "after"] and "saved" in header
+    row = lines[-5].split()  # the last case: M uniform 16 S1-rho0, 84 -> 15 experts
+    assert row[:7] == ["M", "uniform", "16", "S1-rho0", "84", "15", "82%"] and row[7] == "100.0"
+    assert any("floor share = the HBM floor" in line and "6.5 GB/s here" in line for line in lines[-4:])
+    assert lines[-1].startswith("  speed-up = stock time / this time")
+    assert summary_lines(infos, on_cpu=False)[0].startswith("model")  # no caveat on a GPU
+
+
 def test_default_out_dir_is_next_to_the_json(fake_json):
     _, paths = report.render(fake_json)
     assert paths[0] == fake_json.with_name("bench_report") / "report.md"
@@ -177,7 +229,7 @@ def test_report_on_a_tiny_layer_bench_run(tmp_path):
     """End to end: the layer bench writes JSON (one model, two batches, CPU shapes), the
     report command renders it."""
     bench_json = tmp_path / "layer.json"
-    env = dict(os.environ, SERE_BENCH_SIZE="small", SERE_BENCH_ROUTING="uniform", OMP_NUM_THREADS="1")
+    env = dict(os.environ, SERE_BENCH_SIZE="small", SERE_BENCH_ROUTING="uniform", SERE_BENCH_ZOO="0", OMP_NUM_THREADS="1")
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/test_bench_layer.py", "-q", "-p", "no:cacheprovider",
          "-k", "Qwen3 and (T1- or T16-) and (stock or S1-rho0)",
@@ -198,3 +250,10 @@ def test_report_on_a_tiny_layer_bench_run(tmp_path):
     assert by[(16, "S1-rho0")].experts_after < by[(16, "stock")].experts_after
     assert (out / "speedup_Qwen3-30B-A3B_uniform.png").read_bytes()[:8] == PNG_MAGIC
     assert "Qwen3-30B-A3B" in cli.stdout
+    assert "device: layer.json: CPU " in cli.stdout and report.CPU_NOTE in cli.stdout
+    # The SERE summary comes last, after pytest-benchmark's table, with the CPU caveat and its legend.
+    text = run.stdout
+    assert text.index("Legend:") < text.index("SERE vs stock") < text.index("columns: T = tokens per call")
+    assert "CPU smoke run: its times do not model a GPU's memory bandwidth" in text
+    summary = text[text.index("SERE vs stock"):]
+    assert "exp. before" in summary and "saved" in summary and "floor share = the HBM floor" in summary

@@ -42,3 +42,64 @@ def test_stats_with_empty_primary_set_count_nothing_critical():
     ids = torch.tensor([[-1, 2, 3]])
     _, stats = sere.reroute_with_stats(ids, torch.eye(4), 1, 0.0, backend="torch")
     assert stats.as_dict() == dict(experts_before=2, experts_after=2, rerouted=0, critical=0)
+
+
+# ---------------------------------------------------------------------------- the readable table
+
+
+def _recorder():
+    from sere.recorder import ExpertStatsRecorder
+
+    rec = ExpertStatsRecorder()
+    t = torch.tensor
+    for layer in (3, 4):  # a prefill of 64 tokens, then three decode steps of 8
+        rec.record(layer, experts_before=t(30), experts_after=t(30), rerouted=t(0), critical=t(0), tokens=64)
+        for _ in range(3):
+            rec.record(layer, experts_before=t(20 + layer - 3), experts_after=t(8), rerouted=t(12), critical=t(2),
+                       tokens=8)
+    return rec
+
+
+def test_stats_table_is_a_small_aligned_table_per_layer():
+    from sere.stats import stats_table
+
+    rec = _recorder()
+    lines = stats_table(rec, max_tokens=8).splitlines()
+    assert lines[0].split() == ["layer", "steps", "tokens/step", "experts", "before", "experts", "after", "saved",
+                                "moved/token", "critical/token"]
+    assert [line.split() for line in lines[2:]] == [
+        ["3", "3", "8.0", "20.0", "8.0", "60.0%", "1.50", "0.25"],
+        ["4", "3", "8.0", "21.0", "8.0", "61.9%", "1.50", "0.25"],
+        ["mean", "3", "8.0", "20.5", "8.0", "61.0%", "1.50", "0.25"],
+    ]
+    assert len({len(line) for line in lines}) == 1  # aligned: every line as wide
+    everything = stats_table(rec).splitlines()  # the prefill counted too
+    assert everything[2].split()[:5] == ["3", "4", "22.0", "22.5", "13.5"]
+    # the dict stays as it was: unrounded means
+    assert rec.summary()[4] == {"steps": 4, "mean_experts_before": 23.25, "mean_experts_after": 13.5,
+                                "mean_rerouted": 9.0, "mean_critical": 1.5}
+
+
+def test_stats_table_of_nothing_says_so():
+    from sere.recorder import ExpertStatsRecorder
+    from sere.stats import stats_table
+
+    assert stats_table(ExpertStatsRecorder()) == "no routing steps recorded"
+    assert stats_table(_recorder(), min_tokens=100) == "no routing steps recorded with at least 100 tokens"
+
+
+def _recorder_has_str():
+    from sere.recorder import ExpertStatsRecorder
+
+    return ExpertStatsRecorder.__str__ is not object.__str__
+
+
+@pytest.mark.xfail(not _recorder_has_str(), strict=True,
+                   reason="needs ExpertStatsRecorder.__str__ (sere/recorder.py, issue 13 point 8)")
+def test_print_handle_stats_prints_the_table(capsys):
+    from sere.stats import stats_table
+
+    rec = _recorder()
+    print(rec)
+    assert capsys.readouterr().out.strip() == stats_table(rec)
+    assert "ExpertStatsRecorder(" in repr(rec)  # repr stays the short form

@@ -7,10 +7,11 @@ Reads the stock-vs-SERE cases (those whose extra_info names a `setting`; a saved
 .benchmarks/ works too): one MoE layer of bench/test_bench_layer.py (transformers) and
 bench/test_bench_fused_moe.py (shown as "<model> (vllm-fused)"), and whole decode steps of
 bench/test_bench_vllm_decode.py ("<model> (vllm-e2e)": the time is a step's, the experts are
-means per MoE layer, the floor counts all the weights a step reads). It prints a table
-(tabulate) of time, activated experts, GB/s, share of the HBM floor and speed-up against stock,
-and writes into DIR (default: BENCH_report/ next to the first JSON):
-  report.md                          the table, GitHub markdown
+means per MoE layer, the floor counts all the weights a step reads). It prints the device of each run, a table
+(tabulate) of time, activated experts, GB/s, share of the HBM floor and speed-up against stock
+and a legend of its columns, and writes into DIR (default: BENCH_report/ next to the first JSON):
+  report.md                          device lines, the table (GitHub markdown), the legend and
+                                     links to the plots (shown inline on GitHub)
   speedup_<model>_<routing>.png      speed-up against stock vs batch size, one line per setting
   experts_<model>_<routing>.png      activated experts vs batch size, one line per setting
 Speed-ups are computed from the medians in the file (stock and SERE of the same model,
@@ -30,6 +31,19 @@ from pathlib import Path
 
 COLUMNS = ("model", "routing", "T", "setting", "experts before", "experts after", "median us",
            "GB/s", "floor share", "speed-up")
+LEGEND = (
+    ("T", "tokens per call: the batch of one decode step"),
+    ("setting", "stock = the model's own routing; S<s>-rho<r> = SERE keeping each token's top-s experts, "
+                "threshold rho"),
+    ("experts before / after", "distinct experts activated in the router's ids / after re-routing (one MoE layer; "
+                               "vllm-e2e: mean per MoE layer and step)"),
+    ("median us", "median time of one call (vllm-e2e: one decode step)"),
+    ("GB/s", "bytes of expert weights read (vllm-e2e: every weight a step reads) / median time"),
+    ("floor share", "HBM floor (those bytes / the measured copy bandwidth) / median time: 1 = at the memory floor"),
+    ("speed-up", "stock median / this median, same model, routing and T of the same run"),
+)
+CPU_NOTE = ("CPU run: a smoke run. Its times do not model a GPU's memory bandwidth, so speed-ups can be below 1; "
+            "the activated experts before / after hold on any device.")
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,45 @@ def load_cases(path) -> list[LayerCase]:
     return cases
 
 
+def device_line(path) -> str:
+    """`<file>: <device>` from the JSON's machine_info (bench/conftest.py adds GPU facts under
+    "sere"; pytest-benchmark's own cpu entry otherwise), with the run's date and commit."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    machine = data.get("machine_info") or {}
+    sere = machine.get("sere") or {}
+    if sere.get("gpu_name"):
+        count = sere.get("gpu_count") or 1
+        device = f"{sere['gpu_name']}" + (f" x{count}" if count > 1 else "")
+        extra = [f"{sere['gpu_memory_gib']} GiB" if sere.get("gpu_memory_gib") else None,
+                 f"CUDA {sere['cuda_runtime']}" if sere.get("cuda_runtime") else None,
+                 f"driver {sere['gpu_driver']}" if sere.get("gpu_driver") else None]
+        device += "".join(f", {e}" for e in extra if e)
+    else:
+        cpu = sere.get("cpu_model") or (machine.get("cpu") or {}).get("brand_raw")
+        device = f"CPU {cpu}" if cpu else "unknown device (no machine_info in the file)"
+        if cpu and (sere.get("cpu_count") or (machine.get("cpu") or {}).get("count")):
+            device += f" ({sere.get('cpu_count') or machine['cpu']['count']} cores)"
+    torch_version = (sere.get("versions") or {}).get("torch")
+    when = data.get("datetime", "")[:19].replace("T", " ")
+    commit = str((data.get("commit_info") or {}).get("id") or "")[:10]
+    tail = "".join(f", {t}" for t in (f"torch {torch_version}" if torch_version else "",
+                                      f"{when} UTC" if when else "", f"commit {commit}" if commit else "") if t)
+    return f"{path.name}: {device}{tail}"
+
+
+def is_cpu_run(path) -> bool:
+    """Whether the run's machine_info names no GPU (a CPU smoke run)."""
+    try:
+        machine = json.loads(Path(path).read_text()).get("machine_info") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(machine) and not (machine.get("sere") or {}).get("gpu_name")
+
+
 def speedups(cases: list[LayerCase]) -> dict[LayerCase, float | None]:
     """Stock median / case median, for cases whose stock case (same run, model, routing, T) is there."""
     stock = {c.key: c.median_s for c in cases if c.setting == "stock" and c.median_s}
@@ -172,7 +225,7 @@ def plot(cases: list[LayerCase], out: Path) -> list[Path]:
 
 def render(json_paths, out_dir=None) -> tuple[str, list[Path]]:
     """Write report.md and the plots for one or several JSON files; returns (the plain-text
-    table, paths written)."""
+    report: device lines, table and legend; paths written)."""
     from tabulate import tabulate
 
     paths = [Path(p) for p in ([json_paths] if isinstance(json_paths, (str, Path)) else json_paths)]
@@ -184,10 +237,21 @@ def render(json_paths, out_dir=None) -> tuple[str, list[Path]]:
         raise ReportError(f"cannot create output folder {out}: {exc}") from None
     rows = table_rows(cases)
     fmt = dict(headers=COLUMNS, floatfmt=".3g", missingval="-")
+    devices = [f"device: {device_line(p)}" for p in paths]
+    notes = [CPU_NOTE] if any(is_cpu_run(p) for p in paths) else []
+    plots = plot(cases, out)
     md = out / "report.md"
     title = ", ".join(p.name for p in paths)
-    md.write_text(f"# MoE layer benchmark: {title}\n\n{tabulate(rows, tablefmt='github', **fmt)}\n")
-    return tabulate(rows, **fmt), [md, *plot(cases, out)]
+    legend_md = "\n".join(f"- **{name}**: {text}" for name, text in LEGEND)
+    links = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
+    md.write_text(
+        f"# MoE layer benchmark: {title}\n\n" + "".join(f"{d}  \n" for d in devices) + "\n"
+        + "".join(f"{n}\n\n" for n in notes)
+        + f"{tabulate(rows, tablefmt='github', **fmt)}\n\n{legend_md}\n\n## Plots\n\n{links}\n"
+    )
+    legend_text = "\n".join(f"  {name}: {text}" for name, text in LEGEND)
+    text = "\n".join([*devices, *notes, tabulate(rows, **fmt), "columns:", legend_text])
+    return text, [md, *plots]
 
 
 def main(argv=None) -> int:
