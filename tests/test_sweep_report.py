@@ -1,0 +1,52 @@
+"""The accuracy report's composition and calibration-shift tables (sere.harness.zoo.sweep), on
+synthetic rows and on the committed report's rows: no model runs here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sere.harness.zoo import sweep
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "accuracy.json"
+
+
+def _row(method, composition, kl, kl0=None, experts=10.0, part="compositions", **kw):
+    return {"model": "m", "part": part, "composition": composition, "method": method, "kl": kl,
+            "kl_by_row": [kl if kl0 is None else kl0, kl], "top1_agreement": 0.5, "top1_by_row": [0.4, 0.5],
+            "experts_after": experts, "stock_experts": 30.0, "select_top_k": 1, "threshold": -1e9, **kw}
+
+
+def test_composition_rows_pick_the_best_similarity_and_read_the_minority_row():
+    rows = [_row("sere", "mixed", 0.30), _row("sere[substitution]", "mixed", 0.10),
+            _row("random", "mixed", 0.20, seed=0), _row("random", "mixed", 0.25, seed=1),
+            # minority: the headline KL is row 0's, not the batch mean
+            _row("sere", "minority", 0.05, kl0=0.90), _row("sere[substitution]", "minority", 0.01, kl0=0.50),
+            _row("random", "minority", 0.02, kl0=0.40, seed=0)]
+    got = {c["composition"]: c for c in sweep.composition_rows(rows)}
+    assert got["mixed"]["best"] == "sere[substitution]" and got["mixed"]["best_beats_all"]
+    assert not got["mixed"]["cka_beats_all"] and got["mixed"]["random_kl"] == (0.20, 0.25) and got["mixed"]["seeds"] == 2
+    assert got["minority"]["kl"]["sere"] == 0.90 and got["minority"]["best"] == "sere[substitution]"
+    assert not got["minority"]["best_beats_all"]  # 0.50 against a draw of 0.40
+    lines = "\n".join(sweep._composition_section(rows))
+    assert "best similarity beats every random draw in 1, CKA in 0" in lines
+
+
+def test_shift_table_marks_the_lowest_kl_per_row():
+    rows = [_row(m, "domain:kjv", kl, part="shift") for m, kl in (("sere", 0.3), ("sere[cka_kjv]", 0.2), ("sere[cka_pycode]", 0.4))]
+    table = sweep._shift_section(rows)
+    body = [line for line in table if line.startswith("| m |")]
+    assert body == ["| m | kjv | 1 | all move | 0.3000 | **0.2000** | 0.4000 |"]
+
+
+@pytest.mark.skipif(not RESULTS.exists(), reason="no committed accuracy report")
+def test_committed_report_renders_and_says_where_cka_stands(tmp_path):
+    saved = json.loads(RESULTS.read_text())
+    rows = [r for r in saved["rows"] if r["model"] == "qwen2_moe"]
+    assert {r["part"] for r in rows} >= {"methods", "seeds", "batch", "compositions", "shift"}
+    sweep.write_markdown(rows, tmp_path / "accuracy.md", saved["meta"], "", Path(__file__).parent / "zoo")
+    text = (tmp_path / "accuracy.md").read_text()
+    assert "## Batch compositions at equal budget" in text and "## Calibration-domain shift" in text
+    crow = sweep.composition_rows(rows)
+    assert len(crow) == len(sweep.COMPOSITIONS) and not any(c["cka_beats_all"] for c in crow)
