@@ -50,3 +50,16 @@ def test_committed_report_renders_and_says_where_cka_stands(tmp_path):
     assert "## Batch compositions at equal budget" in text and "## Calibration-domain shift" in text
     crow = sweep.composition_rows(rows)
     assert len(crow) == len(sweep.COMPOSITIONS) and not any(c["cka_beats_all"] for c in crow)
+
+
+def test_grid_and_batch64_tables_read_their_own_parts():
+    grid = [_row(m, "minority", 0.1, kl0=kl0, part="grid", threshold=0.0, batch_size=16)
+            for m, kl0 in (("sere", 0.3), ("random", 0.4), ("truncate", 0.9), ("drop", 0.5), ("oea", 0.45))]
+    lines = sweep._grid_section(grid)
+    assert "| m | minority | 10.00 / 30.00 | 0.3000 | 0.4000 | 0.9000 | 0.5000 | 0.4500 |" in lines  # the minority's own KL
+    b64 = [_row("truncate", "mixed", 0.2, part="batch64", threshold=0.0, batch_size=64),
+           _row("random", "mixed", 0.05, part="batch64", threshold=0.0, batch_size=64, seed=1),
+           _row("random", "mixed", 0.07, part="batch64", threshold=0.0, batch_size=64, seed=2)]
+    table = "\n".join(sweep._batch64_section(b64))
+    assert "| m | 1 | 0 | truncate | 10.00 / 30.00 | 0.2000 |" in table and "random (2 seeds)" in table and "0.0500-0.0700" in table
+    assert sweep._grid_section(b64) == [] and sweep._batch64_section(grid) == []

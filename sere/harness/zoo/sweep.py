@@ -25,6 +25,10 @@ batches composed by sere.harness.compositions (MIXED: four domains in every batc
      request among 15 of its own domain;
   5. calibration-domain shift: SERE with CKA calibrated on the mix, on kjv only and on pycode only
      (similarity_cka_<domain>/), evaluated on one-domain batches of each of the four domains.
+  6. grid: part 1's S x threshold grid (SERE, random) and controls in every other composition
+     (batch 16; no greedy), so KL can be read against activated experts per composition;
+  7. batch64: the controls and the random spread (RANDOM_SEEDS) at batch 64 (MIXED).
+`--parts grid,batch64` measures only those parts.
 Writes accuracy.json (every row), accuracy.md (tables, the claim check, where SERE stands)
 and accuracy.png (KL and top-1 agreement against activated experts, one column per model); for
 an upcycled model also whether its similarity artifacts see which experts share a dense origin.
@@ -98,10 +102,11 @@ def similarity_variants(name: str, zoo=None) -> dict[str, Path]:
 
 
 def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, seq_len=SEQ_LEN, num_windows=NUM_WINDOWS,
-                random_seeds=RANDOM_SEEDS, zoo=None):
+                random_seeds=RANDOM_SEEDS, zoo=None, parts=None):
     """All rows for one zoo model: dicts of Fidelity fields plus model, part, stock experts
     and the similarity artifact used (method "sere[frobenius]" = SERE with that artifact).
-    zoo: the zoo folder (None: $SERE_ZOO_DIR, see sere.harness.zoo.zoo_dir)."""
+    zoo: the zoo folder (None: $SERE_ZOO_DIR, see sere.harness.zoo.zoo_dir). parts: measure
+    only the rows of these parts (None: all)."""
     model, tok = load_zoo_model(name, zoo_dir=zoo)
     domains = sorted({*MIXED_DOMAINS, MINORITY, MAJORITY})
     pool = comp.window_pool({d: heldout_ids(tok, zoo, domain=d) for d in domains}, seq_len)
@@ -144,6 +149,20 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
     for kind in (f"domain:{x}" for x in MIXED_DOMAINS):  # part 5: calibration-domain shift
         jobs += [(kind, "shift", MAIN_BATCH, label, "sere", S, rho, path) for label, path in shift.items() if path.exists()
                  for S, rho in (ALL_MOVE, SERE_S2)]
+    for kind in COMPOSITIONS:  # part 6 ("grid"): part 1's grid and controls in every other composition
+        if kind == "mixed":
+            continue
+        for S in primary_slots(k):
+            for rho in thresholds:
+                jobs += [(kind, "grid", MAIN_BATCH, m, m, S, rho, default) for m in ("sere", "random")]
+            jobs += [(kind, "grid", MAIN_BATCH, c, c, S, 0.0, default) for c in CONTROLS]
+    for S in primary_slots(k):  # part 7 ("batch64"): the controls and the random spread at batch 64 too
+        jobs += [("mixed", "batch64", 64, c, c, S, 0.0, default) for c in CONTROLS]
+    for S, rho in PAPER_SETTINGS:
+        jobs += [("mixed", "batch64", 64, "random", "random", S, rho, default, {"seed": seed})
+                 for seed in range(1, random_seeds)]
+    if parts is not None:
+        jobs = [j for j in jobs if j[1] in parts]
     refs, rows = {}, []
     for kind, part, B, label, method, S, rho, sim, *opts in tqdm(jobs, desc=f"sweep {name}", unit="setting"):
         windows = MAIN_WINDOWS if B == MAIN_BATCH else num_windows
@@ -402,6 +421,91 @@ def _shift_section(rows) -> list[str]:
     return lines
 
 
+def _grid_rows(rows, name: str, kind: str) -> list[dict]:
+    """Batch-16 rows of the S x rho grid and controls in composition `kind` (MIXED: part 1's)."""
+    part = "methods" if kind == "mixed" else "grid"
+    return [r for r in rows if r["model"] == name and r["part"] == part and r["composition"] == kind
+            and r["method"] in ("sere", "random", *CONTROLS)]
+
+
+def _grid_section(rows) -> list[str]:
+    if not any(r["part"] == "grid" for r in rows):
+        return []
+    lines = ["\n## Every composition at equal budget: SERE, random, truncate, drop, OEA (batch 16, S = 1, rho = 0)\n",
+             "The same methods in every composition (KL; minority rows: the minority request's own). The whole S x rho "
+             "grid of each composition is in accuracy.json and drawn in ![KL against activated experts per composition]"
+             "(accuracy_grid.png).\n",
+             "| model | composition | experts (SERE / stock) | " + " | ".join(f"KL {m}" for m in ("sere", "random", *CONTROLS)) + " |",
+             "|---|---|---:|" + "---:|" * (2 + len(CONTROLS))]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for kind in COMPOSITIONS:
+            got = {r["method"]: r for r in _grid_rows(rows, name, kind) if r["select_top_k"] == 1 and r["threshold"] == 0.0}
+            if "sere" not in got:
+                continue
+            cells = [f"{_kl_of(got[m]):.4f}" if m in got else "-" for m in ("sere", "random", *CONTROLS)]
+            lines.append(f"| {name} | {kind} | {got['sere']['experts_after']:.2f} / {got['sere']['stock_experts']:.2f} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def _batch64_section(rows) -> list[str]:
+    mine = [r for r in rows if r["part"] in ("batch", "batch64") and r["batch_size"] == 64]
+    if not any(r["part"] == "batch64" for r in mine):
+        return []
+    lines = ["\n## Batch 64 (MIXED): the controls and the spread of random re-routing\n",
+             "| model | S | rho | method | experts per step (of stock) | KL | top-1 agree |", "|---|---:|---:|---|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in mine):
+        for S, rho in sorted({(r["select_top_k"], r["threshold"]) for r in mine if r["model"] == name}, reverse=True):
+            pick = [r for r in mine if r["model"] == name and r["select_top_k"] == S and r["threshold"] == rho]
+            for method in ("sere", *CONTROLS):
+                for r in (x for x in pick if x["method"] == method):
+                    lines.append(f"| {name} | {S} | {rho:g} | {method} | {r['experts_after']:.2f} / {r['stock_experts']:.2f} | "
+                                 f"{r['kl']:.4f} | {r['top1_agreement']:.4f} |")
+            draws = [r for r in pick if r["method"] == "random"]
+            if draws:
+                kls = [r["kl"] for r in draws]
+                lines.append(f"| {name} | {S} | {rho:g} | random ({len(draws)} seeds) | {draws[0]['experts_after']:.2f} / "
+                             f"{draws[0]['stock_experts']:.2f} | {min(kls):.4f}-{max(kls):.4f} | - |")
+    return lines
+
+
+def write_grid_plot(rows, path: Path) -> None:
+    """KL against activated experts, one panel per model (column) and composition (row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(r["part"] == "grid" for r in rows):
+        return
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(COMPOSITIONS), len(names), figsize=(4.2 * len(names), 3.0 * len(COMPOSITIONS)), squeeze=False)
+    style = {"sere": ("C0", "o"), "random": ("C3", "x"), "truncate": ("C2", "s"), "drop": ("C7", "P"), "oea": ("C1", "^")}
+    for j, name in enumerate(names):
+        for i, kind in enumerate(COMPOSITIONS):
+            ax, mine = axes[i][j], _grid_rows(rows, name, kind)
+            for method, (color, marker) in style.items():
+                for n, S in enumerate(sorted({r["select_top_k"] for r in mine if r["method"] == method})):
+                    pts = sorted((r["experts_after"], _kl_of(r)) for r in mine if r["method"] == method
+                                 and r["select_top_k"] == S and _kl_of(r) > 0)
+                    if pts:
+                        ax.plot(*zip(*pts), marker=marker, color=color, linewidth=1, markersize=4,
+                                linestyle="-" if method in ("sere", "random") else ":", label=None if n else method)
+            if mine:
+                ax.axvline(mine[0]["stock_experts"], color="gray", linewidth=0.8, linestyle="--")
+            ax.set_yscale("log")
+            ax.set_title(f"{name}: {kind}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(COMPOSITIONS) - 1:
+                ax.set_xlabel("activated experts per step and layer")
+            if j == 0:
+                ax.set_ylabel("KL (minority: its own)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_composition_plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -477,7 +581,9 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "", zoo=None) -> N
                      f"{klo:.4f}-{khi:.4f} | {c['sere_top1']:.4f} | {c['random_top1']:.4f} | {tlo:.4f}-{thi:.4f} | "
                      f"{'yes' if c['holds'] else 'NO'} | {'yes' if c['beats_every_seed'] else 'no'} |")
     parts += _composition_section(rows)
+    parts += _grid_section(rows)
     parts += _shift_section(rows)
+    parts += _batch64_section(rows)
     drops = drop_rows(rows)
     if drops:
         parts += _drop_section(drops)
@@ -596,6 +702,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--notes", type=Path, default=None, help="markdown to put under the header (findings)")
     p.add_argument("--from-json", action="store_true", help="only re-render accuracy.md/png from accuracy.json")
+    p.add_argument("--parts", default=None, help="comma-separated parts to measure (methods, seeds, batch, compositions, "
+                   "shift, grid, batch64); with --merge their rows replace those of an earlier accuracy.json")
+    p.add_argument("--merge", action="store_true", help="merge the measured rows into --out's accuracy.json")
     args = p.parse_args(argv)
     try:
         zoo = zoo_dir(args.zoo_dir)
@@ -609,12 +718,18 @@ def main(argv=None) -> None:
         write_markdown(saved["rows"], args.out / "accuracy.md", saved["meta"], notes, zoo)
         write_plot(saved["rows"], args.out / "accuracy.png")
         write_composition_plot(saved["rows"], args.out / "accuracy_compositions.png")
+        write_grid_plot(saved["rows"], args.out / "accuracy_grid.png")
         print(f"re-rendered {args.out / 'accuracy.md'} and accuracy.png from accuracy.json")
         return
     start = time.time()
+    parts = set(args.parts.split(",")) if args.parts else None
     rows = []
     for name in args.models:
-        rows += sweep_model(name, zoo=zoo)
+        rows += sweep_model(name, zoo=zoo, parts=parts)
+    if args.merge:  # keep the earlier rows of other (model, part) pairs
+        earlier = json.loads((args.out / "accuracy.json").read_text())["rows"]
+        fresh = {(r["model"], r["part"]) for r in rows}
+        rows = [r for r in earlier if (r["model"], r["part"]) not in fresh] + rows
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python -m sere.harness.zoo.sweep" + (f" --models {' '.join(args.models)}" if args.models != list(ZOO_MODELS) else ""),
@@ -627,6 +742,7 @@ def main(argv=None) -> None:
     write_markdown(rows, args.out / "accuracy.md", meta, notes, zoo)
     write_plot(rows, args.out / "accuracy.png")
     write_composition_plot(rows, args.out / "accuracy_compositions.png")
+    write_grid_plot(rows, args.out / "accuracy_grid.png")
     print(f"wrote {args.out / 'accuracy.md'}, accuracy.png, accuracy.json ({len(rows)} rows, {meta['minutes']:.1f} min)")
 
 
