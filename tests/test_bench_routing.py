@@ -165,7 +165,9 @@ def test_zoo_trace_files_are_small():
     from sere.harness.zoo import ZOO_MODELS
 
     assert [f.stem for f in files] == sorted(ZOO_MODELS)
-    assert sum(f.stat().st_size for f in files) < 600 * 1024
+    # 1024 tokens x top-k ids and weights per MoE layer plus the [E, E] similarity: qwen3_moe's
+    # 128 experts x 3 layers make it the largest (385 KiB); the four together stay under 1 MiB
+    assert sum(f.stat().st_size for f in files) < 1024 * 1024
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v2", "qwen3_moe", "qwen2_moe_upcycled"])
