@@ -726,10 +726,12 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         rows += sweep_model(name, zoo=zoo, parts=parts)
-    if args.merge:  # keep the earlier rows of other (model, part) pairs
-        earlier = json.loads((args.out / "accuracy.json").read_text())["rows"]
+    earlier_meta = None
+    if args.merge:  # keep the earlier rows of other (model, part) pairs, and say what was merged in
+        saved = json.loads((args.out / "accuracy.json").read_text())
         fresh = {(r["model"], r["part"]) for r in rows}
-        rows = [r for r in earlier if (r["model"], r["part"]) not in fresh] + rows
+        rows = [r for r in saved["rows"] if (r["model"], r["part"]) not in fresh] + rows
+        earlier_meta = saved["meta"]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python -m sere.harness.zoo.sweep" + (f" --models {' '.join(args.models)}" if args.models != list(ZOO_MODELS) else ""),
@@ -738,6 +740,8 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "minutes": (time.time() - start) / 60,
     }
+    if earlier_meta is not None:
+        meta = {**earlier_meta, "merged": [*earlier_meta.get("merged", []), {**meta, "parts": sorted(parts or [])}]}
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_markdown(rows, args.out / "accuracy.md", meta, notes, zoo)
     write_plot(rows, args.out / "accuracy.png")
