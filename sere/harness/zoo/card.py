@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sere.harness.zoo import ZooDirNotSet, heldout_texts, load_zoo_model, model_dir, zoo_dir
 from sere.harness.zoo.data import encode
-from sere.harness.zoo.evaluate import domain_expert_information, expert_routing, text_unigram_perplexity
+from sere.harness.zoo.evaluate import domain_expert_information, expert_routing, layer_entropies, text_unigram_perplexity
 from sere.harness.zoo.models import ZOO_MODELS, count_parameters
 
 EVAL_SEQ_LEN = 128
@@ -34,26 +34,13 @@ def measure(name: str, zoo_dir=None) -> dict:
         domains[d] = {"tokens": ids.numel(), "ppl": round(ppl, 3), "unigram_ppl": round(uni, 3), "ratio": round(ppl / uni, 4)}
         for layer, a in acc.items():
             accs.setdefault(layer, {})[d] = a
-    routing = {layer: {**_pooled_entropy(per_domain), **_domain_info({d: a["loads"] for d, a in per_domain.items()})}
+    routing = {layer: {**layer_entropies(per_domain.values()), **_domain_info({d: a["loads"] for d, a in per_domain.items()})}
                for layer, per_domain in accs.items()}
     return {
         "parameters": count_parameters(model),
         "domains": domains,
         "routing": {str(k): {m: round(v, 4) for m, v in r.items()} for k, r in routing.items()},
     }
-
-
-def _pooled_entropy(per_domain: dict) -> dict:
-    """routing_entropy's numbers over all domains' text at once, from the per-domain passes."""
-    import math
-
-    loads = sum(a["loads"] for a in per_domain.values())  # E
-    share = loads / loads.sum()
-    E = share.numel()
-    tokens = sum(a["tokens"] for a in per_domain.values())
-    return {"load_entropy": -float((share * share.clamp_min(1e-30).log()).sum()) / math.log(E),
-            "router_entropy": sum(a["router_entropy_sum"] for a in per_domain.values()) / tokens / math.log(E),
-            "max_load_share": float(share.max()), "min_load_share": float(share.min())}
 
 
 def _domain_info(per_domain: dict) -> dict:

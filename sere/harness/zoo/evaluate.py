@@ -111,19 +111,24 @@ def _entropy(share: torch.Tensor) -> float:
     return -float((share * share.clamp_min(1e-30).log()).sum())
 
 
+def layer_entropies(passes) -> dict[str, float]:
+    """One MoE layer's normalised load entropy, mean router entropy and max / min load share
+    (see module doc), pooled over one or more expert_routing entries of that layer."""
+    passes = list(passes)
+    loads = sum(a["loads"] for a in passes)  # E
+    share = loads / loads.sum()  # E
+    log_e = math.log(passes[0]["num_experts"])
+    return {
+        "load_entropy": _entropy(share) / log_e,
+        "router_entropy": sum(a["router_entropy_sum"] for a in passes) / sum(a["tokens"] for a in passes) / log_e,
+        "max_load_share": float(share.max()),
+        "min_load_share": float(share.min()),
+    }
+
+
 def routing_entropy(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 16) -> dict[int, dict[str, float]]:
     """Per MoE layer: normalised expert-load entropy and mean router entropy (see module doc)."""
-    out = {}
-    for layer, a in expert_routing(model, ids, seq_len, batch_size)[0].items():
-        share = a["loads"] / a["loads"].sum()  # E
-        log_e = math.log(a["num_experts"])
-        out[layer] = {
-            "load_entropy": _entropy(share) / log_e,
-            "router_entropy": a["router_entropy_sum"] / a["tokens"] / log_e,
-            "max_load_share": float(share.max()),
-            "min_load_share": float(share.min()),
-        }
-    return out
+    return {layer: layer_entropies([a]) for layer, a in expert_routing(model, ids, seq_len, batch_size)[0].items()}
 
 
 def domain_expert_information(loads: dict[str, torch.Tensor]) -> dict[str, float]:
