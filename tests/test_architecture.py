@@ -239,3 +239,48 @@ def test_the_runtime_works_with_the_harness_absent():
     lines = out.stdout.strip().splitlines()
     assert lines[-2] == "[[0, 0, 0, 0], [4, 0, 0, 0]]"  # S=1: slots 1..3 move onto the primary 0 or 4
     assert lines[-1] == "[0, 1]"
+
+
+# ---- the folder name kernels/ and the PyPI package `kernels` -----------------------------------
+# transformers >= 5.25 requires and imports the PyPI package `kernels`; with the checkout's root on
+# sys.path (pytest's root conftest, `python -m` from the root) the folder kernels/ would shadow it.
+
+def _import_kernels_from_root(stand_in: Path | None) -> subprocess.CompletedProcess:
+    """`import kernels` in a fresh interpreter started in the checkout's root, the root first on
+    sys.path. With `stand_in` (a folder holding a stand-in PyPI package) that folder comes next,
+    before site-packages; without, site-packages is dropped (as if no PyPI `kernels` existed)."""
+    code = (
+        "import sys\n"
+        + (f"sys.path[:] = [{str(ROOT)!r}, {str(stand_in)!r}] + sys.path\n" if stand_in else
+           f"sys.path[:] = [{str(ROOT)!r}] + [p for p in sys.path if 'site-packages' not in p]\n")
+        + "import kernels; print(kernels.__file__); print(getattr(kernels, 'MARK', None))\n"
+        "import sere.kernels.reference as r; print(r.__name__)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_kernels_folder_hands_its_top_level_name_to_the_pypi_package(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'pypi'\n")
+    done = _import_kernels_from_root(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(tmp_path / "kernels" / "__init__.py"), "pypi", "sere.kernels.reference"]
+
+
+def test_kernels_folder_is_no_top_level_package_without_the_pypi_one():
+    done = _import_kernels_from_root(None)
+    assert done.returncode != 0
+    assert "ModuleNotFoundError" in done.stderr and "sere.kernels" in done.stderr
+
+
+def test_transformers_loads_a_moe_model_from_the_checkout_root():
+    pytest.importorskip("transformers")
+    code = ("import transformers\n"
+            "from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "cfg = AutoConfig.for_model('qwen2_moe', hidden_size=16, intermediate_size=16, moe_intermediate_size=8,"
+            " shared_expert_intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,"
+            " num_experts=4, num_experts_per_tok=2, vocab_size=32)\n"
+            "print(type(AutoModelForCausalLM.from_config(cfg)).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("Qwen2MoeForCausalLM")
