@@ -502,6 +502,62 @@ def test_one_device_map_loads_without_accelerate(tmp_path):
         assert not gate.is_accelerate_available()  # put back after the call
 
 
+def test_shards_are_read_not_mapped_while_loading_onto_the_device(tmp_path):
+    """On the device path the shards are opened with safetensors' pread backend (no memory map:
+    mapped pages stayed in RSS until all shards closed, 58 GiB for a 57 GiB checkpoint), the
+    weights come out bit for bit, and transformers' own safe_open is put back afterwards."""
+    import transformers.modeling_utils as loader
+    from transformers import AutoModelForCausalLM
+
+    from sere.calibration.loading import _one_device_gate_open, _read_not_mapped, pread_supported
+
+    if not pread_supported():
+        pytest.skip("this safetensors has no pread backend (safetensors >= 0.7 has)")
+    model_dir = save_tiny(tmp_path / "m", "qwen2_moe")
+    stock = AutoModelForCausalLM.from_pretrained(model_dir)
+    original = loader.safe_open
+    backends = []
+
+    def spy(filename, framework, device="cpu", **kw):
+        backends.append(kw.get("backend", "mmap"))
+        return original(filename, framework, device, **kw)
+
+    loader.safe_open = spy
+    try:
+        with _one_device_gate_open(), _read_not_mapped():
+            got = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": torch.device("cpu")})
+        assert loader.safe_open is spy  # the patch is undone, whoever had installed what
+    finally:
+        loader.safe_open = original
+    assert backends and set(backends) == {"pread"}
+    want = stock.state_dict()
+    assert len(want) == len(got.state_dict()) and all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
+
+
+def test_load_model_reads_shards_without_a_map_on_an_accelerator(tmp_path, monkeypatch):
+    """load_model's device path runs from_pretrained inside _read_not_mapped."""
+    import transformers
+    import transformers.modeling_utils as loader
+
+    from sere.calibration.loading import pread_supported
+
+    if not pread_supported():
+        pytest.skip("this safetensors has no pread backend")
+    seen = []
+
+    class Loaded:
+        def eval(self):
+            return self
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.append(loader.safe_open.__name__)
+        return Loaded()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    load_model(tmp_path, torch.device("cuda", 0), torch.bfloat16)
+    assert seen == ["safe_open_pread"] and loader.safe_open.__name__ != "safe_open_pread"
+
+
 def test_without_the_gate_the_model_is_loaded_on_the_host_with_a_notice(tmp_path, capsys, monkeypatch):
     try:
         import accelerate  # noqa: F401

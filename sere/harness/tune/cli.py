@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -342,19 +341,16 @@ def _load_tokenizer(model_path: Path):
 
 
 def _load_model(model_path: Path, device: torch.device, dtype):
-    """Weights straight onto `device` where accelerate is there for device_map, else through
-    the CPU. (transformers 5 always loads lazily, shard by shard: low_cpu_mem_usage is its only
-    mode and the keyword is ignored, so it is not passed.)"""
-    from transformers import AutoModelForCausalLM
+    """The calibration command's loader (sere.calibration.loading.load_model): on an accelerator
+    the weights go from the shards straight onto it, read without a memory map, so host memory
+    stays far below the model's size."""
+    from sere.calibration.loading import load_model
 
-    kw: dict = dict(dtype=dtype)
-    if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
-        kw["device_map"] = {"": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kw)
+        model, _ = load_model(model_path, device, dtype)
     except (OSError, ValueError) as e:
         raise TuneError(f"cannot load the model at {model_path}: {e}") from None
-    return model.to(device).eval()
+    return model
 
 
 def _progress_factory(disabled: bool):
