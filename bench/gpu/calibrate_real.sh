@@ -15,7 +15,11 @@
 # process's peak host RSS) and the calibration command prints its own last line
 # "peak memory: host RSS ... (peaks: anonymous ..., file-backed ...), cuda:0 ... allocated".
 # The anonymous part is what the process allocated (a model materialised on the host shows
-# there); the file-backed part is mapped safetensors pages (page cache, droppable).
+# there); the file-backed part is mapped safetensors pages (since the loader reads shards with
+# pread, none should be left). With HOST_CAP_GIB (default 12; 0: off) every calibration step runs
+# in a cgroup v2 whose memory.max is that many GiB, far below either checkpoint: the step must
+# finish under it, and the table adds the cgroup's own peak (memory.peak, page cache included)
+# and its oom_kill count. Where cgroup v2 cannot be set up the steps run uncapped, said so.
 # Out ($OUT, default /tmp/sere_calib_real_out): calibrate_real.txt (the table and the memory
 # lines), calibrate_real.log (everything printed), calibrate_real.tar.gz (step logs, artifacts,
 # heatmaps). The model folders are deleted at the end, however the script ends.
@@ -36,6 +40,7 @@ BUDGET_S=${BUDGET_S:-570}
 FIT_DISK=${FIT_DISK:-1}
 MAKE_ARGS=${MAKE_ARGS:-}
 TOKENIZER=${TOKENIZER:-tests/zoo/tokenizer}
+HOST_CAP_GIB=${HOST_CAP_GIB:-12}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
 rm -rf "$WORK" && mkdir -p "$WORK/logs" "$WORK/results"
@@ -71,6 +76,31 @@ TIMEV=()
   echo "settings: device $DEVICE, dtype $DTYPE, max_len $MAX_LEN, max_tokens $MAX_TOKENS, batch $BATCH, budget $BUDGET_S s"
 } | tee -a "$REPORT"
 
+# The host memory cap: a cgroup v2 child with memory.max = HOST_CAP_GIB (no swap).
+CG=""
+if [ "$HOST_CAP_GIB" != 0 ]; then
+  root=/sys/fs/cgroup
+  if [ -f $root/cgroup.controllers ] && grep -qw memory $root/cgroup.controllers; then
+    grep -qw memory $root/cgroup.subtree_control || echo +memory > $root/cgroup.subtree_control 2>/dev/null
+    if mkdir -p $root/sere_cap 2>/dev/null && echo $((HOST_CAP_GIB * 1024 * 1024 * 1024)) > $root/sere_cap/memory.max 2>/dev/null; then
+      echo 0 > $root/sere_cap/memory.swap.max 2>/dev/null
+      CG=$root/sere_cap
+    fi
+  fi
+  if [ -n "$CG" ]; then echo "host memory cap: $HOST_CAP_GIB GiB (cgroup v2 $CG/memory.max) on every calibration step"
+  else echo "host memory cap: NOT applied (no writable cgroup v2 memory controller here)"; fi | tee -a "$REPORT"
+fi
+# capped CMD...: CMD inside the cap's cgroup (as is where there is none)
+CAPPED=()
+[ -n "$CG" ] && CAPPED=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG")
+cap_note() {  # the cgroup's peak (page cache included) and OOM kills since the last reset
+  [ -n "$CG" ] || return 0
+  local peak="-" kills
+  [ -f "$CG/memory.peak" ] && peak=$(gib $(( $(cat "$CG/memory.peak") / 1024 )))
+  kills=$(awk '/^oom_kill / { print $2 }' "$CG/memory.events" 2>/dev/null)
+  echo " [cap $HOST_CAP_GIB GiB: cgroup peak $peak GiB, oom_kill ${kills:-?}]"
+}
+
 ROWS=()
 # run_step TAG CMD...: runs CMD under the time left (and time -v), appends one row to ROWS
 run_step() {
@@ -96,6 +126,7 @@ run_step() {
   local peak; peak=$(grep -E '^peak memory:' "$log" | tail -n 1)
   [ -z "$peak" ] && peak=$(grep -E '^built:' "$log" | tail -n 1)  # the model builder's own line
   grep -q "loading the model on the host first" "$log" && peak="$peak [LOADED VIA HOST]"
+  [ "${1:-}" = sh ] && [ -n "$CG" ] && peak="$peak$(cap_note)"
   [ $rc -ne 0 ] && peak="$peak [rc $rc: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-200)]"
   ROWS+=("| $tag | $rc | $wall | $rss | $peak |")
   echo "== $tag: rc $rc, $wall s, max RSS $rss GiB; $peak"
@@ -110,7 +141,8 @@ for model in $MODELS; do
     --dtype "$DTYPE" --tokenizer-from "$TOKENIZER" --max-shard-size 5GB "${fit[@]}" $MAKE_ARGS || continue
   du -sh "$WORK/model" | tee -a "$REPORT"
   for method in $METHODS; do
-    run_step "$model-$method" $PY -m sere.calibration --model_path "$WORK/model" --output_path "$WORK/results/$model/$method" \
+    [ -n "$CG" ] && echo 0 > "$CG/memory.peak" 2>/dev/null  # reset the peak (kernels >= 6.12), else it is cumulative
+    run_step "$model-$method" "${CAPPED[@]}" $PY -m sere.calibration --model_path "$WORK/model" --output_path "$WORK/results/$model/$method" \
       --similarity_method "$method" --device "$DEVICE" --dtype "$DTYPE" --max_len "$MAX_LEN" --max_tokens "$MAX_TOKENS" \
       --batch_size "$BATCH" --no_progress
   done
