@@ -5,13 +5,17 @@ Run:  pytest bench/test_bench_reroute.py                         (CPU cases; GPU
       pytest bench/test_bench_reroute.py --benchmark-disable       (smoke: validate, run once)
 Cases: T in {1, 16, 64, 256, 4096}, E = 128, k = 8, S in {1, 2}, rho = 0.1, int64 ids, float32
 similarity (uniform in [0, 1)). CPU: reference, torch. CUDA: torch, numba (the one-launch kernel),
-baseline (research structure: torch-built mask + a thread per slot scanning all E), each timed
+baseline (research structure, three launches: mask clear, scatter, a thread per slot scanning
+all E), each timed
 by CUDA-graph replay ("graph": the per-call device time decode sees under CUDA graphs) and by
 events around eager calls ("events": host launch overhead included when it dominates).
 Routing: "uniform" (each token takes k distinct experts uniformly at random: the most experts
 active, the hardest case for SERE) and "zipf" (expert popularity ~ 1/rank, a skew closer to
 trained routers). Every case first checks its output against the plain-loop reference.
 numba cases also time torch and baseline in the same run and record the ratios in extra_info.
+Unsorted routers (test_gpu_unsorted: slots shuffled, weights given, as vLLM's grouped top-k
+returns them): the weight-order kernel (one launch) against the path it replaces (argsort,
+gather, the kernel, scatter back), graph replay, ratio in extra_info.
 Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
 """
 from __future__ import annotations
@@ -133,3 +137,39 @@ def test_gpu(benchmark, backend, T, S, routing, method):
             f"torch {benchmark.extra_info['torch_us_per_call']:.2f} us "
             f"({benchmark.extra_info['speedup_vs_torch']:.2f}x)"
         )
+
+
+def unsorted_inputs(T: int, device: str, seed: int = 0):
+    """ids [T, k] in shuffled slot order with their weights [T, k] (float32, distinct per token)."""
+    ids, sim = make_inputs(T, "uniform", device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = torch.rand(T, K, generator=gen).sort(dim=1, descending=True).values  # T, k: slot 0 heaviest
+    perm = torch.stack([torch.randperm(K, generator=gen) for _ in range(T)])  # T, k
+    return ids.gather(1, perm.to(device)), weights.gather(1, perm).to(device), sim
+
+
+@needs_cuda
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("backend", ("numba_weight_order", "sort_numba_scatter"))
+def test_gpu_unsorted(benchmark, backend, T, S):
+    from sere.kernels.numba_cuda import reroute_numba, reroute_numba_in_weight_order
+    from sere.kernels.reference import reroute_reference_in_weight_order
+    from sere.rerouter import reroute_in_weight_order
+
+    ids, weights, sim = unsorted_inputs(T, "cuda")
+    fused = lambda: reroute_numba_in_weight_order(ids, weights, sim, S, RHO)  # noqa: E731
+    sorting = lambda: reroute_in_weight_order(ids, weights, lambda x: reroute_numba(x, sim, S, RHO))[0]  # noqa: E731
+    fn = fused if backend == "numba_weight_order" else sorting
+    new_ids = fn()
+    want = reroute_reference_in_weight_order(ids.cpu().numpy(), weights.cpu().numpy(), sim.cpu().numpy(), S, RHO)
+    np.testing.assert_array_equal(new_ids.cpu().numpy(), want)
+    timing = benchmark_device(benchmark, fn, method="graph", calls=CALLS, rounds=ROUNDS)
+    record_case(benchmark, T=T, S=S, routing="uniform-unsorted", backend=backend, method="graph", ids=ids,
+                new_ids=new_ids, timing=timing)
+    if backend == "numba_weight_order" and timing is not None:
+        t_sort = time_graph_replay(sorting, calls=CALLS, repeats=ROUNDS)
+        benchmark.extra_info["sort_path_us_per_call"] = round(t_sort.median_us, 3)
+        benchmark.extra_info["speedup_vs_sort_path"] = round(t_sort.median_us / timing.median_us, 2)
+        print(f"\n[unsorted T={T} S={S}] weight-order kernel {timing.median_us:.2f} us, "
+              f"sort path {t_sort.median_us:.2f} us ({t_sort.median_us / timing.median_us:.2f}x)")

@@ -11,7 +11,8 @@ Run its checks: `pytest tests/test_numba_simulator.py` (CPU, CUDA simulator, Num
   how the kernel works is written out there.
 - `numba_pointer`: signatures, kernels compiled for raw pointers, their launch and cache.
 - `numba_launch`: the shape rule (one or two launches, grid, column bucket) and `launch_reroute`.
-- `numba_op`: the torch custom op `torch.ops.sere.reroute` and `reroute_numba`.
+- `numba_op`: the torch custom ops `torch.ops.sere.reroute`, `torch.ops.sere.reroute_in_weight_order`
+  and their entries `reroute_numba`, `reroute_numba_in_weight_order` (slots not sorted by weight).
 - `numba_numpy`: `reroute_numba_numpy`, the same kernels on NumPy arrays (the simulator tests).
 
 This stays a plain module (torch.compile traces `from sere.kernels.numba_cuda import ...` and
@@ -23,7 +24,7 @@ from __future__ import annotations
 from sere.kernels.numba_kernels import MAX_EXPERTS
 from sere.kernels.numba_launch import TWO_LAUNCH_MIN_TOKENS, columns_per_lane, launch_reroute, use_two_launch
 from sere.kernels.numba_numpy import reroute_numba_numpy
-from sere.kernels.numba_op import reroute_numba
+from sere.kernels.numba_op import reroute_numba, reroute_numba_in_weight_order
 from sere.kernels.numba_pointer import pointer_kernel
 from sere.kernels.numba_runtime import available, simulator_enabled
 
@@ -35,6 +36,7 @@ __all__ = [
     "launch_reroute",
     "pointer_kernel",
     "reroute_numba",
+    "reroute_numba_in_weight_order",
     "reroute_numba_numpy",
     "simulator_enabled",
     "use_two_launch",

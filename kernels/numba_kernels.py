@@ -45,24 +45,37 @@ FLAG_THREADS = 1024  # the one block of launch 1: T*S / 1024 head ids per thread
 _NO_EXPERT = 0x7FFFFFFF  # index sentinel: loses every tie against a real expert
 
 
-def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False):
+def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
+                weight_kind: str | None = None):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
     size (`lanes` lanes share one secondary slot: 32 on the GPU, fewer under the simulator,
     where every block barrier is expensive). two_launch=True gives launch 2 of the large-T path
     (P read from a flags buffer) instead of the one-launch kernel.
 
+    weight_kind ("float32", "float16" or "bfloat16"; one-launch only) gives the kernel for
+    routers whose slots are NOT sorted by weight: it takes the weights [T*k] after the ids and
+    applies the contract to each token's slots in weight order (descending, ties: the lower
+    slot first, as a stable argsort), writing every id back to its own slot. The result equals
+    sort -> contract -> scatter back (sere.rerouter.reroute_in_weight_order) bit for bit, with
+    no sort, gather or scatter launches. Each token's slot order is read from its k weights
+    where it is needed (k*k comparisons, k <= 8 or so: registers and L1). Weights must be finite.
+
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
-    ids [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
+    ids [T*k], weights [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
     """
     if lanes < 1 or lanes > WARP or lanes & (lanes - 1) or threads % lanes or threads % WARP:
         raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
+    if weight_kind is not None and two_launch:
+        raise ValueError("the weight-order kernel has one launch only (large T: sort, then the plain kernel)")
     load_f32 = device.SIM_LOADERS[sim_kind]
+    load_w = device.SIM_LOADERS[weight_kind or "float32"]
+    weighted = weight_kind is not None
     group_argmax = device.group_argmax
     mask_len = lanes * cols
     groups_per_block = threads // lanes
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
-    # The two kernels share their per-slot work through these; on the GPU they are inlined at
+    # The kernels share their per-slot work through these; on the GPU they are inlined at
     # NVVM level, so `row` (a local array) still lives in registers after unrolling.
     device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
 
@@ -88,7 +101,52 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                     best_i = j
         return best_v, best_i
 
-    def reroute_kernel(ids, sim, out, T, k, E, S, rho):
+    @device_fn
+    def weight_rank(weights, row0, k, j):
+        """Rank of slot j among its token's k slots (row0 = t*k): how many slots come before it
+        in descending weight order, ties to the lower slot (a stable descending argsort)."""
+        wj = load_w(weights[row0 + j])
+        rank = 0
+        for i in range(k):
+            wi = load_w(weights[row0 + i])
+            if wi > wj or (wi == wj and i < j):
+                rank += 1
+        return rank
+
+    @device_fn
+    def secondary_pos(weights, t, k, S, r):
+        """Flat position of token t's secondary slot r (0 <= r < k - S): slot S + r in contract
+        order, i.e. the slot of weight rank S + r for the weight-order kernel."""
+        if not weighted:
+            return t * k + S + r
+        for j in range(k):
+            if weight_rank(weights, t * k, k, j) == S + r:
+                return t * k + j
+        return t * k + S + r  # unreachable for finite weights: ranks are a permutation
+
+    @device_fn
+    def build_primary(ids, weights, out, is_primary, T, k, E, S, tid, block, blocks):
+        """Set P's flags from every token's S head slots (slots 0..S-1, or the S heaviest for the
+        weight-order kernel) and copy the head slots to out (each by one block)."""
+        if not weighted:
+            for i in range(tid, T * S, threads):
+                t = i // S
+                h = ids[t * k + (i - t * S)]
+                if h >= 0 and h < E:
+                    is_primary[h] = 1
+                if (i // threads) % blocks == block:  # one block copies each primary slot
+                    out[t * k + (i - t * S)] = h
+        else:
+            for i in range(tid, T * k, threads):
+                t = i // k
+                if weight_rank(weights, t * k, k, i - t * k) < S:
+                    h = ids[i]
+                    if h >= 0 and h < E:
+                        is_primary[h] = 1
+                    if (i // threads) % blocks == block:
+                        out[i] = h
+
+    def reroute_kernel_body(ids, weights, sim, out, T, k, E, S, rho):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
         scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
         scratch_i = cuda.shared.array(threads, numba.int64)
@@ -104,7 +162,6 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             return
 
         K2 = k - S
-        n_head = T * S
         n_sec = T * K2
 
         # 1. Prefetch this group's first secondary slot and its similarity row (before barriers).
@@ -114,22 +171,16 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         pos = 0
         if slot < n_sec:
             t = slot // K2
-            pos = t * k + S + (slot - t * K2)
+            pos = secondary_pos(weights, t, k, S, slot - t * K2)
             e = ids[pos]
         if e >= 0 and e < E:
             load_row(row, sim, e, E, lane)
 
-        # 2. The primary set P, built by every block from slots 0..S-1 of all tokens.
+        # 2. The primary set P, built by every block from the head slots of ALL tokens.
         for j in range(tid, E, threads):
             is_primary[j] = 0
         cuda.syncthreads()
-        for i in range(tid, n_head, threads):
-            t = i // S
-            h = ids[t * k + (i - t * S)]
-            if h >= 0 and h < E:
-                is_primary[h] = 1
-            if (i // threads) % blocks == block:  # one block copies each primary slot
-                out[t * k + (i - t * S)] = h
+        build_primary(ids, weights, out, is_primary, T, k, E, S, tid, block, blocks)
         cuda.syncthreads()
 
         # 3. Re-route: one group per secondary slot; the trip count is uniform per block.
@@ -151,10 +202,18 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             e = -1
             if slot < n_sec:
                 t = slot // K2
-                pos = t * k + S + (slot - t * K2)
+                pos = secondary_pos(weights, t, k, S, slot - t * K2)
                 e = ids[pos]
             if e >= 0 and e < E:
                 load_row(row, sim, e, E, lane)
+
+    body = device_fn(reroute_kernel_body)
+
+    def reroute_kernel(ids, sim, out, T, k, E, S, rho):
+        body(ids, ids, sim, out, T, k, E, S, rho)  # the ids stand in for the unused weights
+
+    def reroute_weighted_kernel(ids, weights, sim, out, T, k, E, S, rho):
+        body(ids, weights, sim, out, T, k, E, S, rho)
 
     def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
         """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1), so a
@@ -220,7 +279,9 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             if needs_row:
                 load_row(row, sim, e, E, lane)
 
-    return reroute_after_flags_kernel if two_launch else reroute_kernel
+    if two_launch:
+        return reroute_after_flags_kernel
+    return reroute_weighted_kernel if weighted else reroute_kernel
 
 
 def make_flags_kernel(threads: int):

@@ -71,6 +71,7 @@ def launch_reroute(
     max_blocks: int | None = None,
     lanes: int = WARP,
     two_launch: bool | None = None,
+    weights: torch.Tensor | None = None,
 ) -> None:
     """Write re-routed ids into `out` (contiguous, like topk_ids) on torch's current stream.
 
@@ -81,12 +82,17 @@ def launch_reroute(
     a cached buffer shared by streams or graphs would race).
     threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks;
     two_launch forces a path (None: the shape rule).
+    weights [T, k] float32/float16/bfloat16 contiguous: the router's slots are not sorted by
+    weight; the contract applies in each token's weight order and ids stay in their own slots.
+    One launch (the weight-order kernel) where the shape rule says one; at large T the slots are
+    sorted with torch (argsort, gather), the two-launch path runs, and the ids are scattered back.
     """
     T, k = topk_ids.shape
     E = sim.shape[0]
     if T * k == 0:
         return
     cols = columns_per_lane(E, lanes)
+    sim_given = sim
     sim_kind = TORCH_SIM_KIND[sim.dtype]
     if sim_kind == "bfloat16":
         sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
@@ -100,6 +106,22 @@ def launch_reroute(
     shape = (np.int32(T), np.int32(k), np.int32(E), np.int32(S))
     if two_launch is None:
         two_launch = use_two_launch(T, k, S)
+    if weights is not None:
+        if two_launch and 0 < S < k:
+            order = weights.argsort(dim=1, descending=True, stable=True)  # T, k
+            in_order = topk_ids.gather(1, order)  # T, k
+            new_in_order = torch.empty_like(in_order)
+            launch_reroute(in_order, sim_given, new_in_order, select_top_k, threshold, threads=threads,
+                           max_blocks=max_blocks, lanes=lanes, two_launch=True)
+            out.scatter_(1, order, new_in_order)
+            return
+        weight_kind = TORCH_SIM_KIND[weights.dtype]
+        if weight_kind == "bfloat16":
+            weights = weights.view(torch.int16)
+        kern = pointer_kernel(id_name, sim_kind, cols, threads, lanes, weight_kind)
+        args = (topk_ids.data_ptr(), weights.data_ptr(), sim.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
+        kern.launch(blocks, stream_ptr, device_index, args)
+        return
     if two_launch and 0 < S < k:
         flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
         flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)

@@ -15,8 +15,9 @@ _NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float
 
 
 @lru_cache(maxsize=None)
-def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch: bool = False):
-    return cuda.jit(make_kernel(sim_kind, cols, threads, lanes, two_launch))
+def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch: bool = False,
+                  weight_kind: str | None = None):
+    return cuda.jit(make_kernel(sim_kind, cols, threads, lanes, two_launch, weight_kind))
 
 
 @lru_cache(maxsize=None)
@@ -38,6 +39,7 @@ def reroute_numba_numpy(
     max_blocks: int | None = None,
     lanes: int | None = None,
     two_launch: bool | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """The kernel on NumPy arrays; returns new ids (same shape and dtype).
 
@@ -47,6 +49,9 @@ def reroute_numba_numpy(
     blocks, so the grid-stride loop runs several rounds; each block barrier costs the simulator
     dearly) and on a real GPU (32 lanes, 256 threads; numba copies the arrays both ways).
     two_launch forces the large-T path on or off (None: `use_two_launch`, as on torch tensors).
+    weights [T, k] float32/float16: the router's weights for slots that are not sorted by
+    weight; the weight-order kernel (one launch, see numba_kernels.make_kernel) then applies
+    the contract in each token's weight order and writes every id back to its own slot.
     """
     if cuda is None:
         raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
@@ -68,6 +73,13 @@ def reroute_numba_numpy(
         sim_kind, sim_flat = _NUMPY_SIM_KIND[sim.dtype], np.ascontiguousarray(sim).reshape(-1)
     T, k = ids.shape
     E = sim.shape[0]
+    weight_kind = None
+    if weights is not None:
+        weights = np.asarray(weights)
+        if weights.shape != ids.shape or weights.dtype not in _NUMPY_SIM_KIND:
+            raise TypeError(f"weights must be float32/float16 of the ids' shape {ids.shape}, "
+                            f"got {weights.dtype} shape {weights.shape}")
+        weight_kind = _NUMPY_SIM_KIND[weights.dtype]
     out = np.empty_like(ids)
     if T * k == 0:
         return out
@@ -84,6 +96,11 @@ def reroute_numba_numpy(
     cols = columns_per_lane(E, lanes)
     if two_launch is None:
         two_launch = use_two_launch(T, k, S)
+    if weight_kind is not None:
+        kernel = _array_kernel(sim_kind, cols, threads, lanes, False, weight_kind)
+        kernel[blocks, threads](ids_flat, np.ascontiguousarray(weights).reshape(-1), sim_flat, out_flat, *shape,
+                                np.float32(threshold))
+        return out
     if two_launch and 0 < S < k:
         flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
         _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)

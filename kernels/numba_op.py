@@ -1,5 +1,7 @@
-"""The reroute kernels as the torch custom op `torch.ops.sere.reroute`, and `reroute_numba`,
-the entry that skips the dispatcher on plain eager tensors.
+"""The reroute kernels as the torch custom ops `torch.ops.sere.reroute` and
+`torch.ops.sere.reroute_in_weight_order` (routers whose slots are not sorted by weight), and
+`reroute_numba` / `reroute_numba_in_weight_order`, the entries that skip the dispatcher on
+plain eager tensors.
 """
 from __future__ import annotations
 
@@ -59,3 +61,50 @@ def reroute_numba(topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, 
     if type(topk_ids) is torch.Tensor and type(sim) is torch.Tensor and not torch.compiler.is_compiling():
         return _reroute_eager(topk_ids, sim, select_top_k, threshold)
     return torch.ops.sere.reroute(topk_ids, sim, select_top_k, threshold)
+
+
+def _reroute_in_weight_order_eager(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
+                                   select_top_k: int, threshold: float) -> torch.Tensor:
+    _check_torch_inputs(topk_ids, sim)
+    if topk_weights.shape != topk_ids.shape or topk_weights.device != topk_ids.device:
+        raise ValueError(f"topk_weights must match topk_ids' shape {tuple(topk_ids.shape)} and device "
+                         f"{topk_ids.device}, got {tuple(topk_weights.shape)} on {topk_weights.device}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating, got {topk_weights.dtype}")
+    ids = topk_ids.contiguous()  # T, k
+    if sim.dtype not in TORCH_SIM_KIND:
+        sim = sim.float()
+    sim = sim.contiguous()  # E, E
+    out = torch.empty_like(ids)  # T, k
+    if topk_weights.dtype not in TORCH_SIM_KIND:  # e.g. float64: order by the weights as given, then the plain kernel
+        order = topk_weights.argsort(dim=1, descending=True, stable=True)  # T, k
+        in_order = ids.gather(1, order)
+        new_in_order = torch.empty_like(in_order)
+        launch_reroute(in_order, sim, new_in_order, select_top_k, threshold)
+        return out.scatter_(1, order, new_in_order)
+    launch_reroute(ids, sim, out, select_top_k, threshold, weights=topk_weights.contiguous())
+    return out
+
+
+@torch.library.custom_op("sere::reroute_in_weight_order", mutates_args=())
+def reroute_in_weight_order_op(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
+                               select_top_k: int, threshold: float) -> torch.Tensor:
+    """torch.ops.sere.reroute_in_weight_order: the weight-order kernel as an opaque op."""
+    return _reroute_in_weight_order_eager(topk_ids, topk_weights, sim, select_top_k, threshold)
+
+
+@reroute_in_weight_order_op.register_fake
+def _reroute_in_weight_order_fake(topk_ids, topk_weights, sim, select_top_k, threshold):
+    return torch.empty_like(topk_ids, memory_format=torch.contiguous_format)
+
+
+def reroute_numba_in_weight_order(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor,
+                                  select_top_k: int, threshold: float) -> torch.Tensor:
+    """Re-routed ids for a router whose slots are NOT sorted by weight (vLLM's grouped top-k,
+    torch.topk(sorted=False)): the contract in each token's weight order (descending, ties to the
+    lower slot), every id back in its own slot, in one launch at decode sizes; equal bit for bit
+    to sort -> reroute_numba -> scatter back, without the argsort, gather and scatter."""
+    if (type(topk_ids) is torch.Tensor and type(topk_weights) is torch.Tensor and type(sim) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        return _reroute_in_weight_order_eager(topk_ids, topk_weights, sim, select_top_k, threshold)
+    return torch.ops.sere.reroute_in_weight_order(topk_ids, topk_weights, sim, select_top_k, threshold)

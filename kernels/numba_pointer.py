@@ -21,12 +21,16 @@ def _numba_type(name: str):
     }[name]
 
 
-def pointer_signature(id_name: str, sim_kind: str):
-    """void(ids*, sim*, out*, T, k, E, S, rho) for one id dtype and similarity kind."""
+def pointer_signature(id_name: str, sim_kind: str, weight_kind: str | None = None):
+    """void(ids*, sim*, out*, T, k, E, S, rho) for one id dtype and similarity kind; with a
+    weight kind, void(ids*, weights*, sim*, out*, T, k, E, S, rho) (the weight-order kernel)."""
     types = numba.types
     idt = _numba_type(id_name)
+    head = (types.CPointer(idt),)
+    if weight_kind is not None:
+        head += (types.CPointer(_numba_type(weight_kind)),)
     return types.void(
-        types.CPointer(idt), types.CPointer(_numba_type(sim_kind)), types.CPointer(idt),
+        *head, types.CPointer(_numba_type(sim_kind)), types.CPointer(idt),
         types.int32, types.int32, types.int32, types.int32, types.float32,
     )
 
@@ -121,12 +125,13 @@ def cached_pointer_kernel(key: tuple, build) -> PointerKernel:
 
 
 def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAULT_THREADS,
-                   lanes: int = WARP) -> PointerKernel:
-    """The compiled reroute kernel for this signature (compiled on first use, then cached)."""
+                   lanes: int = WARP, weight_kind: str | None = None) -> PointerKernel:
+    """The compiled reroute kernel for this signature (compiled on first use, then cached);
+    with weight_kind, the weight-order kernel (slots not sorted by weight)."""
     return cached_pointer_kernel(
-        ("reroute", id_name, sim_kind, cols, threads, lanes),
-        lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes), pointer_signature(id_name, sim_kind),
-                              threads),
+        ("reroute", id_name, sim_kind, cols, threads, lanes, weight_kind),
+        lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes, weight_kind=weight_kind),
+                              pointer_signature(id_name, sim_kind, weight_kind), threads),
     )
 
 

@@ -47,3 +47,20 @@ def reroute_reference(topk_ids, sim, select_top_k: int, threshold: float) -> np.
             if best_v >= rho:
                 ids[t, s] = best_p
     return ids
+
+
+def reroute_reference_in_weight_order(topk_ids, topk_weights, sim, select_top_k: int, threshold: float) -> np.ndarray:
+    """The contract for routers whose slots are not sorted by weight: each token's slots are put
+    in descending weight order (ties: the lower slot first, a stable sort), re-routed as above,
+    and every id is written back to the slot it came from. Weights must be finite."""
+    ids = np.asarray(topk_ids)  # T, k
+    weights = np.asarray(topk_weights, dtype=np.float64)  # T, k (exact for float16/32)
+    T, k = ids.shape
+    order = [sorted(range(k), key=lambda j: (-weights[t, j], j)) for t in range(T)]  # T lists of k slots
+    in_order = np.array([[ids[t, j] for j in order[t]] for t in range(T)], dtype=ids.dtype).reshape(T, k)
+    new_in_order = reroute_reference(in_order, sim, select_top_k, threshold)
+    out = np.empty_like(ids)
+    for t in range(T):
+        for rank, j in enumerate(order[t]):
+            out[t, j] = new_in_order[t, rank]
+    return out

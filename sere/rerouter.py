@@ -5,7 +5,9 @@ layer's `LayerRerouter`; the re-router does the rest, the same way for transform
   1. identity settings (S <= 0, S >= k) or a call with more than max_tokens tokens: the
      router's ids come back as they are (the very tensor);
   2. slots are put in contract order (slot 0 = largest weight) unless the router is known to
-     return them so (SORTED_ROUTERS), the transform runs, each id goes back to its slot;
+     return them so (SORTED_ROUTERS), the transform runs, each id goes back to its slot; where
+     the transform has a fused `in_weight_order` (the numba kernel) and no observer needs the
+     ids in contract order, that one call does all three;
   3. observers see the call (statistics, traces), in contract order.
 Under torch.compile one graph serves every batch size, so there the max_tokens test is a
 tensor select instead of a Python branch (no shape guard).
@@ -141,7 +143,11 @@ class LayerRerouter:
             self._notify(topk_ids, topk_ids, topk_weights, True)
             return topk_ids
 
-        if self.sort_slots:
+        fused = getattr(self.transform, "in_weight_order", None) if self.sort_slots and not self.observers else None
+        if fused is not None:  # one kernel: contract in weight order, ids back in their slots
+            new_ids = fused(topk_ids, topk_weights, self.sim, S, self.threshold)
+            ids_in = new_in = None  # no observer to show them to
+        elif self.sort_slots:
             new_ids, ids_in, new_in = reroute_in_weight_order(topk_ids, topk_weights, self._apply)
         else:
             new_ids = self._apply(topk_ids)  # T, k
@@ -151,7 +157,8 @@ class LayerRerouter:
             tokens = torch.ones_like(topk_ids[:, 0]).sum()  # T as a tensor, no shape guard
             skip = tokens > self.max_tokens
             new_ids = torch.where(skip, topk_ids, new_ids)
-            new_in = torch.where(skip, ids_in, new_in)
+            if new_in is not None:
+                new_in = torch.where(skip, ids_in, new_in)
         self._notify(ids_in, new_in, topk_weights, skip)
         return new_ids
 

@@ -1,7 +1,9 @@
 """The registry of routing transforms a re-router can apply: name -> factory.
 
 A transform has SERE's call shape, `new_ids = transform(topk_ids, similarity, S, rho)`, with
-ids in contract order (slot 0 = largest weight). The runtime registers two:
+ids in contract order (slot 0 = largest weight). It may also carry an attribute
+`in_weight_order(topk_ids, topk_weights, similarity, S, rho)` that takes slots in any order and
+returns ids in those slots (a fused path for routers that do not sort; see sere.rerouter). The runtime registers two:
   sere   the contract (sere.routing), on the backend the re-router resolved at build time;
   stock  the router's ids unchanged (a baseline through the same code path).
 Other packages add theirs with `register_transform` (the harness's comparison methods do, in
@@ -69,10 +71,21 @@ def _no_options(name: str, options: dict) -> None:
 
 
 def _sere_factory(*, backend: str = "auto", **options) -> RoutingTransform:
+    """The contract on `backend`. On the numba backend the transform also carries
+    `in_weight_order(ids, weights, sim, S, rho)`: the same contract for slots that are not sorted
+    by weight, in one kernel (no argsort/gather/scatter); re-routers use it where present."""
     from sere.routing import route_unchecked
 
     _no_options("sere", options)
-    return lambda ids, sim, S, rho: route_unchecked(ids, sim, S, rho, backend)
+
+    def sere_transform(ids, sim, S, rho):
+        return route_unchecked(ids, sim, S, rho, backend)
+
+    if backend == "numba":
+        from sere.kernels.numba_cuda import reroute_numba_in_weight_order
+
+        sere_transform.in_weight_order = reroute_numba_in_weight_order
+    return sere_transform
 
 
 def _stock_factory(*, backend: str = "auto", **options) -> RoutingTransform:

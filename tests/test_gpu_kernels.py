@@ -265,3 +265,78 @@ def test_numpy_entry_on_gpu_matches_reference():
     ids, _, sim32 = random_case(gen, 33, 60, 8, torch.int64, torch.float32, grid=True)
     ids_np = ids.cpu().numpy()
     np.testing.assert_array_equal(reroute_numba_numpy(ids_np, sim32, 2, 0.5), reroute_reference(ids_np, sim32, 2, 0.5))
+
+
+# ---- the weight-order kernel (routers whose slots are not sorted by weight) -------------------
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def random_weights(gen: np.random.Generator, T, k, dtype, *, ties: bool) -> torch.Tensor:
+    """Router weights in any slot order: on a coarse grid (ties between slots) or continuous."""
+    w = gen.integers(1, 6, size=(T, k)) / 8 if ties else gen.random((T, k))
+    return torch.from_numpy(w.astype(np.float32)).to(dtype).cuda()
+
+
+def expect_in_weight_order(ids, weights, sim32, S, rho):
+    from sere.kernels.reference import reroute_reference_in_weight_order
+
+    return torch.from_numpy(reroute_reference_in_weight_order(ids.cpu().numpy(), weights.float().cpu().numpy(),
+                                                              sim32, S, rho))
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 4), (2, 60, 4), (33, 64, 6), (256, 128, 8), (4096, 60, 4), (16, 1024, 8)])
+def test_weight_order_kernel_matches_reference(T, E, k):
+    """Every S, id / weight / similarity dtype rotating, ties in weights and similarity; T = 4096
+    takes the large-T path (torch sort, two launches, scatter back)."""
+    from sere.kernels.numba_cuda import reroute_numba_in_weight_order
+
+    gen = np.random.default_rng([T, E, k, 3])
+    for S in range(k + 1):
+        for r, rho in enumerate(THRESHOLDS):
+            ids, sim, sim32 = random_case(gen, T, E, k, ID_DTYPES[(S + r) % 2], SIM_DTYPES[(S + r) % 3], grid=r % 2 == 0)
+            weights = random_weights(gen, T, k, WEIGHT_DTYPES[(S + 2 * r) % 3], ties=(S + r) % 2 == 0)
+            got = reroute_numba_in_weight_order(ids, weights, sim, S, rho)
+            assert_ids_equal(got, expect_in_weight_order(ids, weights, sim32, S, rho), (T, E, k, S, rho))
+
+
+def test_weight_order_kernel_in_graph_replay_and_compiled():
+    from sere.kernels.numba_cuda import reroute_numba_in_weight_order
+
+    T, E, k, S, rho = 64, 64, 6, 1, 0.25
+    gen = np.random.default_rng(17)
+    ids, sim, _ = random_case(gen, T, E, k, torch.int64, torch.float32, grid=False)
+    weights = random_weights(gen, T, k, torch.float32, ties=False)
+    static = (ids.clone(), weights.clone(), sim.clone())
+    reroute_numba_in_weight_order(*static[:2], static[2], S, rho)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = reroute_numba_in_weight_order(*static[:2], static[2], S, rho)
+    for round_ in range(3):
+        ids, sim, sim32 = random_case(gen, T, E, k, torch.int64, torch.float32, grid=round_ % 2 == 0)
+        weights = random_weights(gen, T, k, torch.float32, ties=round_ % 2 == 1)
+        for dst, src in zip(static, (ids, weights, sim)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_ids_equal(out, expect_in_weight_order(ids, weights, sim32, S, rho), ("graph", round_))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, w, s: reroute_numba_in_weight_order(i, w, s, S, rho) + 0, fullgraph=True)
+    assert_ids_equal(compiled(ids, weights, sim), expect_in_weight_order(ids, weights, sim32, S, rho), "compiled")
+    torch.library.opcheck(torch.ops.sere.reroute_in_weight_order.default, (ids, weights, sim, S, rho))
+
+
+def test_layer_rerouter_fused_path_equals_the_sorting_path_on_the_gpu():
+    """The numba 'sere' transform's in_weight_order through LayerRerouter (an unsorted router, no
+    observer) against the same re-router on the torch backend (sort, transform, scatter)."""
+    from sere.config import LayerPlan
+    from sere.rerouter import LayerRerouter
+    from sere.transforms import get_transform
+
+    gen = np.random.default_rng(23)
+    ids, sim, _ = random_case(gen, 16, 64, 6, torch.int32, torch.float32, grid=False)
+    weights = random_weights(gen, 16, 6, torch.float32, ties=False)
+    plan = LayerPlan(0, 1, 0.1, None)
+    fused = LayerRerouter(plan, sim, get_transform("sere", backend="numba"), sort_slots=True, backend="numba")
+    sorting = LayerRerouter(plan, sim, get_transform("sere", backend="torch"), sort_slots=True, backend="torch")
+    assert_ids_equal(fused(ids, weights), sorting(ids, weights).cpu(), "rerouter")

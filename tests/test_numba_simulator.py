@@ -17,7 +17,7 @@ import pytest
 
 from sere.kernels import numba_cuda as nc
 from sere.kernels import numba_launch, numba_numpy
-from sere.kernels.reference import reroute_reference
+from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order
 from sere.kernels.research_baseline import reroute_research_baseline_numpy
 
 pytestmark = pytest.mark.skipif(
@@ -71,6 +71,48 @@ def test_kernel_matches_reference_every_S(T, E, k):
             want = reroute_reference(ids, sim, S, rho)
             got = nc.reroute_numba_numpy(ids, sim, S, rho)
             assert_same_ids(got, want, (T, E, k, S, rho, id_dtype, sim_dtype))
+
+
+def random_weights(rng, T, k, dtype):
+    """Router weights in any slot order, on a coarse grid so that ties between slots occur."""
+    return (rng.integers(1, 6, size=(T, k)) / 8).astype(dtype)  # T, k
+
+
+@pytest.mark.parametrize("T,E,k", SHAPES)
+def test_weight_order_kernel_matches_sort_reroute_scatter(T, E, k):
+    """Unsorted slots: the weight-order kernel equals the reference applied in each token's
+    weight order (stable, descending) with every id back in its own slot, for every S."""
+    rng = np.random.default_rng([T, E, k, 7])
+    for S in range(k + 1):
+        w_dtype = SIM_DTYPES[S % 2]
+        for rho in THRESHOLDS[::2]:
+            ids, sim = random_case(rng, T, E, k, ID_DTYPES[(S // 2) % 2], SIM_DTYPES[(S + 1) % 2])
+            weights = random_weights(rng, T, k, w_dtype)
+            want = reroute_reference_in_weight_order(ids, weights, sim, S, rho)
+            got = nc.reroute_numba_numpy(ids, sim, S, rho, weights=weights)
+            assert_same_ids(got, want, (T, E, k, S, rho, w_dtype))
+
+
+def test_weight_order_kernel_with_sorted_weights_is_the_plain_kernel():
+    rng = np.random.default_rng(11)
+    ids, sim = random_case(rng, 33, 60, 8, np.int64, np.float32)
+    weights = -np.sort(-rng.random((33, 8)).astype(np.float32), axis=1)  # already descending, no ties
+    for S in (1, 2, 5):
+        assert_same_ids(nc.reroute_numba_numpy(ids, sim, S, 0.0, weights=weights),
+                        nc.reroute_numba_numpy(ids, sim, S, 0.0), S)
+
+
+def test_weight_order_reference_moves_the_light_slots():
+    """A hand case: token slots [a, b, c] with weights [0.1, 0.7, 0.2] and S = 1: b is the head
+    (primary); a and c move to b when similar enough, and stay in their own slots."""
+    ids = np.array([[3, 1, 2]])
+    weights = np.array([[0.1, 0.7, 0.2]], dtype=np.float32)
+    sim = np.eye(4, dtype=np.float32)
+    sim[3, 1] = sim[2, 1] = 0.9
+    got = reroute_reference_in_weight_order(ids, weights, sim, 1, 0.5)
+    assert got.tolist() == [[1, 1, 1]]
+    sim[2, 1] = 0.1  # c is critical now
+    assert reroute_reference_in_weight_order(ids, weights, sim, 1, 0.5).tolist() == [[1, 1, 2]]
 
 
 # The two-launch (large-T) path, forced at simulator sizes: it must give the same ids bit for bit.

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sere.config import LayerPlan
-from sere.kernels.reference import reroute_reference
+from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order
 from sere.recorder import ExpertStatsRecorder
 from sere.rerouter import LayerRerouter, StatsObserver
 from sere.transforms import get_transform
@@ -123,6 +123,56 @@ def test_unsorted_slots_are_ordered_by_weight_then_put_back(T, E, k, S, rho):
     want = np.empty_like(want_sorted)
     np.put_along_axis(want, order, want_sorted, axis=1)  # back to the router's slot positions
     assert new.dtype == ids.dtype and np.array_equal(new.numpy(), want)
+
+
+class _FusedSpy:
+    """A 'sere' transform on the torch backend that also offers the fused in_weight_order path
+    (the numba backend's shape), implemented as the plain-loop reference; records which ran."""
+
+    def __init__(self):
+        self.calls = []
+        self.plain = get_transform("sere", backend="torch")
+
+    def __call__(self, ids, sim, S, rho):
+        self.calls.append("plain")
+        return self.plain(ids, sim, S, rho)
+
+    def in_weight_order(self, ids, weights, sim, S, rho):
+        self.calls.append("fused")
+        out = reroute_reference_in_weight_order(ids.numpy(), weights.numpy(), sim.numpy(), S, rho)
+        return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("observed", [False, True])
+def test_unsorted_slots_take_the_fused_path_unless_observed(observed):
+    """Unsorted slots and a transform with in_weight_order: one fused call, same ids as the
+    sort -> transform -> scatter path; an observer (it needs the ids in contract order) gets
+    the sorting path instead."""
+    rng = np.random.default_rng(21)
+    T, E, k, S, rho = 33, 60, 6, 2, 0.2
+    ids, sim = random_topk_ids(rng, T, E, k), random_similarity(rng, E)
+    weights = torch.from_numpy(rng.permutation(T * k).reshape(T, k).astype(np.float32))
+    spy = _FusedSpy()
+    stats = ExpertStatsRecorder() if observed else None
+    layer = LayerRerouter(LayerPlan(3, S, rho, None), sim, spy, sort_slots=True, backend="torch",
+                          observers=[StatsObserver(stats)] if observed else [])
+    got = layer(ids, weights)
+    assert spy.calls == (["plain"] if observed else ["fused"])
+    assert torch.equal(got, rerouter(sim, S, rho)(ids, weights))
+
+
+def test_sorted_slots_never_take_the_fused_path():
+    rng = np.random.default_rng(22)
+    ids, sim = random_topk_ids(rng, 9, 16, 4), random_similarity(rng, 16)
+    spy = _FusedSpy()
+    LayerRerouter(LayerPlan(0, 1, 0.0, None), sim, spy, sort_slots=False, backend="torch")(ids, torch.ones(9, 4))
+    assert spy.calls == ["plain"]
+
+
+def test_the_numba_sere_transform_offers_the_fused_path():
+    pytest.importorskip("numba")
+    assert callable(getattr(get_transform("sere", backend="numba"), "in_weight_order", None))
+    assert getattr(get_transform("sere", backend="torch"), "in_weight_order", None) is None
 
 
 def test_sorted_router_output_is_taken_as_is():

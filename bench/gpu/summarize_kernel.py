@@ -22,8 +22,9 @@ def main(path: str) -> None:
         rows[key][info["backend"]] = info
     machine = data.get("machine_info", {})
     print(f"Source: {path}; {data.get('datetime', '')}; host {machine.get('node', '')}")
+    unsorted = sorted(k for k in rows if k[1].endswith("-unsorted"))
     for method in ("graph", "events", "host"):
-        keys = sorted(k for k in rows if k[0] == method)
+        keys = sorted(k for k in rows if k[0] == method and k not in unsorted)
         if not keys:
             continue
         print(f"\n### {method}: median us per call (E=128, k=8, rho=0.1)\n")
@@ -46,6 +47,14 @@ def main(path: str) -> None:
             table = markdown_table(["routing", "T", "S", "numba", "baseline", "torch", "numba vs baseline",
                                     "numba vs torch", "experts before -> after"], "lrrrrrrrl", cells)
         print("\n".join(table))
+    if unsorted:
+        print("\n### unsorted slots (weights given): weight-order kernel vs sort + kernel + scatter, graph replay, us\n")
+        cells = []
+        for key in unsorted:
+            fused = rows[key].get("numba_weight_order", {})
+            cells.append([key[2], key[3], fused.get("us_per_call", "-"), fused.get("sort_path_us_per_call", "-"),
+                          f"{fused.get('speedup_vs_sort_path', '-')}x"])
+        print("\n".join(markdown_table(["T", "S", "weight-order kernel", "sort path", "speed-up"], "rrrrr", cells)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Device run of a kernel change (issue 14), in this order, each step under its own timeout:
+#   1. the kernel gate: the base tree (.gate_base/: `git archive` of the commit before the change,
+#      without the zoo checkpoints; its commit in .gate_base/BASE_COMMIT) saves the numba kernel
+#      cases with `tox -e bench-gpu`, then this tree must pass `tox -e gate` against that save
+#      (median +10 %); tox and tox-current-env come as wheels from .whl/;
+#   2. compute-sanitizer memcheck (--report-api-errors no: numba-cuda's driver probing fails
+#      harmlessly) and racecheck over the kernels' edge shapes (python -m bench.gpu.sanitize_kernel);
+#   3. the kernel bench at graph replay, uniform routing: numba, the research-structure baseline
+#      and torch side by side, and the weight-order kernel against the sort path (JSON + table);
+#   4. the GPU tests (`tox -e gpu`).
+# From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
+# $OUT (default /tmp/sere_kgate_out) gets: kgate.log (all printed), summary.md, bench_kernel.json,
+# logs.tar.gz (every step's log); at most 4 files, the device returns 8.
+set -uo pipefail
+OUT=${OUT:-/tmp/sere_kgate_out}; mkdir -p "$OUT"
+PY=${PY:-python3}; STORE=/tmp/sere_bstore; LOGS=/tmp/sere_kgate_logs; mkdir -p "$LOGS"
+KSEL="gpu and numba and uniform and graph"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/kgate.log") 2>&1
+status=0
+date -u +"%Y-%m-%d %H:%M:%S UTC"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+echo "this tree: ${COMMIT:-unknown commit}; base: $(cat .gate_base/BASE_COMMIT 2>/dev/null || echo none)"
+$PY -m pip install -q --no-index --find-links .whl tox tox-current-env > "$LOGS/pip.log" 2>&1 || { echo "tox wheels missing"; status=1; }
+
+step() {  # name, timeout s, dir, command...
+  local name=$1 limit=$2 dir=$3; shift 3
+  local t0=$SECONDS
+  (cd "$dir" && timeout "$limit" "$@") > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc, $((SECONDS - t0)) s"; tail -n "${TAIL:-12}" "$LOGS/$name.log"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+install() { $PY -m pip install -q --no-build-isolation --no-deps -e . ; }
+ROOT=$PWD
+if [ -d .gate_base ]; then
+  (cd .gate_base && install) > "$LOGS/install-base.log" 2>&1
+  step kernel-base 150 .gate_base $PY -m tox --current-env -e bench-gpu -- bench/test_bench_reroute.py -k "$KSEL" -q \
+    --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name
+fi
+install > "$LOGS/install.log" 2>&1 || { echo "install failed"; tail "$LOGS/install.log"; status=1; }
+[ -d .gate_base ] && step kernel-gate 150 "$ROOT" $PY -m tox --current-env -e gate -- bench/test_bench_reroute.py \
+  -k "$KSEL" -q --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name
+
+SAN=(compute-sanitizer --print-limit 20)
+TAIL=4 step memcheck 200 "$ROOT" "${SAN[@]}" --tool memcheck --report-api-errors no $PY -m bench.gpu.sanitize_kernel
+TAIL=4 step racecheck 200 "$ROOT" "${SAN[@]}" --tool racecheck --racecheck-report hazard $PY -m bench.gpu.sanitize_kernel --quick
+
+TAIL=3 step bench 200 "$ROOT" $PY -m pytest bench/test_bench_reroute.py -k "gpu and uniform and graph or gpu_unsorted" -q -s \
+  -p no:cacheprovider --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=median --benchmark-sort=name
+$PY -m bench.gpu.summarize_kernel "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 && cat "$OUT/summary.md"
+
+TAIL=6 step gpu-tests 240 "$ROOT" $PY -m tox --current-env -e gpu -- tests -q -rfEs -p no:cacheprovider
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+echo "run_kernel_gate: status $status"
+exit $status

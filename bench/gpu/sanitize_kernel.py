@@ -1,0 +1,81 @@
+"""The reroute kernels over their edge shapes, for compute-sanitizer (memcheck, racecheck).
+
+    compute-sanitizer --tool memcheck --report-api-errors no python3 -m bench.gpu.sanitize_kernel
+    compute-sanitizer --tool racecheck python3 -m bench.gpu.sanitize_kernel --quick
+(bench/gpu/run_kernel_gate.sh runs both and reads their summaries.) `--report-api-errors no`:
+numba-cuda probes the driver with calls that fail harmlessly, which memcheck would report.
+
+Every case runs on the GPU and is checked against the plain-loop reference (a wrong id exits 1),
+so the sanitizer sees each kernel path with valid and invalid inputs: T = 1, odd E, E = 1024,
+-1 / >= E ids, S = 0 / k, the two-launch path (T >= the shape rule's threshold and forced),
+int32 and int64 ids, float32 / float16 / bfloat16 similarities, the weight-order kernel
+(unsorted slots), and the research-structure baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from sere.kernels.numba_cuda import launch_reroute, reroute_numba, reroute_numba_in_weight_order
+from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order
+from sere.kernels.research_baseline import reroute_research_baseline
+
+# (T, E, k, S): T = 1, odd E, the largest E, S out of range, large T (two launches).
+CASES = [(1, 8, 4, 1), (1, 61, 8, 2), (7, 7, 4, 0), (7, 7, 4, 4), (33, 61, 6, 3), (16, 1024, 8, 1),
+         (256, 128, 8, 2), (1500, 60, 4, 1)]
+QUICK = [(1, 61, 8, 2), (33, 61, 6, 3), (16, 1024, 8, 1), (1500, 60, 4, 1)]
+ID_DTYPES = (torch.int32, torch.int64)
+SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def inputs(gen, T, E, k, id_dtype, sim_dtype):
+    ids = gen.integers(0, E, size=(T, k))
+    bad = gen.random((T, k)) < 0.1
+    ids[bad] = gen.choice(np.array([-1, E, E + 9]), size=int(bad.sum()))  # invalid ids pass through
+    sim = torch.from_numpy(gen.uniform(-0.5, 1.0, size=(E, E)).astype(np.float32)).to(sim_dtype)
+    weights = torch.from_numpy((gen.integers(1, 6, size=(T, k)) / 8).astype(np.float32))  # ties
+    return torch.from_numpy(ids).to(id_dtype).cuda(), sim.cuda(), weights.cuda()
+
+
+def run(cases) -> int:
+    gen = np.random.default_rng(0)
+    failures = 0
+    for n, (T, E, k, S) in enumerate(cases):
+        ids, sim, weights = inputs(gen, T, E, k, ID_DTYPES[n % 2], SIM_DTYPES[n % 3])
+        ids_np, sim32 = ids.cpu().numpy(), sim.float().cpu().numpy()
+        want = reroute_reference(ids_np, sim32, S, 0.1)
+        runs = {"numba": reroute_numba(ids, sim, S, 0.1), "baseline": reroute_research_baseline(ids, sim, S, 0.1)}
+        for two in (False, True):
+            out = torch.empty_like(ids)
+            launch_reroute(ids, sim, out, S, 0.1, two_launch=two)
+            runs[f"numba two_launch={two}"] = out
+        want_w = reroute_reference_in_weight_order(ids_np, weights.cpu().numpy(), sim32, S, 0.1)
+        got_w = reroute_numba_in_weight_order(ids, weights, sim, S, 0.1)
+        torch.cuda.synchronize()
+        for name, got in runs.items():
+            ok = np.array_equal(got.cpu().numpy(), want)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {name:22s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+        ok = np.array_equal(got_w.cpu().numpy(), want_w)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {'weight-order':22s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+    return failures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer cases (racecheck is slow)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sanitize_kernel: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    failures = run(QUICK if args.quick else CASES)
+    print(f"sanitize_kernel: {failures} wrong result(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
