@@ -37,20 +37,20 @@ elif cuda is not None:
 
     @cuda.jit(device=True)
     def group_argmax(value, index, lanes, scratch_v, scratch_i):
-        """Simulator stand-in for the shuffle butterfly: the group's lane 0 gets the same result
-        through shared memory. Every thread of the block must call it (two block barriers)."""
+        """Simulator stand-in for the shuffle butterfly: every lane of the group gets the same
+        result through shared memory. Every thread of the block must call it (two block barriers)."""
         tid = cuda.threadIdx.x
         scratch_v[tid] = value
         scratch_i[tid] = index
         cuda.syncthreads()
-        best_v = value
-        best_i = index
-        if tid % lanes == 0:  # only lane 0 uses the result: spare the simulator the rest
-            for j in range(tid + 1, tid + lanes):
-                if scratch_v[j] > best_v or (scratch_v[j] == best_v and scratch_i[j] < best_i):
-                    best_v = scratch_v[j]
-                    best_i = scratch_i[j]
-        cuda.syncthreads()  # nobody overwrites the scratch before the whole warp has read it
+        first = tid - tid % lanes
+        best_v = scratch_v[first]
+        best_i = scratch_i[first]
+        for j in range(first + 1, first + lanes):
+            if scratch_v[j] > best_v or (scratch_v[j] == best_v and scratch_i[j] < best_i):
+                best_v = scratch_v[j]
+                best_i = scratch_i[j]
+        cuda.syncthreads()  # nobody overwrites the scratch before the whole group has read it
         return best_v, best_i
 
     @cuda.jit(device=True)

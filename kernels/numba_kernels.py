@@ -57,8 +57,10 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     applies the contract to each token's slots in weight order (descending, ties: the lower
     slot first, as a stable argsort), writing every id back to its own slot. The result equals
     sort -> contract -> scatter back (sere.rerouter.reroute_in_weight_order) bit for bit, with
-    no sort, gather or scatter launches. Each token's slot order is read from its k weights
-    where it is needed (k*k comparisons, k <= 8 or so: registers and L1). Weights must be finite.
+    no sort, gather or scatter launches. A slot's rank is read from its token's k weights where
+    it is needed: each lane of a group ranks its own slots and the group's argmax picks the one
+    it owns; P comes from a thread per token taking its S heaviest slots. k <= 64; weights must
+    be finite.
 
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
     ids [T*k], weights [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
@@ -114,20 +116,29 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         return rank
 
     @device_fn
-    def secondary_pos(weights, t, k, S, r):
+    def secondary_pos(weights, t, k, S, r, lane, scratch_v, scratch_i):
         """Flat position of token t's secondary slot r (0 <= r < k - S): slot S + r in contract
-        order, i.e. the slot of weight rank S + r for the weight-order kernel."""
+        order; for the weight-order kernel the slot of weight rank S + r, found by the group
+        together (each lane ranks its own slots, the group's argmax picks the match). Every
+        thread of the block calls it (the simulator's group argmax has block barriers)."""
         if not weighted:
             return t * k + S + r
-        for j in range(k):
+        hit_v = neg_inf
+        hit_j = no_expert
+        for j in range(lane, k, lanes):
             if weight_rank(weights, t * k, k, j) == S + r:
-                return t * k + j
-        return t * k + S + r  # unreachable for finite weights: ranks are a permutation
+                hit_v = np.float32(1.0)
+                hit_j = j
+        hit_v, hit_j = group_argmax(hit_v, hit_j, lanes, scratch_v, scratch_i)
+        if hit_j == no_expert:  # only for non-finite weights: ranks are a permutation otherwise
+            hit_j = S + r
+        return t * k + hit_j
 
     @device_fn
     def build_primary(ids, weights, out, is_primary, T, k, E, S, tid, block, blocks):
         """Set P's flags from every token's S head slots (slots 0..S-1, or the S heaviest for the
-        weight-order kernel) and copy the head slots to out (each by one block)."""
+        weight-order kernel: a thread per token picks them, S passes over its k weights, ties to
+        the lower slot) and copy the head slots to out (each by one block)."""
         if not weighted:
             for i in range(tid, T * S, threads):
                 t = i // S
@@ -137,14 +148,23 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 if (i // threads) % blocks == block:  # one block copies each primary slot
                     out[t * k + (i - t * S)] = h
         else:
-            for i in range(tid, T * k, threads):
-                t = i // k
-                if weight_rank(weights, t * k, k, i - t * k) < S:
-                    h = ids[i]
+            for t in range(tid, T, threads):
+                picked = numba.int64(0)  # bit j: slot j already taken (k <= 64, checked at launch)
+                for _ in range(S):
+                    best_w = neg_inf
+                    best_j = -1
+                    for j in range(k):
+                        if (picked >> j) & 1 == 0:
+                            w = load_w(weights[t * k + j])
+                            if best_j < 0 or w > best_w:
+                                best_w = w
+                                best_j = j
+                    picked |= numba.int64(1) << best_j
+                    h = ids[t * k + best_j]
                     if h >= 0 and h < E:
                         is_primary[h] = 1
-                    if (i // threads) % blocks == block:
-                        out[i] = h
+                    if (t // threads) % blocks == block:
+                        out[t * k + best_j] = h
 
     def reroute_kernel_body(ids, weights, sim, out, T, k, E, S, rho):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
@@ -167,12 +187,10 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         # 1. Prefetch this group's first secondary slot and its similarity row (before barriers).
         row = cuda.local.array(cols, numba.float32)  # registers after unrolling
         slot = block * groups_per_block + group
-        e = -1
-        pos = 0
-        if slot < n_sec:
-            t = slot // K2
-            pos = secondary_pos(weights, t, k, S, slot - t * K2)
-            e = ids[pos]
+        live = slot < n_sec
+        t = slot // K2 if live else 0
+        pos = secondary_pos(weights, t, k, S, slot - t * K2 if live else 0, lane, scratch_v, scratch_i)
+        e = ids[pos] if live else -1
         if e >= 0 and e < E:
             load_row(row, sim, e, E, lane)
 
@@ -199,11 +217,10 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
 
             base += blocks * groups_per_block  # this group's next slot, loaded after the barriers
             slot = base + group
-            e = -1
-            if slot < n_sec:
-                t = slot // K2
-                pos = secondary_pos(weights, t, k, S, slot - t * K2)
-                e = ids[pos]
+            live = slot < n_sec
+            t = slot // K2 if live else 0
+            pos = secondary_pos(weights, t, k, S, slot - t * K2 if live else 0, lane, scratch_v, scratch_i)
+            e = ids[pos] if live else -1
             if e >= 0 and e < E:
                 load_row(row, sim, e, E, lane)
 

@@ -21,6 +21,7 @@ BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
 # batches (T <= 256) stay on the one-launch kernel whatever S.
 TWO_LAUNCH_MIN_TOKENS = 1024
+MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -84,8 +85,9 @@ def launch_reroute(
     two_launch forces a path (None: the shape rule).
     weights [T, k] float32/float16/bfloat16 contiguous: the router's slots are not sorted by
     weight; the contract applies in each token's weight order and ids stay in their own slots.
-    One launch (the weight-order kernel) where the shape rule says one; at large T the slots are
-    sorted with torch (argsort, gather), the two-launch path runs, and the ids are scattered back.
+    One launch (the weight-order kernel) where the shape rule says one; at large T (or k > 64) the
+    slots are sorted with torch (argsort, gather), the plain kernel runs, and the ids are
+    scattered back.
     """
     T, k = topk_ids.shape
     E = sim.shape[0]
@@ -107,12 +109,12 @@ def launch_reroute(
     if two_launch is None:
         two_launch = use_two_launch(T, k, S)
     if weights is not None:
-        if two_launch and 0 < S < k:
+        if 0 < S < k and (two_launch or k > MAX_WEIGHTED_K):
             order = weights.argsort(dim=1, descending=True, stable=True)  # T, k
             in_order = topk_ids.gather(1, order)  # T, k
             new_in_order = torch.empty_like(in_order)
             launch_reroute(in_order, sim_given, new_in_order, select_top_k, threshold, threads=threads,
-                           max_blocks=max_blocks, lanes=lanes, two_launch=True)
+                           max_blocks=max_blocks, lanes=lanes, two_launch=two_launch)
             out.scatter_(1, order, new_in_order)
             return
         weight_kind = TORCH_SIM_KIND[weights.dtype]

@@ -79,6 +79,8 @@ def reroute_numba_numpy(
         if weights.shape != ids.shape or weights.dtype not in _NUMPY_SIM_KIND:
             raise TypeError(f"weights must be float32/float16 of the ids' shape {ids.shape}, "
                             f"got {weights.dtype} shape {weights.shape}")
+        if k > 64:
+            raise ValueError(f"the weight-order kernel takes k <= 64 slots per token, got k={k}")
         weight_kind = _NUMPY_SIM_KIND[weights.dtype]
     out = np.empty_like(ids)
     if T * k == 0:

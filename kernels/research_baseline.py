@@ -62,10 +62,22 @@ def _make_scatter_kernel():
 
 
 def _make_scan_kernel(sim_kind: str):
-    """One thread per slot of ids [T*k]; is_primary [E + 2] int8 (2 spare slots for invalid ids)."""
+    """One thread per slot of ids [T*k]; is_primary [E + 2] int8 (2 spare slots for invalid ids).
+    The row is read four columns at a time with every load issued before any is used, as a C
+    compiler unrolls the published kernel's loop: a loop that branches on the mask before each
+    load runs the E loads one after another (measured 10-12 us per call at T <= 256 on an H100,
+    about three times the published kernel)."""
     load_f32 = numba_device.SIM_LOADERS[sim_kind]
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
+    device_fn = cuda.jit(device=True, inline=True)
+
+    @device_fn
+    def take(m, v, p, best_v, best_p):
+        """Ascending columns with a strict >: the smallest index wins ties."""
+        if m != 0 and (best_p == no_expert or v > best_v):
+            return v, p
+        return best_v, best_p
 
     def scan_kernel(ids, is_primary, sim, out, T, k, E, S, rho):
         i = cuda.grid(1)
@@ -77,12 +89,25 @@ def _make_scan_kernel(sim_kind: str):
             return
         best_v = neg_inf
         best_p = no_expert
-        for p in range(E):  # serial scan of the whole row: E dependent-free loads per thread
-            if is_primary[p] != 0:
-                v = load_f32(sim[e * E + p])
-                if best_p == no_expert or v > best_v:
-                    best_v = v
-                    best_p = p
+        row = e * E
+        p = 0
+        while p + 4 <= E:  # serial scan of the whole row, four independent loads in flight
+            v0 = load_f32(sim[row + p])
+            v1 = load_f32(sim[row + p + 1])
+            v2 = load_f32(sim[row + p + 2])
+            v3 = load_f32(sim[row + p + 3])
+            m0 = is_primary[p]
+            m1 = is_primary[p + 1]
+            m2 = is_primary[p + 2]
+            m3 = is_primary[p + 3]
+            best_v, best_p = take(m0, v0, p, best_v, best_p)
+            best_v, best_p = take(m1, v1, p + 1, best_v, best_p)
+            best_v, best_p = take(m2, v2, p + 2, best_v, best_p)
+            best_v, best_p = take(m3, v3, p + 3, best_v, best_p)
+            p += 4
+        while p < E:
+            best_v, best_p = take(is_primary[p], load_f32(sim[row + p]), p, best_v, best_p)
+            p += 1
         if best_p != no_expert and best_v >= rho:
             out[i] = best_p
         else:
