@@ -11,7 +11,9 @@ This folder is the package `sere.kernels` (setuptools package-dir). Imported und
 name `kernels`, which happens whenever the checkout's root is on sys.path (pytest's root
 conftest, `python -m` from the root), it would shadow the PyPI package `kernels` that
 transformers (>= 5.25 requires it) imports; it then hands that name over to the PyPI package
-(see `_hand_over`), or raises ModuleNotFoundError where none is installed.
+where one is installed (see `_hand_over`). Where none is, it stays this plain module without a
+`__version__`: transformers' probe (which imports the package when no metadata names it, as in
+5.17) then reads it as "no usable kernels package" and goes on without it.
 """
 
 
@@ -28,10 +30,7 @@ def _hand_over() -> None:
     elsewhere = [p for p in sys.path if os.path.abspath(os.path.join(p or os.curdir, "kernels", "__init__.py")) != this]
     spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
     if spec is None or spec.loader is None:
-        del sys.modules[__name__]
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (this checkout's kernels/ folder is the package sere.kernels, "
-            "not the PyPI package 'kernels')", name="kernels")
+        return  # no PyPI package to hand over to: stay a plain, version-less module
     module = importlib.util.module_from_spec(spec)
     sys.modules[__name__] = module
     try:

@@ -254,7 +254,7 @@ def _import_kernels_from_root(stand_in: Path | None) -> subprocess.CompletedProc
         + (f"sys.path[:] = [{str(ROOT)!r}, {str(stand_in)!r}] + sys.path\n" if stand_in else
            f"sys.path[:] = [{str(ROOT)!r}] + [p for p in sys.path if 'site-packages' not in p]\n")
         + "import kernels; print(kernels.__file__); print(getattr(kernels, 'MARK', None))\n"
-        "import sere.kernels.reference as r; print(r.__name__)\n"
+        + ("import sere.kernels.reference as r; print(r.__name__)\n" if stand_in else "")  # sere needs torch
     )
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
@@ -267,10 +267,18 @@ def test_kernels_folder_hands_its_top_level_name_to_the_pypi_package(tmp_path):
     assert done.stdout.splitlines() == [str(tmp_path / "kernels" / "__init__.py"), "pypi", "sere.kernels.reference"]
 
 
-def test_kernels_folder_is_no_top_level_package_without_the_pypi_one():
+def test_kernels_folder_stays_a_versionless_module_without_the_pypi_one():
+    """No PyPI `kernels`: the import still works (transformers 5.17 imports the name to read its
+    version when no metadata exists, and must not fail) and has no __version__, so transformers
+    reads it as no usable kernels package."""
     done = _import_kernels_from_root(None)
-    assert done.returncode != 0
-    assert "ModuleNotFoundError" in done.stderr and "sere.kernels" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(ROOT / "kernels" / "__init__.py"), "None"]
+    probe = subprocess.run([sys.executable, "-c", f"import sys; sys.path[:] = [{str(ROOT)!r}] + "
+                            "[p for p in sys.path if 'site-packages' not in p]; import kernels; "
+                            "print(getattr(kernels, '__version__', 'N/A'))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "N/A", probe.stderr
 
 
 def test_transformers_loads_a_moe_model_from_the_checkout_root():
