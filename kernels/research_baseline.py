@@ -61,23 +61,18 @@ def _make_scatter_kernel():
     return scatter_kernel
 
 
-def _make_scan_kernel(sim_kind: str):
+SCAN_UNROLL = 16  # columns loaded before any is used (bench/lab/probe_baseline.py measured 1-32)
+
+
+def _make_scan_kernel(sim_kind: str, unroll: int = SCAN_UNROLL):
     """One thread per slot of ids [T*k]; is_primary [E + 2] int8 (2 spare slots for invalid ids).
-    The row is read four columns at a time with every load issued before any is used, as a C
-    compiler unrolls the published kernel's loop: a loop that branches on the mask before each
+    The row is read `unroll` columns at a time with every load issued before any is used, as a
+    C compiler unrolls the published kernel's loop: a loop that branches on the mask before each
     load runs the E loads one after another (measured 10-12 us per call at T <= 256 on an H100,
     about three times the published kernel)."""
     load_f32 = numba_device.SIM_LOADERS[sim_kind]
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
-    device_fn = cuda.jit(device=True, inline=True)
-
-    @device_fn
-    def take(m, v, p, best_v, best_p):
-        """Ascending columns with a strict >: the smallest index wins ties."""
-        if m != 0 and (best_p == no_expert or v > best_v):
-            return v, p
-        return best_v, best_p
 
     def scan_kernel(ids, is_primary, sim, out, T, k, E, S, rho):
         i = cuda.grid(1)
@@ -87,27 +82,22 @@ def _make_scan_kernel(sim_kind: str):
         if S <= 0 or S >= k or i % k < S or e < 0 or e >= E or is_primary[e] != 0:
             out[i] = e
             return
+        vals = cuda.local.array(unroll, numba.float32)  # registers once the loops are unrolled
+        marks = cuda.local.array(unroll, numba.int8)
         best_v = neg_inf
         best_p = no_expert
         row = e * E
-        p = 0
-        while p + 4 <= E:  # serial scan of the whole row, four independent loads in flight
-            v0 = load_f32(sim[row + p])
-            v1 = load_f32(sim[row + p + 1])
-            v2 = load_f32(sim[row + p + 2])
-            v3 = load_f32(sim[row + p + 3])
-            m0 = is_primary[p]
-            m1 = is_primary[p + 1]
-            m2 = is_primary[p + 2]
-            m3 = is_primary[p + 3]
-            best_v, best_p = take(m0, v0, p, best_v, best_p)
-            best_v, best_p = take(m1, v1, p + 1, best_v, best_p)
-            best_v, best_p = take(m2, v2, p + 2, best_v, best_p)
-            best_v, best_p = take(m3, v3, p + 3, best_v, best_p)
-            p += 4
-        while p < E:
-            best_v, best_p = take(is_primary[p], load_f32(sim[row + p]), p, best_v, best_p)
-            p += 1
+        for p0 in range(0, E, unroll):  # serial scan of the whole row, `unroll` loads in flight
+            for u in range(unroll):
+                if p0 + u < E:
+                    vals[u] = load_f32(sim[row + p0 + u])
+                    marks[u] = is_primary[p0 + u]
+                else:
+                    marks[u] = 0
+            for u in range(unroll):  # ascending columns, strict >: the smallest index wins ties
+                if marks[u] != 0 and (best_p == no_expert or vals[u] > best_v):
+                    best_v = vals[u]
+                    best_p = p0 + u
         if best_p != no_expert and best_v >= rho:
             out[i] = best_p
         else:
@@ -142,10 +132,11 @@ def _blocks(n: int) -> int:
 
 
 def reroute_research_baseline(
-    topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float
+    topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float, *, unroll: int = SCAN_UNROLL
 ) -> torch.Tensor:
     """Re-routed ids (new tensor) by the research kernel's structure (three launches: clear,
-    scatter, scan); CUDA tensors, no sync, graph-capturable once compiled."""
+    scatter, scan); CUDA tensors, no sync, graph-capturable once compiled. `unroll`: the scan's
+    loads in flight (a probe knob; see SCAN_UNROLL)."""
     if not topk_ids.is_cuda or topk_ids.device != sim.device:
         raise ValueError(f"needs CUDA tensors on one device, got {topk_ids.device} and {sim.device}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -176,8 +167,8 @@ def reroute_research_baseline(
             _make_scatter_kernel(), _scatter_signature(id_name), THREADS))
         scatter.launch(_blocks(T * S), stream, device_index, (ids.data_ptr(), mask.data_ptr()) + shape)
     scan = cached_pointer_kernel(
-        ("research_baseline", id_name, sim_kind),
-        lambda: PointerKernel(_make_scan_kernel(sim_kind), _signature(id_name, sim_kind), THREADS),
+        ("research_baseline", id_name, sim_kind, unroll),
+        lambda: PointerKernel(_make_scan_kernel(sim_kind, unroll), _signature(id_name, sim_kind), THREADS),
     )
     args = (ids.data_ptr(), mask.data_ptr(), sim.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
     scan.launch(_blocks(T * k), stream, device_index, args)
