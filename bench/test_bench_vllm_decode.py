@@ -5,7 +5,9 @@
     SERE_BENCH_E2E_MODELS=qwen3-30b-a3b,deepseek-v2-lite   models (default: all three on CUDA,
                                                            qwen1.5-moe-a2.7b in smoke mode)
     SERE_BENCH_E2E_BATCHES=1,16,64      batch sizes (default 1, 8, 16, 32, 64, 128, 256; 1, 4 smoke)
-    SERE_BENCH_E2E_ROUTING=uniform      routing of every model (default below)
+    SERE_BENCH_E2E_ROUTING=zipf:1.2     routing of every model: model, model-fp32, uniform, zipf:A,
+                                        trace (each model its family's zoo trace) or trace:NAME
+                                        (default below)
     SERE_BENCH_E2E_COUNTS=0             leave out the eager counts engine (activated experts, the
                                         in-engine reference check; ~100 s a model on an H100)
     SERE_BENCH_E2E_REPS=5               timed repetitions per batch size
@@ -29,7 +31,10 @@ Routing: vLLM's dummy weights give the Qwen routers near-uniform logits (effecti
 random routing, the hardest case for SERE). DeepSeek-V2's router on CUDA rounds those tiny logits
 in bf16 so that every token picks the same 6 experts, so its default is `model-fp32` (the same
 dummy router with fp32 logits, config `moe_router_dtype`); `uniform` is vLLM's routing simulator
-for every engine. extra_info says which.
+for every engine. Skewed routing, the simulator too: `zipf:A` (Zipf's law, exponent A) and `trace`
+(the routing recorded from the trained zoo model of the same family, bench/traces/, replayed in
+order, with that model's calibrated similarity); see bench/vllm_engine.py. extra_info says which
+(`routing`, `routing_description`, `similarity`).
 
 Before a case is timed it checks: every generate returned all its tokens (in the engine); the
 SERE engine wrapped every MoE layer and the stock engine none; with the counts engine, the ids
@@ -70,8 +75,6 @@ def _on_cuda() -> bool:
 
 SMOKE = not _on_cuda()
 DEFAULT_ROUTING = {"deepseek-v2-lite": "model-fp32"}  # see the module docstring
-# short names for tables and plot files; extra_info["routing_description"] has the long one
-ROUTING_LABELS = {"model": "dummy-router", "model-fp32": "dummy-router-fp32", "uniform": "uniform-simulator"}
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -92,9 +95,16 @@ for _m in MODELS:
 
 def routing_of(model: str) -> str:
     routing = os.environ.get("SERE_BENCH_E2E_ROUTING") or DEFAULT_ROUTING.get(model, "model")
-    if routing not in e2e.ROUTINGS:
-        raise pytest.UsageError(f"SERE_BENCH_E2E_ROUTING: {routing!r} is not one of {', '.join(e2e.ROUTINGS)}")
+    try:
+        e2e.parse_routing(routing)
+        e2e.check_routing(routing, model, SMOKE)
+    except ValueError as exc:
+        raise pytest.UsageError(f"SERE_BENCH_E2E_ROUTING: {exc}") from None
     return routing
+
+
+for _m in MODELS:
+    routing_of(_m)  # a bad routing, or a trace that does not fit a model, stops the run at collection
 
 
 # case ids carry the setting's label, as the layer benches' do, so the report lines them up
@@ -209,6 +219,8 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
     want_layers = 0 if setting.is_stock else counted.moe_layers
     assert result["rerouted_layers"] == want_layers, (
         f"{model} {engine}: SERE wrapped {result['rerouted_layers']} MoE layers, expected {want_layers}")
+    if "strategy" in result:  # a sere_* routing: the engine's routers must have asked it
+        assert result["strategy"]["calls"] > 0, f"{model} {engine}: routing {result['routing_label']} was never called"
     counts = engine_runs.result(model, "counts", optional=True) if WITH_COUNTS else None
     if counts is not None and engine != "stock":
         check = counts["trace_check"]
@@ -216,7 +228,7 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
 
     benchmark_samples(benchmark, samples, what=f"host clock around LLM.generate, one decode step per round, {len(samples)} rounds")
     seconds = statistics.median(samples)
-    routing = ROUTING_LABELS[routing_of(model)]
+    routing = result["routing_label"]  # short name for tables and plot files; routing_description the long one
     speedup = stock_times.speedup_vs_stock(("vllm-e2e", model, routing, batch), seconds, stock=setting.is_stock)
 
     before, after = experts_of(counts, engine, batch)
@@ -233,7 +245,7 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
         device="cpu" if SMOKE else "cuda", dtype="float32" if SMOKE else "bfloat16", vllm=vllm.__version__,
         engine=engine, setting=setting.label, S=setting.S, rho=setting.rho,
         tokens=batch, routing=routing, routing_description=result["routing"],
-        similarity="random, symmetric, uniform [0, 1)",
+        similarity=result["similarity"],
         compiled="eager (smoke)" if SMOKE else "torch.compile + CUDA graphs",
         sere_backend=result.get("backend"), rerouted_layers=result["rerouted_layers"],
         engine_start_s=round(result["start_s"], 1), step_ms=round(seconds * 1e3, 3),

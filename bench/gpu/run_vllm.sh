@@ -13,7 +13,9 @@
 # fused-pytest runs bench/test_bench_fused_moe.py, the same layer as pytest-benchmark cases;
 # e2e-pytest runs bench/test_bench_vllm_decode.py, end to end as pytest-benchmark cases, for the
 # models in E2E_MODELS (default all three) at E2E_BATCHES (default 1,16,64,128,256), with
-# E2E_REPS repetitions (default 3), under the step's share of the budget; gpu-tests runs
+# E2E_REPS repetitions (default 3), under the step's share of the budget; E2E_ROUTING (default: each
+# model's own dummy router) sets the routing of e2e-pytest and the model steps: uniform, zipf:1.2, trace
+# (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
 # `pytest -m gpu tests`), ENGINES (default stock,sere-s1,sere-s2,counts: the engines of the
 # script e2e steps), FUSED_K (a -k expression narrowing fused-pytest).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
@@ -78,7 +80,8 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
   [ "$model" = "$last_step" ] && want=$(left)
   local limit=$(( want < $(left) ? want : $(left) ))
   step "e2e $model" "$limit" $PY -m bench.gpu.vllm_decode --model "$model" --out "$WORK/e2e-$model" \
-    --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170
+    --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170 \
+    ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
 }
 
 ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}
@@ -111,6 +114,7 @@ for s in $STEPS; do
       step e2e-pytest "$lim" env SERE_BENCH_E2E_OUT="$WORK/e2e-pytest/engines" SERE_BENCH_E2E_DEADLINE=$((lim - 60)) \
         SERE_BENCH_E2E_MODELS="${E2E_MODELS:-qwen1.5-moe-a2.7b,deepseek-v2-lite,qwen3-30b-a3b}" \
         SERE_BENCH_E2E_BATCHES="${E2E_BATCHES:-1,16,64,128,256}" SERE_BENCH_E2E_REPS="${E2E_REPS:-3}" \
+        SERE_BENCH_E2E_ROUTING="${E2E_ROUTING:-}" \
         bash -c 'bench_pytest "$@"' _ e2e-pytest bench/test_bench_vllm_decode.py -s ;;
     gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
     deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;

