@@ -21,6 +21,10 @@ BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
 # batches (T <= 256) stay on the one-launch kernel whatever S.
 TWO_LAUNCH_MIN_TOKENS = 1024
+# Launch 2's grid cap (blocks per SM, read at call time): launch 2 copies P from the flags buffer
+# (E reads per block), so a block per few slots costs little, where a capped grid makes each
+# group loop over many slots one after another.
+TWO_LAUNCH_BLOCKS_PER_SM = 64
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -125,6 +129,7 @@ def launch_reroute(
         kern.launch(blocks, stream_ptr, device_index, args)
         return
     if two_launch and 0 < S < k:
+        blocks = grid_blocks(T, k, S, threads, max_blocks * TWO_LAUNCH_BLOCKS_PER_SM // BLOCKS_PER_SM, lanes)
         flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
         flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
         kern = after_flags_pointer_kernel(id_name, sim_kind, cols, threads, lanes)

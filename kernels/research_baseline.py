@@ -61,7 +61,7 @@ def _make_scatter_kernel():
     return scatter_kernel
 
 
-SCAN_UNROLL = 16  # columns loaded before any is used (bench/lab/probe_baseline.py measured 1-32)
+SCAN_UNROLL = 32  # columns loaded before any is used (bench/lab/probe_baseline.py: 1-32 on an H100, 32 fastest)
 
 
 def _make_scan_kernel(sim_kind: str, unroll: int = SCAN_UNROLL):
