@@ -21,10 +21,10 @@ BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
 # batches (T <= 256) stay on the one-launch kernel whatever S.
 TWO_LAUNCH_MIN_TOKENS = 1024
-# Launch 2's grid cap (blocks per SM, read at call time): launch 2 copies P from the flags buffer
-# (E reads per block), so a block per few slots costs little, where a capped grid makes each
-# group loop over many slots one after another.
-TWO_LAUNCH_BLOCKS_PER_SM = 64
+# Launch 2's grid cap (blocks per SM, read at call time). A wider grid was tried (a block per few
+# slots, since launch 2 copies P from the flags buffer cheaply) and is slower: H100, T = 4096,
+# S = 1: 13.1 / 14.8 / 17.3 us at 4 / 16 / 64 blocks per SM (bench/lab/probe_large_grid.py).
+TWO_LAUNCH_BLOCKS_PER_SM = 4
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
