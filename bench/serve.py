@@ -154,8 +154,8 @@ class Server:
     def __enter__(self) -> "Server":
         env = dict(os.environ, VLLM_HOST_IP=HOST, PYTHONUNBUFFERED="1")
         env.pop(ROUTING_ENV, None)  # the model's own router, never the routing simulator
-        # Neither cwd nor PYTHONPATH may hold the checkout: its kernels/ folder would shadow the
-        # PyPI package `kernels` that transformers probes for (the server imports sere installed).
+        # cwd and PYTHONPATH leave the checkout out: the server runs the installed sere, as a
+        # user's would, and the checkout's kernels/ folder cannot stand in for the PyPI `kernels`.
         path = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != CHECKOUT]
         if path:
             env["PYTHONPATH"] = os.pathsep.join(path)
