@@ -63,3 +63,15 @@ def test_grid_and_batch64_tables_read_their_own_parts():
     table = "\n".join(sweep._batch64_section(b64))
     assert "| m | 1 | 0 | truncate | 10.00 / 30.00 | 0.2000 |" in table and "random (2 seeds)" in table and "0.0500-0.0700" in table
     assert sweep._grid_section(b64) == [] and sweep._batch64_section(grid) == []
+
+
+def test_batch64_similarity_table_reads_the_random_draws_at_that_budget():
+    draws = [_row("random", "mixed", kl, part=part, threshold=0.0, batch_size=64, seed=seed)
+             for part, kl, seed in (("batch", 0.06, 0), ("batch64", 0.05, 1), ("batch64", 0.07, 2))]
+    draws.append(_row("random", "mixed", 0.001, part="batch64", threshold=0.1, select_top_k=2, batch_size=64, seed=1))
+    sims = [_row("sere", "mixed", 0.08, part="batch64sim", batch_size=64),
+            _row("sere[substitution]", "mixed", 0.04, part="batch64sim", batch_size=64)]
+    lines = sweep._batch64_similarity_section(draws + sims)
+    assert "| m | sere[cka] | 10.00 / 30.00 | 0.0800 | 0.0500-0.0700 (3) | no | 0.5000 |" in lines  # S=2 draw not counted
+    assert "| m | sere[substitution] | 10.00 / 30.00 | 0.0400 | 0.0500-0.0700 (3) | yes | 0.5000 |" in lines
+    assert sweep._batch64_similarity_section(draws) == []

@@ -27,7 +27,9 @@ batches composed by sere.harness.compositions (MIXED: four domains in every batc
      (similarity_cka_<domain>/), evaluated on one-domain batches of each of the four domains.
   6. grid: part 1's S x threshold grid (SERE, random) and controls in every other composition
      (batch 16; no greedy), so KL can be read against activated experts per composition;
-  7. batch64: the controls and the random spread (RANDOM_SEEDS) at batch 64 (MIXED).
+  7. batch64: the controls and the random spread (RANDOM_SEEDS) at batch 64 (MIXED);
+  8. batch64sim: every calibrated similarity at equal budget (S=1, every secondary slot moves)
+     at batch 64 (MIXED), against part 7's random draws at the same budget.
 `--parts grid,batch64` measures only those parts.
 Writes accuracy.json (every row), accuracy.md (tables, the claim check, where SERE stands)
 and accuracy.png (KL and top-1 agreement against activated experts, one column per model); for
@@ -161,6 +163,8 @@ def sweep_model(name: str, *, batch_sizes=BATCH_SIZES, thresholds=THRESHOLDS, se
     for S, rho in PAPER_SETTINGS:
         jobs += [("mixed", "batch64", 64, "random", "random", S, rho, default, {"seed": seed})
                  for seed in range(1, random_seeds)]
+    # part 8 ("batch64sim"): every similarity at equal budget at batch 64 too
+    jobs += [("mixed", "batch64sim", 64, label, "sere", *ALL_MOVE, path) for label, path in sims.items()]
     if parts is not None:
         jobs = [j for j in jobs if j[1] in parts]
     refs, rows = {}, []
@@ -469,6 +473,30 @@ def _batch64_section(rows) -> list[str]:
     return lines
 
 
+def _batch64_similarity_section(rows) -> list[str]:
+    """Part 8: each similarity at equal budget at batch 64 against the random draws of that budget
+    (S = 1, rho = 0 with the default CKA artifact, whose values are >= 0: every secondary slot moves)."""
+    sims = [r for r in rows if r["part"] == "batch64sim"]
+    if not sims:
+        return []
+    lines = ["\n## Batch 64 (MIXED), equal budget: every similarity against random re-routing\n",
+             "S = 1 and a threshold below every similarity, so every secondary slot moves and every row activates "
+             "the same experts as random re-routing at S = 1, rho = 0 with CKA (values >= 0: all slots move; seed 0 "
+             "from the batch-size part, seeds 1-7 from the batch-64 part).\n",
+             "| model | similarity | experts per step (of stock) | KL | KL random (range) | beats every draw | top-1 agree |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for name in dict.fromkeys(r["model"] for r in sims):
+        draws = [r["kl"] for r in rows if r["model"] == name and r["batch_size"] == 64 and r["method"] == "random"
+                 and r["part"] in ("batch", "batch64") and r["select_top_k"] == 1 and r["threshold"] == 0]
+        span = f"{min(draws):.4f}-{max(draws):.4f} ({len(draws)})" if draws else "-"
+        for r in (x for x in sims if x["model"] == name):
+            label = "sere[cka]" if r["method"] == "sere" else r["method"]
+            beats = ("yes" if r["kl"] < min(draws) else "no") if draws else "-"
+            lines.append(f"| {name} | {label} | {r['experts_after']:.2f} / {r['stock_experts']:.2f} | {r['kl']:.4f} | "
+                         f"{span} | {beats} | {r['top1_agreement']:.4f} |")
+    return lines
+
+
 def write_grid_plot(rows, path: Path) -> None:
     """KL against activated experts, one panel per model (column) and composition (row)."""
     import matplotlib
@@ -584,6 +612,7 @@ def write_markdown(rows, path: Path, meta: dict, notes: str = "", zoo=None) -> N
     parts += _grid_section(rows)
     parts += _shift_section(rows)
     parts += _batch64_section(rows)
+    parts += _batch64_similarity_section(rows)
     drops = drop_rows(rows)
     if drops:
         parts += _drop_section(drops)
@@ -703,7 +732,7 @@ def main(argv=None) -> None:
     p.add_argument("--notes", type=Path, default=None, help="markdown to put under the header (findings)")
     p.add_argument("--from-json", action="store_true", help="only re-render accuracy.md/png from accuracy.json")
     p.add_argument("--parts", default=None, help="comma-separated parts to measure (methods, seeds, batch, compositions, "
-                   "shift, grid, batch64); with --merge their rows replace those of an earlier accuracy.json")
+                   "shift, grid, batch64, batch64sim); with --merge their rows replace those of an earlier accuracy.json")
     p.add_argument("--merge", action="store_true", help="merge the measured rows into --out's accuracy.json")
     args = p.parse_args(argv)
     try:
