@@ -13,6 +13,11 @@ Routing: "uniform" (each token takes k distinct experts uniformly at random: the
 active, the hardest case for SERE) and "zipf" (expert popularity ~ 1/rank, a skew closer to
 trained routers). Every case first checks its output against the plain-loop reference.
 numba cases also time torch and baseline in the same run and record the ratios in extra_info.
+Fused router top-k (test_gpu_fused_topk): softmax top-k and re-routing in one kernel
+(sere.kernels.numba_topk) against the two-launch path it replaces (torch's softmax + topk, then the
+reroute kernel) and against torch's top-k alone (softmax, topk, renormalise: several launches, so
+a weaker stock than vLLM's one-kernel topk_softmax, which bench/test_bench_fused_moe.py has), graph
+replay, E = 128, k = 8.
 Unsorted routers (test_gpu_unsorted: slots shuffled, weights given, as vLLM's grouped top-k
 returns them): the weight-order kernel (one launch) against the path it replaces (argsort,
 gather, the kernel, scatter back), graph replay, ratio in extra_info.
@@ -173,3 +178,37 @@ def test_gpu_unsorted(benchmark, backend, T, S):
         benchmark.extra_info["speedup_vs_sort_path"] = round(t_sort.median_us / timing.median_us, 2)
         print(f"\n[unsorted T={T} S={S}] weight-order kernel {timing.median_us:.2f} us, "
               f"sort path {t_sort.median_us:.2f} us ({t_sort.median_us / timing.median_us:.2f}x)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", T_VALUES[:4])
+def test_gpu_fused_topk(benchmark, T, S):
+    from sere.kernels.numba_cuda import reroute_numba, topk_reroute_numba
+    from sere.kernels.reference import topk_reroute_reference
+
+    gen = torch.Generator().manual_seed(T)
+    logits = torch.randn(T, E, generator=gen).cuda()
+    _, sim = make_inputs(T, "uniform", "cuda")
+
+    def router_topk():  # what stock runs: softmax, top-k, renormalise
+        w, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
+        return w / w.sum(dim=-1, keepdim=True), ids
+
+    def two_launch_path():
+        w, ids = router_topk()
+        return w, reroute_numba(ids, sim, S, RHO)
+
+    fused = lambda: topk_reroute_numba(logits, sim, K, True, S, RHO)  # noqa: E731
+    w, ids = fused()
+    rw, rids = topk_reroute_reference(logits.cpu().numpy(), K, True, sim.cpu().numpy(), S, RHO)
+    np.testing.assert_array_equal(ids.long().cpu().numpy(), rids)
+    timing = benchmark_device(benchmark, fused, method="graph", calls=CALLS, rounds=ROUNDS)
+    record_case(benchmark, T=T, S=S, routing="router-logits", backend="numba_fused_topk", method="graph",
+                ids=router_topk()[1], new_ids=ids.long(), timing=timing)
+    if timing is not None:
+        for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", router_topk)):
+            t = time_graph_replay(fn, calls=CALLS, repeats=ROUNDS)
+            benchmark.extra_info[f"{name}_us_per_call"] = round(t.median_us, 3)
+        benchmark.extra_info["added_over_stock_topk_us"] = round(
+            timing.median_us - benchmark.extra_info["stock_topk_us_per_call"], 3)

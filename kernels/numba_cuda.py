@@ -13,7 +13,10 @@ Run its checks: `pytest tests/test_numba_simulator.py` (CPU, CUDA simulator, Num
 - `numba_launch`: the shape rule (one or two launches, grid, column bucket) and `launch_reroute`.
 - `numba_op`: the torch custom ops `torch.ops.sere.reroute`, `torch.ops.sere.reroute_in_weight_order`
   and their entries `reroute_numba`, `reroute_numba_in_weight_order` (slots not sorted by weight).
-- `numba_numpy`: `reroute_numba_numpy`, the same kernels on NumPy arrays (the simulator tests).
+- `numba_numpy`: `reroute_numba_numpy`, the same kernels on NumPy arrays (the simulator tests),
+  and `topk_reroute_numba_numpy` for the fused one.
+- `numba_topk`, `numba_topk_op`: the router's softmax top-k and the re-routing fused in one kernel
+  (`topk_reroute_numba`, op `torch.ops.sere.topk_reroute`), to replace the router's own top-k.
 
 This stays a plain module (torch.compile traces `from sere.kernels.numba_cuda import ...` and
 accepts only plain modules), so its names are copies: to change a knob, set it in the module
@@ -25,6 +28,7 @@ from sere.kernels.numba_kernels import MAX_EXPERTS
 from sere.kernels.numba_launch import TWO_LAUNCH_MIN_TOKENS, columns_per_lane, launch_reroute, use_two_launch
 from sere.kernels.numba_numpy import reroute_numba_numpy
 from sere.kernels.numba_op import reroute_numba, reroute_numba_in_weight_order
+from sere.kernels.numba_topk_op import topk_reroute_numba
 from sere.kernels.numba_pointer import pointer_kernel
 from sere.kernels.numba_runtime import available, simulator_enabled
 
@@ -39,5 +43,6 @@ __all__ = [
     "reroute_numba_in_weight_order",
     "reroute_numba_numpy",
     "simulator_enabled",
+    "topk_reroute_numba",
     "use_two_launch",
 ]

@@ -29,6 +29,16 @@ if cuda is not None and not simulator_enabled():
         return value, index
 
     @cuda.jit(device=True, inline=True)
+    def group_sum(value, lanes, scratch_v):
+        """Butterfly over each aligned group of `lanes` lanes: every lane ends with the group's sum
+        (the same order of additions in every lane, so the same bits)."""
+        offset = lanes // 2
+        while offset > 0:
+            value = value + cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
+            offset >>= 1
+        return value
+
+    @cuda.jit(device=True, inline=True)
     def bf16_bits_to_f32(bits):
         # bfloat16 is the top half of a float32: widen the 16 bits and reinterpret.
         return libdevice.int_as_float(numba.int32((numba.int32(bits) & 0xFFFF) << 16))
@@ -52,6 +62,22 @@ elif cuda is not None:
                 best_i = scratch_i[j]
         cuda.syncthreads()  # nobody overwrites the scratch before the whole group has read it
         return best_v, best_i
+
+    @cuda.jit(device=True)
+    def group_sum(value, lanes, scratch_v):
+        """Simulator stand-in for the butterfly sum: pairwise in the butterfly's order through
+        shared memory, so every lane gets the bits the GPU gives. Every thread of the block must
+        call it (block barriers)."""
+        tid = cuda.threadIdx.x
+        first = tid - tid % lanes
+        offset = lanes // 2
+        while offset > 0:
+            scratch_v[tid] = value
+            cuda.syncthreads()
+            value = value + scratch_v[first + ((tid - first) ^ offset)]
+            cuda.syncthreads()
+            offset >>= 1
+        return value
 
     @cuda.jit(device=True)
     def bf16_bits_to_f32(bits):

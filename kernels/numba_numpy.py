@@ -112,3 +112,48 @@ def reroute_numba_numpy(
     kernel = _array_kernel(sim_kind, cols, threads, lanes)
     kernel[blocks, threads](ids_flat, sim_flat, out_flat, *shape, np.float32(threshold))
     return out
+
+
+@lru_cache(maxsize=None)
+def _array_topk_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
+    from sere.kernels.numba_topk import make_topk_reroute_kernel
+
+    return cuda.jit(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, lanes))
+
+
+def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize: bool, sim: np.ndarray,
+                             select_top_k: int, threshold: float, *, threads: int | None = None,
+                             max_blocks: int | None = None, lanes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused top-k + re-route kernel (sere.kernels.numba_topk) on NumPy arrays: (weights [T, k]
+    float32, ids [T, k] int64). router_logits [T, E] and sim [E, E] float32/float16. Simulator
+    defaults as reroute_numba_numpy's."""
+    from sere.kernels.numba_topk import MAX_K
+
+    if cuda is None:
+        raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
+    logits, sim = np.asarray(router_logits), np.asarray(sim)
+    if logits.ndim != 2 or logits.dtype not in _NUMPY_SIM_KIND:
+        raise TypeError(f"router_logits must be 2-D float32/float16, got {logits.dtype} shape {logits.shape}")
+    T, E = logits.shape
+    if sim.shape != (E, E) or sim.dtype not in _NUMPY_SIM_KIND:
+        raise TypeError(f"sim must be float32/float16 [{E}, {E}], got {sim.dtype} shape {sim.shape}")
+    if not 1 <= top_k <= min(E, MAX_K):
+        raise ValueError(f"top_k must be in 1..{min(E, MAX_K)}, got {top_k}")
+    weights = np.empty((T, top_k), dtype=np.float32)
+    ids = np.empty((T, top_k), dtype=np.int64)
+    if T == 0:
+        return weights, ids
+    sim_mode = simulator_enabled()
+    threads = threads or (WARP if sim_mode else DEFAULT_THREADS)
+    max_blocks = max_blocks or (2 if sim_mode else 1024)
+    if lanes is None:
+        lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
+    cols = columns_per_lane(E, lanes)
+    S = max(-1, min(int(select_top_k), top_k))
+    blocks = max(1, min(-(-T // (threads // lanes)), max_blocks))
+    kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes)
+    w_flat, i_flat = weights.reshape(-1), ids.reshape(-1)
+    kernel[blocks, threads](np.ascontiguousarray(logits).reshape(-1), np.ascontiguousarray(sim).reshape(-1), w_flat,
+                            i_flat, np.int32(T), np.int32(E), np.int32(top_k), np.int32(S), np.float32(threshold),
+                            np.int32(bool(renormalize)))
+    return weights, ids

@@ -64,3 +64,26 @@ def reroute_reference_in_weight_order(topk_ids, topk_weights, sim, select_top_k:
         for rank, j in enumerate(order[t]):
             out[t, j] = new_in_order[t, rank]
     return out
+
+
+def topk_reroute_reference(router_logits, top_k: int, renormalize: bool, sim, select_top_k: int,
+                           threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The router's softmax top-k followed by the contract (what sere.kernels.numba_topk fuses):
+    (weights [T, k] float32, ids [T, k] int64). ids: the k largest logits per token, slot 0 the
+    largest, ties to the smaller expert; weights: float32 softmax over all experts at those ids,
+    divided by their sum when `renormalize`; then reroute_reference on the ids."""
+    logits = np.asarray(router_logits, dtype=np.float32)  # T, E
+    T, E = logits.shape
+    ids = np.zeros((T, top_k), dtype=np.int64)
+    weights = np.zeros((T, top_k), dtype=np.float32)
+    for t in range(T):
+        order = sorted(range(E), key=lambda e: (-logits[t, e], e))[:top_k]
+        top = logits[t, order[0]]
+        exps = np.exp(logits[t] - top)  # float32
+        denom = np.float32(exps.sum(dtype=np.float32))
+        picked = np.array([exps[e] / denom for e in order], dtype=np.float32)
+        if renormalize:
+            picked = (picked / picked.sum(dtype=np.float32)).astype(np.float32)
+        ids[t] = order
+        weights[t] = picked
+    return weights, reroute_reference(ids, sim, select_top_k, threshold)

@@ -340,3 +340,54 @@ def test_layer_rerouter_fused_path_equals_the_sorting_path_on_the_gpu():
     fused = LayerRerouter(plan, sim, get_transform("sere", backend="numba"), sort_slots=True, backend="numba")
     sorting = LayerRerouter(plan, sim, get_transform("sere", backend="torch"), sort_slots=True, backend="torch")
     assert_ids_equal(fused(ids, weights), sorting(ids, weights).cpu(), "rerouter")
+
+
+# ---- the fused router top-k + re-route kernel ---------------------------------------------------
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 60, 4), (16, 64, 6), (64, 128, 8), (256, 128, 8), (33, 256, 8), (8, 1024, 8)])
+def test_fused_topk_reroute_matches_reference(T, E, k):
+    from sere.kernels.numba_cuda import topk_reroute_numba
+    from sere.kernels.reference import topk_reroute_reference
+
+    gen = np.random.default_rng([T, E, k, 13])
+    for S in range(k + 1):
+        for r, logit_dtype in enumerate((torch.float32, torch.bfloat16, torch.float16)):
+            logits = torch.from_numpy(gen.standard_normal((T, E)).astype(np.float32)).to(logit_dtype).cuda()
+            _, sim, sim32 = random_case(gen, 1, E, k, torch.int32, SIM_DTYPES[(S + r) % 3], grid=r == 1)
+            renormalize, rho = (S + r) % 2 == 0, THRESHOLDS[(S + r) % 3]
+            w, ids = topk_reroute_numba(logits, sim, k, renormalize, S, rho, ids_dtype=ID_DTYPES[r % 2])
+            rw, rids = topk_reroute_reference(logits.float().cpu().numpy(), k, renormalize, sim32, S, rho)
+            assert ids.dtype == ID_DTYPES[r % 2] and w.dtype == torch.float32
+            assert_ids_equal(ids.long(), torch.from_numpy(rids), (T, E, k, S, logit_dtype))
+            np.testing.assert_allclose(w.cpu().numpy(), rw, rtol=2e-6, atol=1e-7)
+
+
+def test_fused_topk_reroute_in_graph_replay_compiled_and_as_op():
+    from sere.kernels.numba_cuda import topk_reroute_numba
+    from sere.kernels.reference import topk_reroute_reference
+
+    T, E, k, S, rho = 16, 128, 8, 1, 0.0
+    gen = np.random.default_rng(31)
+    logits = torch.from_numpy(gen.standard_normal((T, E)).astype(np.float32)).cuda()
+    _, sim, _ = random_case(gen, 1, E, k, torch.int32, torch.float32, grid=False)
+    static_logits, static_sim = logits.clone(), sim.clone()
+    topk_reroute_numba(static_logits, static_sim, k, True, S, rho)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, ids = topk_reroute_numba(static_logits, static_sim, k, True, S, rho)
+    for round_ in range(3):
+        logits = torch.from_numpy(gen.standard_normal((T, E)).astype(np.float32)).cuda()
+        _, sim, sim32 = random_case(gen, 1, E, k, torch.int32, torch.float32, grid=round_ % 2 == 0)
+        static_logits.copy_(logits)
+        static_sim.copy_(sim)
+        graph.replay()
+        torch.cuda.synchronize()
+        rw, rids = topk_reroute_reference(logits.cpu().numpy(), k, True, sim32, S, rho)
+        assert_ids_equal(ids.long(), torch.from_numpy(rids), ("graph", round_))
+        np.testing.assert_allclose(w.cpu().numpy(), rw, rtol=2e-6, atol=1e-7)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, s: topk_reroute_numba(x, s, k, True, S, rho)[1] + 0, fullgraph=True)
+    assert_ids_equal(compiled(logits, sim).long(), torch.from_numpy(rids), "compiled")
+    torch.library.opcheck(torch.ops.sere.topk_reroute.default, (logits, sim, k, True, S, rho, False))

@@ -226,3 +226,52 @@ def test_research_baseline_matches_reference(T, E, k):
         rho = THRESHOLDS[S % 3]
         want = reroute_reference(ids, sim, S, rho)
         assert_same_ids(reroute_research_baseline_numpy(ids, sim, S, rho), want, (T, E, k, S, rho))
+
+
+# ---- the fused router top-k + re-route kernel (sere.kernels.numba_topk) ------------------------
+TOPK_SHAPES = [(1, 8, 2), (5, 16, 4), (9, 60, 8), (33, 8, 4)]
+
+
+@pytest.mark.parametrize("T,E,k", TOPK_SHAPES)
+def test_fused_topk_reroute_matches_reference(T, E, k):
+    """Every S, both renormalize modes, float32 and float16 logits, ties among logits (a coarse
+    grid: the smaller expert wins) and among similarities; ids exact, weights to float rounding
+    (exp and sum order differ between the simulator, the GPU and NumPy)."""
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+    from sere.kernels.reference import topk_reroute_reference
+
+    rng = np.random.default_rng([T, E, k, 5])
+    for S in range(k + 1):
+        ties = S % 2 == 0
+        logits = (rng.integers(-4, 5, size=(T, E)) / 2 if ties else rng.standard_normal((T, E))).astype(SIM_DTYPES[S % 2])
+        sim = (rng.integers(0, 5, size=(E, E)) / 4).astype(np.float32)
+        for renormalize in (False, True):
+            rho = THRESHOLDS[(S + renormalize) % 3]
+            w, ids = topk_reroute_numba_numpy(logits, k, renormalize, sim, S, rho)
+            rw, rids = topk_reroute_reference(logits, k, renormalize, sim, S, rho)
+            assert_same_ids(ids, rids, (T, E, k, S, renormalize, rho))
+            np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7, err_msg=str((T, E, k, S, renormalize)))
+
+
+def test_fused_topk_without_rerouting_is_the_plain_top_k():
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((7, 16)).astype(np.float32)
+    sim = np.ones((16, 16), dtype=np.float32)
+    for S in (0, 4):  # S <= 0 or S >= k: identity re-routing
+        w, ids = topk_reroute_numba_numpy(logits, 4, True, sim, S, 0.0)
+        np.testing.assert_array_equal(ids, np.argsort(-logits, axis=1, kind="stable")[:, :4])
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_fused_topk_rejects_bad_input():
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+
+    sim = np.eye(8, dtype=np.float32)
+    with pytest.raises(ValueError, match="top_k"):
+        topk_reroute_numba_numpy(np.zeros((2, 8), np.float32), 9, False, sim, 1, 0.0)
+    with pytest.raises(TypeError, match="sim"):
+        topk_reroute_numba_numpy(np.zeros((2, 8), np.float32), 2, False, np.eye(4, dtype=np.float32), 1, 0.0)
+    with pytest.raises(TypeError, match="router_logits"):
+        topk_reroute_numba_numpy(np.zeros((2, 8), np.int32), 2, False, sim, 1, 0.0)

@@ -1,0 +1,144 @@
+"""The router's softmax top-k and SERE's re-routing in one kernel (Numba CUDA), so that SERE costs no
+launch of its own: it replaces the router's top-k op instead of following it.
+
+The contract it computes (oracle: sere.kernels.reference.topk_reroute_reference), per token t of
+router logits [T, E]:
+  1. ids: the k experts of largest logit, slot 0 the largest (ties: the smaller expert id), i.e.
+     torch.topk(logits, k, sorted=True) on distinct values; selecting on logits rather than on
+     softmax probabilities avoids ties that rounding in exp would create;
+  2. weights: softmax over all E logits in float32 (exp(l - max) / sum), taken at the k ids,
+     divided by their own sum when `renormalize`;
+  3. the SERE contract (sere.routing) on those ids: P = every token's slots 0..S-1, each other slot
+     moves to its most similar primary expert when that similarity >= rho. Weights unchanged.
+This is what vLLM's FusedTopKRouter with softmax scoring does before re-routing (its CUDA
+topk_softmax kernel), up to float rounding of the weights' exp and sum.
+
+How it works (one launch, no host sync, graph-capturable): a group of `lanes` lanes (a warp on the
+GPU) owns one token at a time and keeps that token's logits in registers (lane l: columns l,
+l + lanes, ...). k rounds of a group argmax pick the top-k; a group sum gives the softmax
+denominator. Every block first builds P in shared memory from the top-S of ALL tokens (redundant
+across blocks, as in the reroute kernel: T*E logits read per block, a few tens of KB at decode
+sizes), then handles its own tokens: top-k, weights, and for each secondary slot whose expert is
+not primary the similarity row, the group argmax over primary columns, the threshold test.
+Trip counts are uniform per block (the simulator's group primitives have block barriers).
+Index letters: T = tokens, E = experts, k = experts per token, S = primary slots.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sere.kernels import numba_device as device
+from sere.kernels.numba_runtime import cuda, numba, simulator_enabled
+
+MAX_K = 16  # slots per token kept in per-thread arrays
+
+
+def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
+    """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
+    ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1)."""
+    load_logit = device.SIM_LOADERS[logit_kind]
+    load_sim = device.SIM_LOADERS[sim_kind]
+    group_argmax = device.group_argmax
+    group_sum = device.group_sum
+    groups_per_block = threads // lanes
+    mask_len = lanes * cols
+    neg_inf = np.float32(-np.inf)
+    no_expert = 0x7FFFFFFF
+    device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+
+    @device_fn
+    def load_logits(vals, taken, logits, t, E, lane, live):
+        for c in range(cols):
+            j = lane + lanes * c
+            taken[c] = 0
+            vals[c] = load_logit(logits[t * E + j]) if live and j < E else neg_inf
+            if j >= E:
+                taken[c] = 1  # not an expert: never picked
+
+    @device_fn
+    def pick_next(vals, taken, lane, scratch_v, scratch_i):
+        """The group's largest untaken logit (value, expert), smallest expert on ties; marked taken."""
+        best_v = neg_inf
+        best_i = no_expert
+        for c in range(cols):
+            if taken[c] == 0 and (best_i == no_expert or vals[c] > best_v):
+                best_v = vals[c]
+                best_i = lane + lanes * c
+        best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+        if best_i != no_expert and best_i % lanes == lane:
+            taken[best_i // lanes] = 1
+        return best_v, best_i
+
+    def topk_reroute_kernel(logits, sim, weights_out, ids_out, T, E, k, S, rho, renormalize):
+        is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
+        scratch_v = cuda.shared.array(threads, numba.float32)  # the simulator's group primitives
+        scratch_i = cuda.shared.array(threads, numba.int64)
+        vals = cuda.local.array(cols, numba.float32)  # this lane's logits of the current token
+        taken = cuda.local.array(cols, numba.int8)
+        row = cuda.local.array(cols, numba.float32)
+        pick_v = cuda.local.array(MAX_K, numba.float32)
+        pick_i = cuda.local.array(MAX_K, numba.int64)
+        tid = cuda.threadIdx.x
+        lane = tid % lanes
+        group = tid // lanes
+        block = cuda.blockIdx.x
+        blocks = cuda.gridDim.x
+        rerouting = S > 0 and S < k
+
+        # 1. P from the top-S of every token (each block its own copy, in shared memory).
+        for j in range(tid, E, threads):
+            is_primary[j] = 0
+        cuda.syncthreads()
+        if rerouting:
+            for base in range(0, T, groups_per_block):
+                t = base + group
+                live = t < T
+                load_logits(vals, taken, logits, t, E, lane, live)
+                for _ in range(S):
+                    v, e = pick_next(vals, taken, lane, scratch_v, scratch_i)
+                    if live and lane == 0 and e != no_expert:
+                        is_primary[e] = 1
+        cuda.syncthreads()
+
+        # 2. This block's tokens: top-k, softmax weights, re-routed secondary slots.
+        for base in range(block * groups_per_block, T, blocks * groups_per_block):
+            t = base + group
+            live = t < T
+            load_logits(vals, taken, logits, t, E, lane, live)
+            for r in range(k):
+                pick_v[r], pick_i[r] = pick_next(vals, taken, lane, scratch_v, scratch_i)
+            top = pick_v[0]  # the largest logit: exp(l - top) <= 1, no overflow
+            part = np.float32(0.0)
+            for c in range(cols):
+                if lane + lanes * c < E and live:
+                    part += math.exp(load_logit(logits[t * E + lane + lanes * c]) - top)
+            denom = group_sum(part, lanes, scratch_v)
+            kept = np.float32(0.0)
+            for r in range(k):
+                pick_v[r] = math.exp(pick_v[r] - top) / denom if live else np.float32(0.0)
+                kept += pick_v[r]
+            for r in range(k):
+                e = pick_i[r]
+                new = e
+                if rerouting and r >= S:
+                    moving = live and is_primary[e] == 0
+                    best_v = neg_inf
+                    best_i = no_expert
+                    if moving:
+                        for c in range(cols):
+                            j = lane + lanes * c
+                            if j < E:
+                                row[c] = load_sim(sim[e * E + j])
+                                if is_primary[j] != 0 and (best_i == no_expert or row[c] > best_v):
+                                    best_v = row[c]
+                                    best_i = j
+                    best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+                    if moving and best_i != no_expert and best_v >= rho:
+                        new = best_i
+                if live and lane == 0:
+                    ids_out[t * k + r] = new
+                    weights_out[t * k + r] = pick_v[r] / kept if renormalize != 0 else pick_v[r]
+
+    return topk_reroute_kernel
