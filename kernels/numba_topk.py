@@ -113,7 +113,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
             part = np.float32(0.0)
             for c in range(cols):
                 if lane + lanes * c < E and live:
-                    part += math.exp(load_logit(logits[t * E + lane + lanes * c]) - top)
+                    part += math.exp(vals[c] - top)  # the logits are still in registers (taken is apart)
             denom = group_sum(part, lanes, scratch_v)
             kept = np.float32(0.0)
             for r in range(k):
