@@ -18,6 +18,9 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
   record_stats             False; True (the integration's default recorder); or N > 1, a ring
                            of the last N steps per layer (CUDA-graph safe)
   similarity               the artifact file or folder (None: the integration's default place)
+  fuse_topk                vLLM on CUDA: compute a softmax router's top-k and the re-routing in one
+                           kernel instead of re-routing after the router's own top-k (off by default
+                           until measured on a GPU; see sere.vllm.fused_topk)
   metadata                 free-form provenance (e.g. what `sere-tune` measured); JSON-like,
                            carried along, ignored by routing and by comparisons
 """
@@ -63,6 +66,7 @@ class SereConfig:
     sort_slots: bool | None = None
     record_stats: bool | int = False
     similarity: str | None = None
+    fuse_topk: bool = False
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
 
@@ -103,6 +107,8 @@ class SereConfig:
             if not isinstance(self.similarity, (str, os.PathLike)):
                 raise TypeError(f"similarity must be an artifact path, got {self.similarity!r}")
             object.__setattr__(self, "similarity", os.fspath(self.similarity))
+        if not isinstance(self.fuse_topk, bool):
+            raise TypeError(f"fuse_topk must be true or false, got {self.fuse_topk!r}")
         if not isinstance(self.metadata, Mapping):
             raise TypeError(f"metadata must be a dict, got {type(self.metadata).__name__}")
 

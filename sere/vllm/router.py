@@ -119,15 +119,26 @@ def sere_class(cls: type) -> type:
     with no slots of its own, so that `router.__class__` can be swapped in place."""
     if cls not in _SERE_CLASSES:
         stock_select = cls.select_experts
+        members = {"_sere_rerouted": True, "_sere_fused": None, "__module__": __name__}
 
         def select_experts(self, *args, **kwargs):
             topk_weights, topk_ids = stock_select(self, *args, **kwargs)
+            if self._sere_fused is not None:  # _compute_routing re-routed already (or left the call alone by rule)
+                return topk_weights, topk_ids
             return topk_weights, self._sere(topk_ids, topk_weights)
 
-        _SERE_CLASSES[cls] = type(
-            f"Sere{cls.__name__}", (cls,),
-            {"select_experts": select_experts, "_sere_rerouted": True, "__module__": __name__},
-        )
+        members["select_experts"] = select_experts
+        stock_compute = getattr(cls, "_compute_routing", None)
+        if stock_compute is not None:  # where a layer takes the fused top-k (sere.vllm.fused_topk)
+
+            def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
+                fused = self._sere_fused
+                if fused is not None and fused.takes(router_logits):
+                    return fused(router_logits, indices_type)
+                return stock_compute(self, hidden_states, router_logits, indices_type, **kwargs)
+
+            members["_compute_routing"] = _compute_routing
+        _SERE_CLASSES[cls] = type(f"Sere{cls.__name__}", (cls,), members)
     return _SERE_CLASSES[cls]
 
 
@@ -177,7 +188,9 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
             sort_slots = not router_returns_sorted(s.router, device)
         s.router._sere = LayerRerouter(plans[s.layer], sims[s.layer], transform, sort_slots=sort_slots,
                                        backend=config.backend, observers=observers)
+        fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
+        s.router._sere_fused = fused
         if device.type == "cuda":
             _warm_up(s)
     logger.info(
@@ -189,12 +202,28 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
     return sites
 
 
+def _fused_topk(site: MoESite, resolved: str, config: SereConfig):
+    """The layer's FusedTopK where it is eligible; else None, with the reason logged once."""
+    from sere.vllm.fused_topk import FusedTopK, why_not
+
+    reason = why_not(site.router, site.router._sere, resolved, config.method)
+    if reason is not None:
+        logger.warning("SERE fuse_topk: layer %d keeps the router's top-k and a separate re-route kernel: %s",
+                       site.layer, reason)
+        return None
+    return FusedTopK(site.router._sere, site.top_k, site.router.renormalize)
+
+
 def _warm_up(site: MoESite) -> None:
-    """One call before any graph capture: compiles the Numba kernel for this expert count."""
+    """One call before any graph capture: compiles the Numba kernel(s) for this expert count."""
     rerouter = site.router._sere
     k = site.top_k
     ids = torch.arange(2 * k, device=rerouter.sim.device, dtype=torch.int32).remainder(site.num_experts).view(2, k)
     rerouter.transform(ids, rerouter.sim, max(1, min(rerouter.select_top_k, k - 1)), rerouter.threshold)
+    fused = site.router._sere_fused
+    if fused is not None:
+        logits = torch.zeros(2, site.num_experts, device=rerouter.sim.device, dtype=torch.float32)
+        fused(logits, torch.int32)
 
 
 def check_routed_through_router(sites: list[MoESite]) -> None:

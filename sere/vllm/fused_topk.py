@@ -1,0 +1,72 @@
+"""The router's top-k and SERE in one kernel, inside vLLM (`additional_config={"sere": {..., "fuse_topk": true}}`).
+
+Without it a layer runs vLLM's top-k kernel, then SERE's re-route kernel: one launch more than
+stock, about 2 us per MoE layer under CUDA graphs. With it the re-routed layer's router computes
+its top-k with sere.kernels.numba_topk (softmax, top-k, weights, re-routing: one launch) instead
+of vLLM's, and the wrapper does not re-route again. Calls the re-router would leave alone (more
+tokens than max_tokens, identity settings) run vLLM's own top-k.
+
+Eligible (`why_not` says what is missing, and the plugin logs it when fuse_topk was asked for):
+vLLM's plain `FusedTopKRouter` with softmax scoring (its grouped, biased, sigmoid and custom
+routers keep the two-kernel path), the numba backend, the `sere` transform, no statistics
+observer (it needs the ids before re-routing), no padding mask (VLLM_MOE_SKIP_PADDING), E <= 1024
+and k <= 16. The weights are the kernel's float32 softmax, equal to vLLM's up to rounding.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sere.rerouter import LayerRerouter
+
+ROUTER_CLASS = "FusedTopKRouter"
+MAX_EXPERTS, MAX_K = 1024, 16
+
+
+def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str) -> str | None:
+    """None if this layer can take the fused kernel, else the reason, in a few words."""
+    if type(router).__name__ != ROUTER_CLASS or not hasattr(type(router), "_compute_routing"):
+        return f"router {type(router).__name__} is not vLLM's plain {ROUTER_CLASS}"
+    if getattr(router, "scoring_func", None) != "softmax":
+        return f"scoring {getattr(router, 'scoring_func', None)!r} is not softmax"
+    if not isinstance(getattr(router, "renormalize", None), bool):
+        return "the router has no renormalize flag"
+    if getattr(router, "eplb_state", None) is not None:
+        return "EPLB is on"
+    if resolved_backend != "numba":
+        return f"backend {resolved_backend!r} is not numba"
+    if method != "sere":
+        return f"method {method!r} is not sere"
+    if rerouter.observers:
+        return "statistics are recorded (they need the ids before re-routing)"
+    if os.environ.get("VLLM_MOE_SKIP_PADDING", "0") not in ("", "0"):
+        return "VLLM_MOE_SKIP_PADDING is set (the fused kernel has no padding mask)"
+    if rerouter.num_experts > MAX_EXPERTS or getattr(router, "top_k", MAX_K + 1) > MAX_K:
+        return f"E={rerouter.num_experts} or k={getattr(router, 'top_k', None)} is beyond the kernel's {MAX_EXPERTS} / {MAX_K}"
+    return None
+
+
+class FusedTopK:
+    """One layer's fused top-k: `takes(router_logits)` says whether this call goes through it
+    (shape decisions only: graph-safe), `__call__` returns (topk_weights, topk_ids).
+    `kernel` is topk_reroute_numba (a stand-in can be given for tests)."""
+
+    def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None):
+        if kernel is None:
+            from sere.kernels.numba_cuda import topk_reroute_numba as kernel
+        self.rerouter = rerouter
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.kernel = kernel
+
+    def takes(self, router_logits: torch.Tensor) -> bool:
+        r = self.rerouter
+        if r.select_top_k <= 0 or r.select_top_k >= self.top_k:
+            return False
+        return r.max_tokens is None or router_logits.shape[0] <= r.max_tokens
+
+    def __call__(self, router_logits: torch.Tensor, indices_type: torch.dtype | None):
+        r = self.rerouter
+        return self.kernel(router_logits, r.sim, self.top_k, self.renormalize, r.select_top_k, r.threshold,
+                           ids_dtype=indices_type or torch.int32)

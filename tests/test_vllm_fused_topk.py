@@ -1,0 +1,137 @@
+"""The fused top-k path of the vLLM plugin (sere.vllm.fused_topk, sere.vllm.router.sere_class) on a
+stand-in router with vLLM's call shape (select_experts -> _compute_routing), the fused kernel
+replaced by its plain-loop reference: which calls take it, that nothing is re-routed twice, and
+which layers are refused and why. No vLLM and no GPU needed; the kernel itself is tested in
+tests/test_numba_simulator.py and tests/test_gpu_kernels.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sere.config import LayerPlan
+from sere.kernels.reference import reroute_reference, topk_reroute_reference
+from sere.rerouter import LayerRerouter, StatsObserver
+from sere.recorder import ExpertStatsRecorder
+from sere.transforms import get_transform
+from sere.vllm.fused_topk import FusedTopK, why_not
+from sere.vllm.router import sere_class
+
+T, E, K, S, RHO = 6, 16, 4, 1, 0.2
+
+
+class FusedTopKRouter:
+    """vLLM's plain router, as far as the plugin sees it (0.26 and 0.32)."""
+
+    def __init__(self, renormalize=True, scoring_func="softmax"):
+        self.top_k, self.global_num_experts, self.renormalize, self.scoring_func = K, E, renormalize, scoring_func
+        self.eplb_state = None
+        self.stock_calls = 0
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
+        self.stock_calls += 1
+        w, ids = torch.softmax(router_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        if self.renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w, ids.to(indices_type or torch.int32)
+
+    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
+        return self._compute_routing(hidden_states, router_logits, topk_indices_dtype)
+
+
+class CountingTransform:
+    def __init__(self):
+        self.calls, self.plain = 0, get_transform("sere", backend="torch")
+
+    def __call__(self, ids, sim, s, rho):
+        self.calls += 1
+        return self.plain(ids, sim, s, rho)
+
+
+def reference_kernel(calls):
+    def kernel(logits, sim, top_k, renormalize, s, rho, ids_dtype=torch.int32):
+        calls.append(logits.shape[0])
+        w, ids = topk_reroute_reference(logits.numpy(), top_k, renormalize, sim.numpy(), s, rho)
+        return torch.from_numpy(w), torch.from_numpy(ids).to(ids_dtype)
+    return kernel
+
+
+def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S):
+    router = FusedTopKRouter()
+    transform = CountingTransform()
+    router._sere = LayerRerouter(LayerPlan(0, select_top_k, RHO, max_tokens), sim, transform, sort_slots=False,
+                                 backend="torch")
+    router.__class__ = sere_class(FusedTopKRouter)
+    calls = []
+    router._sere_fused = FusedTopK(router._sere, K, True, kernel=reference_kernel(calls)) if fused else None
+    return router, transform, calls
+
+
+def inputs(seed=0, tokens=T):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, 8, generator=gen), torch.randn(tokens, E, generator=gen), torch.rand(E, E, generator=gen)
+
+
+def test_a_fused_call_runs_one_kernel_and_is_not_rerouted_again():
+    hidden, logits, sim = inputs()
+    router, transform, calls = wrapped_router(sim)
+    w, ids = router.select_experts(hidden, logits)
+    rw, rids = topk_reroute_reference(logits.numpy(), K, True, sim.numpy(), S, RHO)
+    assert calls == [T] and router.stock_calls == 0 and transform.calls == 0
+    assert np.array_equal(ids.long().numpy(), rids) and ids.dtype == torch.int32
+    np.testing.assert_allclose(w.numpy(), rw, rtol=1e-6)
+
+
+def test_the_fused_path_gives_the_ids_of_the_two_kernel_path():
+    hidden, logits, sim = inputs(1)
+    _, fused_ids = wrapped_router(sim)[0].select_experts(hidden, logits, torch.int64)
+    router, transform, calls = wrapped_router(sim, fused=False)
+    _, ids = router.select_experts(hidden, logits, torch.int64)
+    assert calls == [] and router.stock_calls == 1 and transform.calls == 1
+    assert torch.equal(ids, fused_ids) and ids.dtype == torch.int64
+
+
+@pytest.mark.parametrize("max_tokens, select_top_k", [(T - 1, S), (None, K), (None, 0)])
+def test_calls_the_rerouter_leaves_alone_run_the_routers_own_top_k(max_tokens, select_top_k):
+    hidden, logits, sim = inputs(2)
+    router, transform, calls = wrapped_router(sim, max_tokens=max_tokens, select_top_k=select_top_k)
+    _, ids = router.select_experts(hidden, logits)
+    stock = torch.softmax(logits, dim=-1).topk(K, dim=-1).indices
+    assert calls == [] and router.stock_calls == 1 and transform.calls == 0
+    assert torch.equal(ids.long(), stock)
+
+
+def test_a_class_without_compute_routing_keeps_the_wrapper_only():
+    class OtherRouter:
+        def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None):
+            return torch.ones(2, K), torch.arange(2 * K).view(2, K) % E
+
+    cls = sere_class(OtherRouter)
+    assert "_compute_routing" not in vars(cls) and "select_experts" in vars(cls)
+    router = OtherRouter()
+    sim = torch.rand(E, E)
+    router._sere = LayerRerouter(LayerPlan(0, 1, 0.0, None), sim, get_transform("sere", backend="torch"),
+                                 sort_slots=False, backend="torch")
+    router.__class__ = cls
+    _, ids = router.select_experts(None, None)
+    assert np.array_equal(ids.numpy(), reroute_reference((torch.arange(2 * K).view(2, K) % E).numpy(), sim.numpy(), 1, 0.0))
+
+
+def test_why_not_names_what_keeps_a_layer_off_the_fused_kernel(monkeypatch):
+    sim = torch.rand(E, E)
+    rerouter = LayerRerouter(LayerPlan(0, S, RHO, None), sim, get_transform("sere", backend="torch"),
+                             sort_slots=False, backend="torch")
+    assert why_not(FusedTopKRouter(), rerouter, "numba", "sere") is None
+    assert "sigmoid" in why_not(FusedTopKRouter(scoring_func="sigmoid"), rerouter, "numba", "sere")
+    assert "not numba" in why_not(FusedTopKRouter(), rerouter, "torch", "sere")
+    assert "random" in why_not(FusedTopKRouter(), rerouter, "numba", "random")
+
+    class GroupedTopKRouter(FusedTopKRouter):
+        pass
+
+    assert "GroupedTopKRouter" in why_not(GroupedTopKRouter(), rerouter, "numba", "sere")
+    observed = LayerRerouter(LayerPlan(0, S, RHO, None), sim, get_transform("sere", backend="torch"),
+                             sort_slots=False, backend="torch", observers=[StatsObserver(ExpertStatsRecorder())])
+    assert "statistics" in why_not(FusedTopKRouter(), observed, "numba", "sere")
+    monkeypatch.setenv("VLLM_MOE_SKIP_PADDING", "1")
+    assert "PADDING" in why_not(FusedTopKRouter(), rerouter, "numba", "sere")
