@@ -45,6 +45,45 @@ FLAG_THREADS = 1024  # the one block of launch 1: T*S / 1024 head ids per thread
 _NO_EXPERT = 0x7FFFFFFF  # index sentinel: loses every tie against a real expert
 
 
+def device_function():
+    """The decorator of the kernels' device functions: inlined at NVVM level on the GPU, so a
+    local array passed to them (a similarity row) still lives in registers after unrolling."""
+    return cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+
+
+def make_row_helpers(sim_kind: str, cols: int, lanes: int):
+    """(load_row, best_primary): a lane's columns of one similarity row, and its most similar
+    primary column among them (shared by the reroute kernels and the fused top-k kernel)."""
+    load_f32 = device.SIM_LOADERS[sim_kind]
+    neg_inf = np.float32(-np.inf)
+    no_expert = _NO_EXPERT
+    device_fn = device_function()
+
+    @device_fn
+    def load_row(row, sim, e, E, lane):
+        """This lane's columns of similarity row e: row[c] = sim[e, lane + lanes*c]."""
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E:
+                row[c] = load_f32(sim[e * E + j])
+
+    @device_fn
+    def best_primary(row, is_primary, E, lane):
+        """(value, index) of this lane's most similar primary column; (-inf, no_expert) if none.
+        Ascending columns with a strict > keep the smallest index among ties."""
+        best_v = neg_inf
+        best_i = no_expert
+        for c in range(cols):
+            j = lane + lanes * c
+            if j < E and is_primary[j] != 0:
+                if best_i == no_expert or row[c] > best_v:
+                    best_v = row[c]
+                    best_i = j
+        return best_v, best_i
+
+    return load_row, best_primary
+
+
 def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
                 weight_kind: str | None = None):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
@@ -69,7 +108,6 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
     if weight_kind is not None and two_launch:
         raise ValueError("the weight-order kernel has one launch only (large T: sort, then the plain kernel)")
-    load_f32 = device.SIM_LOADERS[sim_kind]
     load_w = device.SIM_LOADERS[weight_kind or "float32"]
     weighted = weight_kind is not None
     group_argmax = device.group_argmax
@@ -77,31 +115,9 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     groups_per_block = threads // lanes
     neg_inf = np.float32(-np.inf)
     no_expert = _NO_EXPERT
-    # The kernels share their per-slot work through these; on the GPU they are inlined at
-    # NVVM level, so `row` (a local array) still lives in registers after unrolling.
-    device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+    device_fn = device_function()  # the kernels share their per-slot work through device functions
 
-    @device_fn
-    def load_row(row, sim, e, E, lane):
-        """This lane's columns of similarity row e: row[c] = sim[e, lane + lanes*c]."""
-        for c in range(cols):
-            j = lane + lanes * c
-            if j < E:
-                row[c] = load_f32(sim[e * E + j])
-
-    @device_fn
-    def best_primary(row, is_primary, E, lane):
-        """(value, index) of this lane's most similar primary column; (-inf, no_expert) if none.
-        Ascending columns with a strict > keep the smallest index among ties."""
-        best_v = neg_inf
-        best_i = no_expert
-        for c in range(cols):
-            j = lane + lanes * c
-            if j < E and is_primary[j] != 0:
-                if best_i == no_expert or row[c] > best_v:
-                    best_v = row[c]
-                    best_i = j
-        return best_v, best_i
+    load_row, best_primary = make_row_helpers(sim_kind, cols, lanes)
 
     @device_fn
     def weight_rank(weights, row0, k, j):

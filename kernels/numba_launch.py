@@ -87,11 +87,11 @@ def launch_reroute(
     a cached buffer shared by streams or graphs would race).
     threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks;
     two_launch forces a path (None: the shape rule).
-    weights [T, k] float32/float16/bfloat16 contiguous: the router's slots are not sorted by
-    weight; the contract applies in each token's weight order and ids stay in their own slots.
-    One launch (the weight-order kernel) where the shape rule says one; at large T (or k > 64) the
-    slots are sorted with torch (argsort, gather), the plain kernel runs, and the ids are
-    scattered back.
+    weights [T, k] floating, contiguous: the router's slots are not sorted by weight; the contract
+    applies in each token's weight order and ids stay in their own slots. One launch (the
+    weight-order kernel) where the shape rule says one; at large T, k > 64 or weights that are not
+    float32/float16/bfloat16 (e.g. float64, ordered as given) the slots are sorted with torch
+    (argsort, gather), the plain kernel runs, and the ids are scattered back.
     """
     T, k = topk_ids.shape
     E = sim.shape[0]
@@ -113,7 +113,7 @@ def launch_reroute(
     if two_launch is None:
         two_launch = use_two_launch(T, k, S)
     if weights is not None:
-        if 0 < S < k and (two_launch or k > MAX_WEIGHTED_K):
+        if (two_launch and 0 < S < k) or k > MAX_WEIGHTED_K or weights.dtype not in TORCH_SIM_KIND:
             order = weights.argsort(dim=1, descending=True, stable=True)  # T, k
             in_order = topk_ids.gather(1, order)  # T, k
             new_in_order = torch.empty_like(in_order)

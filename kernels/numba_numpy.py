@@ -127,7 +127,7 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
     """The fused top-k + re-route kernel (sere.kernels.numba_topk) on NumPy arrays: (weights [T, k]
     float32, ids [T, k] int64). router_logits [T, E] and sim [E, E] float32/float16. Simulator
     defaults as reroute_numba_numpy's."""
-    from sere.kernels.numba_topk import MAX_K
+    from sere.kernels.numba_topk import MAX_K, topk_grid_blocks
 
     if cuda is None:
         raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
@@ -150,7 +150,7 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
         lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
     cols = columns_per_lane(E, lanes)
     S = max(-1, min(int(select_top_k), top_k))
-    blocks = max(1, min(-(-T // (threads // lanes)), max_blocks))
+    blocks = topk_grid_blocks(T, threads, lanes, max_blocks)
     kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes)
     w_flat, i_flat = weights.reshape(-1), ids.reshape(-1)
     kernel[blocks, threads](np.ascontiguousarray(logits).reshape(-1), np.ascontiguousarray(sim).reshape(-1), w_flat,

@@ -76,12 +76,6 @@ def _reroute_in_weight_order_eager(topk_ids: torch.Tensor, topk_weights: torch.T
         sim = sim.float()
     sim = sim.contiguous()  # E, E
     out = torch.empty_like(ids)  # T, k
-    if topk_weights.dtype not in TORCH_SIM_KIND:  # e.g. float64: order by the weights as given, then the plain kernel
-        order = topk_weights.argsort(dim=1, descending=True, stable=True)  # T, k
-        in_order = ids.gather(1, order)
-        new_in_order = torch.empty_like(in_order)
-        launch_reroute(in_order, sim, new_in_order, select_top_k, threshold)
-        return out.scatter_(1, order, new_in_order)
     launch_reroute(ids, sim, out, select_top_k, threshold, weights=topk_weights.contiguous())
     return out
 

@@ -10,7 +10,7 @@ from sere.kernels.numba_kernels import DEFAULT_THREADS, FLAG_THREADS, WARP, make
 from sere.kernels.numba_runtime import cuda, numba
 
 
-def _numba_type(name: str):
+def numba_type(name: str):
     types = numba.types
     return {
         "int32": types.int32,
@@ -25,12 +25,12 @@ def pointer_signature(id_name: str, sim_kind: str, weight_kind: str | None = Non
     """void(ids*, sim*, out*, T, k, E, S, rho) for one id dtype and similarity kind; with a
     weight kind, void(ids*, weights*, sim*, out*, T, k, E, S, rho) (the weight-order kernel)."""
     types = numba.types
-    idt = _numba_type(id_name)
+    idt = numba_type(id_name)
     head = (types.CPointer(idt),)
     if weight_kind is not None:
-        head += (types.CPointer(_numba_type(weight_kind)),)
+        head += (types.CPointer(numba_type(weight_kind)),)
     return types.void(
-        *head, types.CPointer(_numba_type(sim_kind)), types.CPointer(idt),
+        *head, types.CPointer(numba_type(sim_kind)), types.CPointer(idt),
         types.int32, types.int32, types.int32, types.int32, types.float32,
     )
 
@@ -38,9 +38,9 @@ def pointer_signature(id_name: str, sim_kind: str, weight_kind: str | None = Non
 def after_flags_signature(id_name: str, sim_kind: str):
     """void(ids*, sim*, flags*, out*, T, k, E, S, rho): launch 2 of the two-launch path."""
     types = numba.types
-    idt = _numba_type(id_name)
+    idt = numba_type(id_name)
     return types.void(
-        types.CPointer(idt), types.CPointer(_numba_type(sim_kind)), types.CPointer(types.int32),
+        types.CPointer(idt), types.CPointer(numba_type(sim_kind)), types.CPointer(types.int32),
         types.CPointer(idt), types.int32, types.int32, types.int32, types.int32, types.float32,
     )
 
@@ -48,7 +48,7 @@ def after_flags_signature(id_name: str, sim_kind: str):
 def flags_signature(id_name: str):
     """void(ids*, flags*, T, k, E, S): launch 1 of the two-launch path."""
     types = numba.types
-    return types.void(types.CPointer(_numba_type(id_name)), types.CPointer(types.int32),
+    return types.void(types.CPointer(numba_type(id_name)), types.CPointer(types.int32),
                       types.int32, types.int32, types.int32, types.int32)
 
 

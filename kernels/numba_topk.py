@@ -30,23 +30,30 @@ import math
 import numpy as np
 
 from sere.kernels import numba_device as device
-from sere.kernels.numba_runtime import cuda, numba, simulator_enabled
+from sere.kernels.numba_kernels import device_function, make_row_helpers
+from sere.kernels.numba_runtime import cuda, numba
 
 MAX_K = 16  # slots per token kept in per-thread arrays
+
+
+def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int) -> int:
+    """Blocks for T tokens, a group of `lanes` lanes per token, at most max_blocks (each block
+    rebuilds P from all T tokens, so more blocks only add that redundant work)."""
+    return max(1, min(-(-T // (threads // lanes)), max_blocks))
 
 
 def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
     """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
     ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1)."""
     load_logit = device.SIM_LOADERS[logit_kind]
-    load_sim = device.SIM_LOADERS[sim_kind]
+    load_row, best_primary = make_row_helpers(sim_kind, cols, lanes)
     group_argmax = device.group_argmax
     group_sum = device.group_sum
     groups_per_block = threads // lanes
     mask_len = lanes * cols
     neg_inf = np.float32(-np.inf)
     no_expert = 0x7FFFFFFF
-    device_fn = cuda.jit(device=True) if simulator_enabled() else cuda.jit(device=True, forceinline=True)
+    device_fn = device_function()
 
     @device_fn
     def load_logits(vals, taken, logits, t, E, lane, live):
@@ -127,13 +134,8 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                     best_v = neg_inf
                     best_i = no_expert
                     if moving:
-                        for c in range(cols):
-                            j = lane + lanes * c
-                            if j < E:
-                                row[c] = load_sim(sim[e * E + j])
-                                if is_primary[j] != 0 and (best_i == no_expert or row[c] > best_v):
-                                    best_v = row[c]
-                                    best_i = j
+                        load_row(row, sim, e, E, lane)
+                        best_v, best_i = best_primary(row, is_primary, E, lane)
                     best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
                     if moving and best_i != no_expert and best_v >= rho:
                         new = best_i

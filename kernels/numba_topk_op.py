@@ -12,9 +12,9 @@ import torch
 
 from sere.kernels.numba_kernels import DEFAULT_THREADS, WARP
 from sere.kernels.numba_launch import TORCH_SIM_KIND, columns_per_lane, max_blocks_for
-from sere.kernels.numba_pointer import PointerKernel, _numba_type, cached_pointer_kernel
+from sere.kernels.numba_pointer import PointerKernel, numba_type, cached_pointer_kernel
 from sere.kernels.numba_runtime import numba
-from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel
+from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_grid_blocks
 
 _ID_TYPES = {torch.int32: "int32", torch.int64: "int64"}
 
@@ -23,8 +23,8 @@ def _signature(logit_kind: str, sim_kind: str, id_name: str):
     """void(logits*, sim*, weights_out*, ids_out*, T, E, k, S, rho, renormalize)."""
     types = numba.types
     return types.void(
-        types.CPointer(_numba_type(logit_kind)), types.CPointer(_numba_type(sim_kind)),
-        types.CPointer(types.float32), types.CPointer(_numba_type(id_name)),
+        types.CPointer(numba_type(logit_kind)), types.CPointer(numba_type(sim_kind)),
+        types.CPointer(types.float32), types.CPointer(numba_type(id_name)),
         types.int32, types.int32, types.int32, types.int32, types.float32, types.int32,
     )
 
@@ -70,7 +70,7 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
         sim = sim.view(torch.int16)
     device_index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     threads = DEFAULT_THREADS
-    blocks = max(1, min(-(-T // (threads // WARP)), max_blocks_for(device_index)))
+    blocks = topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index))
     S = max(-1, min(int(select_top_k), top_k))
     kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads)
     args = (logits.data_ptr(), sim.data_ptr(), weights.data_ptr(), ids.data_ptr(), np.int32(T), np.int32(E),

@@ -28,7 +28,7 @@ import torch
 
 from sere.kernels import numba_device
 from sere.kernels.numba_launch import TORCH_SIM_KIND
-from sere.kernels.numba_pointer import PointerKernel, cached_pointer_kernel
+from sere.kernels.numba_pointer import PointerKernel, cached_pointer_kernel, numba_type
 # The kernel body refers to `cuda` by this global name (the simulator swaps it per thread).
 from sere.kernels.numba_runtime import cuda, numba
 
@@ -108,10 +108,9 @@ def _make_scan_kernel(sim_kind: str, unroll: int = SCAN_UNROLL):
 
 def _signature(id_name: str, sim_kind: str):
     types = numba.types
-    idt = types.int32 if id_name == "int32" else types.int64
-    simt = {"float32": types.float32, "float16": types.float16, "bfloat16": types.int16}[sim_kind]
+    idt = numba_type(id_name)
     return types.void(
-        types.CPointer(idt), types.CPointer(types.int8), types.CPointer(simt), types.CPointer(idt),
+        types.CPointer(idt), types.CPointer(types.int8), types.CPointer(numba_type(sim_kind)), types.CPointer(idt),
         types.int32, types.int32, types.int32, types.int32, types.float32,
     )
 
@@ -122,9 +121,8 @@ def _clear_signature():
 
 def _scatter_signature(id_name: str):
     types = numba.types
-    idt = types.int32 if id_name == "int32" else types.int64
-    return types.void(types.CPointer(idt), types.CPointer(types.int8), types.int32, types.int32, types.int32,
-                      types.int32)
+    return types.void(types.CPointer(numba_type(id_name)), types.CPointer(types.int8), types.int32, types.int32,
+                      types.int32, types.int32)
 
 
 def _blocks(n: int) -> int:
