@@ -440,10 +440,10 @@ def run_profile(name: str, args) -> dict:
                               smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
     cuda = torch.cuda.is_available()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for b in args.batches:
         generate(llm, b, args.long, args.vocab)  # warm-up
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
         generate(llm, b, args.long, args.vocab)

@@ -21,7 +21,6 @@ import torch
 from sere.rerouter import LayerRerouter
 
 ROUTER_CLASS = "FusedTopKRouter"
-MAX_EXPERTS, MAX_K = 1024, 16
 
 
 def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str) -> str | None:
@@ -42,6 +41,9 @@ def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str)
         return "statistics are recorded (they need the ids before re-routing)"
     if os.environ.get("VLLM_MOE_SKIP_PADDING", "0") not in ("", "0"):
         return "VLLM_MOE_SKIP_PADDING is set (the fused kernel has no padding mask)"
+    from sere.kernels.numba_kernels import MAX_EXPERTS  # numba is there: the backend is numba
+    from sere.kernels.numba_topk import MAX_K
+
     if rerouter.num_experts > MAX_EXPERTS or getattr(router, "top_k", MAX_K + 1) > MAX_K:
         return f"E={rerouter.num_experts} or k={getattr(router, 'top_k', None)} is beyond the kernel's {MAX_EXPERTS} / {MAX_K}"
     return None
