@@ -366,13 +366,19 @@ def slots_sorted_by_strategy(sere: dict | None) -> dict | None:
     return dict(sere, sort_slots=False)
 
 
-def run_timing(name: str, args) -> dict:
+def start_engine(args, sere: dict | None, *, eager: bool):
+    """(LLM, the SERE settings it runs with): this run's engine, its slots told sorted under a
+    sere_* routing strategy."""
     from vllm import LLM
 
+    sere = slots_sorted_by_strategy(sere)
+    return LLM(**engine_kwargs(args.model_dir, sere, eager=eager, batches=args.batches, smoke=args.smoke,
+                               model=args.model, max_model_len=args.max_model_len)), sere
+
+
+def run_timing(name: str, args) -> dict:
     t0 = time.perf_counter()
-    sere = slots_sorted_by_strategy(ENGINES[name].sere_config())
-    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=args.smoke, batches=args.batches,
-                              smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
+    llm, sere = start_engine(args, ENGINES[name].sere_config(), eager=args.smoke)
     start_s = time.perf_counter() - t0
     rows = [time_decode(llm, b, args.vocab, args.short, args.long, args.reps) for b in args.batches]
     from sere.harness import vllm_hooks
@@ -387,16 +393,13 @@ def run_timing(name: str, args) -> dict:
 def run_counts(args) -> dict:
     import numpy as np
     import torch
-    from vllm import LLM
 
     from sere.harness import vllm_hooks
     from sere.kernels.reference import reroute_reference
     from sere.routing import resolve_backend
     from sere.vllm import router
 
-    sere = slots_sorted_by_strategy(dict(SERE_S1.sere_config(), record_stats=True))  # both settings switched in below
-    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=True, batches=args.batches, smoke=args.smoke,
-                              model=args.model, max_model_len=args.max_model_len))
+    llm, _ = start_engine(args, dict(SERE_S1.sere_config(), record_stats=True), eager=True)  # both settings switched in below
     rec = router.recorder()
     active = vllm_hooks.active_rerouters()
     result = {"engine": "counts", "rerouted_layers": len(active),
@@ -433,11 +436,8 @@ def run_profile(name: str, args) -> dict:
     of --long tokens timed without the profiler, then the same under it; the kernels' device
     time by name (on the CPU, where there are no kernels, the host ops' own time instead)."""
     import torch
-    from vllm import LLM
 
-    sere = slots_sorted_by_strategy(ENGINES[name].sere_config())
-    llm = LLM(**engine_kwargs(args.model_dir, sere, eager=args.smoke, batches=args.batches,
-                              smoke=args.smoke, model=args.model, max_model_len=args.max_model_len))
+    llm, sere = start_engine(args, ENGINES[name].sere_config(), eager=args.smoke)
     cuda = torch.cuda.is_available()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
