@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from sere.harness.traces import TRACE_FORMAT, TRACE_VERSION, RoutingTrace, load_trace, save_trace  # noqa: F401 (re-exported)
-
+from sere.harness.vllm_routing import gumbel_topk, zipf_log_probs
 
 
 @dataclass(frozen=True)
@@ -60,28 +60,17 @@ def _check_sizes(T: int, E: int, k: int) -> None:
         raise ValueError(f"need 1 <= k <= E, got k={k}, E={E}")
 
 
-def _gumbel_topk(log_p: torch.Tensor, T: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """k distinct experts per token, drawn one after another without replacement with
-    probabilities exp(log_p) (the Gumbel top-k trick), in the order they were drawn."""
-    E = log_p.shape[0]
-    u = torch.rand(T, E, generator=gen).clamp_(min=1e-12)  # T, E
-    keys = log_p.unsqueeze(0) - torch.log(-torch.log(u))  # T, E
-    top_keys, ids = torch.topk(keys, k, dim=-1, sorted=True)  # T, k
-    weights = torch.softmax(top_keys, dim=-1)  # T, k: descending, like a router's top-k
-    return ids, weights
-
-
 def zipf_routing(T: int, E: int, k: int, alpha: float, *, seed: int = 0) -> Routing:
     """Routing where expert popularity follows Zipf's law: the expert of rank r (a seeded
-    random ranking) is drawn with probability proportional to r ** -alpha."""
+    random ranking) is drawn with probability proportional to r ** -alpha; k distinct experts
+    per token (Gumbel top-k), weights descending like a router's top-k. The law is the vLLM
+    strategy's (sere.harness.vllm_routing), from one generator seeded with `seed`."""
     _check_sizes(T, E, k)
     if not alpha >= 0:
         raise ValueError(f"Zipf exponent must be >= 0, got {alpha}")
     gen = torch.Generator().manual_seed(seed)
-    rank_of = torch.empty(E)
-    rank_of[torch.randperm(E, generator=gen)] = torch.arange(1, E + 1, dtype=torch.float32)  # E
-    log_p = -alpha * torch.log(rank_of)  # E, unnormalised: top-k does not care
-    ids, weights = _gumbel_topk(log_p, T, k, gen)
+    log_p = zipf_log_probs(E, alpha, 0, generator=gen)  # E, unnormalised: top-k does not care
+    weights, ids = gumbel_topk(log_p, T, k, gen)
     label = "uniform" if alpha == 0 else f"zipf:{alpha:g}"
     return Routing(ids, weights, label)
 

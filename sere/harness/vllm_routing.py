@@ -64,10 +64,11 @@ IDS_DTYPE = torch.int32
 # --- the routing laws, without vLLM ---------------------------------------------------------
 
 
-def zipf_log_probs(num_experts: int, alpha: float, layer: int, seed: int = 0) -> torch.Tensor:
+def zipf_log_probs(num_experts: int, alpha: float, layer: int, seed: int = 0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """[E] float32 unnormalised log-probabilities: the expert of rank r (a random ranking
-    seeded by (seed, layer)) gets -alpha * log(r)."""
-    gen = torch.Generator().manual_seed(seed + 100003 * layer)  # layer 0: bench/routing.py's ranking
+    seeded by (seed, layer), or drawn from `generator`) gets -alpha * log(r)."""
+    gen = generator or torch.Generator().manual_seed(seed + 100003 * layer)  # layer 0: bench/routing.py's ranking
     rank_of = torch.empty(num_experts)
     rank_of[torch.randperm(num_experts, generator=gen)] = torch.arange(1, num_experts + 1, dtype=torch.float32)  # E
     return -alpha * torch.log(rank_of)
