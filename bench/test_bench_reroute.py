@@ -14,10 +14,10 @@ active, the hardest case for SERE) and "zipf" (expert popularity ~ 1/rank, a ske
 trained routers). Every case first checks its output against the plain-loop reference.
 numba cases also time torch and baseline in the same run and record the ratios in extra_info.
 Fused router top-k (test_gpu_fused_topk): softmax top-k and re-routing in one kernel
-(sere.kernels.numba_topk) against the two-launch path it replaces (torch's softmax + topk, then the
-reroute kernel) and against torch's top-k alone (softmax, topk, renormalise: several launches, so
-a weaker stock than vLLM's one-kernel topk_softmax, which bench/test_bench_fused_moe.py has), graph
-replay, E = 128, k = 8.
+(sere.kernels.numba_topk), bf16 logits, against the two-launch path it replaces (stock's top-k,
+then the reroute kernel) and against stock's top-k alone; stock's top-k is vLLM's one-kernel
+topk_softmax where vLLM's CUDA build is importable, else torch's softmax + topk + renormalise
+(several launches: a weaker stock, named in extra_info "stock_topk"), graph replay, E = 128, k = 8.
 Unsorted routers (test_gpu_unsorted: slots shuffled, weights given, as vLLM's grouped top-k
 returns them): the weight-order kernel (one launch) against the path it replaces (argsort,
 gather, the kernel, scatter back), graph replay, ratio in extra_info.
@@ -180,6 +180,16 @@ def test_gpu_unsorted(benchmark, backend, T, S):
               f"sort path {t_sort.median_us:.2f} us ({t_sort.median_us / timing.median_us:.2f}x)")
 
 
+def vllm_topk():
+    """vLLM's one-kernel softmax top-k (topk_softmax, what its FusedTopKRouter runs), or None
+    without vLLM's CUDA build."""
+    try:
+        from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+    except Exception:  # no vLLM, or one without CUDA ops
+        return None
+    return fused_topk
+
+
 @needs_cuda
 @pytest.mark.parametrize("S", S_VALUES)
 @pytest.mark.parametrize("T", T_VALUES[:4])
@@ -188,26 +198,34 @@ def test_gpu_fused_topk(benchmark, T, S):
     from sere.kernels.reference import topk_reroute_reference
 
     gen = torch.Generator().manual_seed(T)
-    logits = torch.randn(T, E, generator=gen).cuda()
+    logits = torch.randn(T, E, generator=gen).cuda().bfloat16()  # the routers' dtype in vLLM's bf16 models
     _, sim = make_inputs(T, "uniform", "cuda")
+    ids_dtype = torch.int32  # vLLM's top-k ids
 
-    def router_topk():  # what stock runs: softmax, top-k, renormalise
-        w, ids = torch.softmax(logits, dim=-1).topk(K, dim=-1)
-        return w / w.sum(dim=-1, keepdim=True), ids
+    def torch_topk():  # softmax, top-k, renormalise: several launches
+        w, ids = torch.softmax(logits.float(), dim=-1).topk(K, dim=-1)
+        return w / w.sum(dim=-1, keepdim=True), ids.to(ids_dtype)
 
-    def two_launch_path():
-        w, ids = router_topk()
+    vllm_fused = vllm_topk()
+    if vllm_fused is not None:
+        hidden = torch.empty(T, 1, device="cuda")
+        stock_topk = lambda: vllm_fused(hidden, logits, K, True)[:2]  # noqa: E731
+    stock_topk = stock_topk if vllm_fused is not None else torch_topk
+
+    def two_launch_path():  # what SERE runs without the fused kernel: stock's top-k, then the re-route kernel
+        w, ids = stock_topk()
         return w, reroute_numba(ids, sim, S, RHO)
 
-    fused = lambda: topk_reroute_numba(logits, sim, K, True, S, RHO)  # noqa: E731
+    fused = lambda: topk_reroute_numba(logits, sim, K, True, S, RHO, ids_dtype=ids_dtype)  # noqa: E731
     w, ids = fused()
-    rw, rids = topk_reroute_reference(logits.cpu().numpy(), K, True, sim.cpu().numpy(), S, RHO)
+    rw, rids = topk_reroute_reference(logits.float().cpu().numpy(), K, True, sim.cpu().numpy(), S, RHO)
     np.testing.assert_array_equal(ids.long().cpu().numpy(), rids)
     timing = benchmark_device(benchmark, fused, method="graph", calls=CALLS, rounds=ROUNDS)
     record_case(benchmark, T=T, S=S, routing="router-logits", backend="numba_fused_topk", method="graph",
-                ids=router_topk()[1], new_ids=ids.long(), timing=timing)
+                ids=torch_topk()[1].long(), new_ids=ids.long(), timing=timing)
+    benchmark.extra_info["stock_topk"] = "vllm topk_softmax" if vllm_fused is not None else "torch softmax+topk"
     if timing is not None:
-        for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", router_topk)):
+        for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", stock_topk)):
             t = time_graph_replay(fn, calls=CALLS, repeats=ROUNDS)
             benchmark.extra_info[f"{name}_us_per_call"] = round(t.median_us, 3)
         benchmark.extra_info["added_over_stock_topk_us"] = round(

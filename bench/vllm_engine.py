@@ -56,6 +56,20 @@ from pathlib import Path
 from sere.harness.settings import ENGINES, SERE_S1
 
 SERE_ENGINES = [name for name, s in ENGINES.items() if not s.is_stock]
+# Engines that run a setting with extra SERE options (additional_config keys); timed like the
+# others, never in the counts engine.
+VARIANTS = {"sere-s1-fused": ("sere-s1", {"fuse_topk": True})}  # the router's top-k and SERE in one kernel
+TIMED_ENGINES = [*ENGINES, *VARIANTS]
+
+
+def sere_config(name: str) -> dict | None:
+    """The SERE settings (additional_config["sere"]) of engine `name`; None for stock."""
+    if name in VARIANTS:
+        base, options = VARIANTS[name]
+        return dict(ENGINES[base].sere_config(), **options)
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(TIMED_ENGINES)}, counts")
+    return ENGINES[name].sere_config()
 PROMPT_LEN = 32
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 TRACE_DIR = Path(__file__).resolve().parent / "traces"
@@ -300,7 +314,7 @@ def register_mla_prefill() -> None:
 
 
 def engine_kwargs(model_dir: Path, sere: dict | None, *, eager: bool, batches: list[int], smoke: bool,
-                  model: str = "qwen1.5-moe-a2.7b", max_model_len: int = 512) -> dict:
+                  model: str = "qwen1.5-moe-a2.7b", max_model_len: int = 512, quantization: str | None = None) -> dict:
     spec = MODELS[model]
     # Every prompt is prefilled in one chunk (max_num_batched_tokens covers the largest batch),
     # which the SDPA MLA prefill above relies on.
@@ -316,6 +330,8 @@ def engine_kwargs(model_dir: Path, sere: dict | None, *, eager: bool, batches: l
                   attention_config=dict(spec.attention))
         if not eager:
             kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(batches)}
+    if quantization is not None:  # on the fly from the dummy bf16 weights, e.g. "fp8"
+        kw["quantization"] = quantization
     if sere is not None:
         kw["additional_config"] = {"sere": dict(sere)}
     return kw
@@ -373,12 +389,13 @@ def start_engine(args, sere: dict | None, *, eager: bool):
 
     sere = slots_sorted_by_strategy(sere)
     return LLM(**engine_kwargs(args.model_dir, sere, eager=eager, batches=args.batches, smoke=args.smoke,
-                               model=args.model, max_model_len=args.max_model_len)), sere
+                               model=args.model, max_model_len=args.max_model_len,
+                               quantization=args.quantization)), sere
 
 
 def run_timing(name: str, args) -> dict:
     t0 = time.perf_counter()
-    llm, sere = start_engine(args, ENGINES[name].sere_config(), eager=args.smoke)
+    llm, sere = start_engine(args, sere_config(name), eager=args.smoke)
     start_s = time.perf_counter() - t0
     rows = [time_decode(llm, b, args.vocab, args.short, args.long, args.reps) for b in args.batches]
     from sere.harness import vllm_hooks
@@ -387,7 +404,8 @@ def run_timing(name: str, args) -> dict:
     active = vllm_hooks.active_rerouters()
     backend = resolve_backend(active[0].backend, active[0].sim.device) if active else None
     return {"engine": name, "model": args.model, "sere": sere, "start_s": start_s, "rows": rows,
-            "rerouted_layers": len(active), "backend": backend}
+            "rerouted_layers": len(active), "fused_topk_layers": len(vllm_hooks.fused_topk_routers()),
+            "backend": backend, "quantization": args.quantization}
 
 
 def run_counts(args) -> dict:
@@ -437,7 +455,7 @@ def run_profile(name: str, args) -> dict:
     time by name (on the CPU, where there are no kernels, the host ops' own time instead)."""
     import torch
 
-    llm, sere = start_engine(args, ENGINES[name].sere_config(), eager=args.smoke)
+    llm, sere = start_engine(args, sere_config(name), eager=args.smoke)
     cuda = torch.cuda.is_available()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -507,6 +525,7 @@ def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
            "--long", str(args.long), "--vocab", str(args.vocab), "--count-tokens", str(args.count_tokens),
            "--model", args.model, "--max-model-len", str(args.max_model_len)]
     cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--quantization", args.quantization] if args.quantization else []
     cmd += ["--profile"] if getattr(args, "profile", False) else []
     t0 = time.perf_counter()
     log_path = args.out / f"{name}.log"
@@ -554,6 +573,8 @@ def arguments() -> argparse.ArgumentParser:
                         "uniform, zipf:A (e.g. zipf:1.2), trace (the model family's zoo trace), trace:NAME "
                         "(bench/traces/NAME.safetensors) or trace:FILE: vLLM's routing simulator "
                         "(see bench/vllm_engine.py)")
+    p.add_argument("--quantization", default=None,
+                   help="vLLM quantization of the dummy weights, e.g. fp8 (default: none, bfloat16)")
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # run_profile instead of timing
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)

@@ -23,8 +23,10 @@ def main(path: str) -> None:
     machine = data.get("machine_info", {})
     print(f"Source: {path}; {data.get('datetime', '')}; host {machine.get('node', '')}")
     unsorted = sorted(k for k in rows if k[1].endswith("-unsorted"))
+    fused_topk = sorted(k for k in rows if k[1] == "router-logits")
+    own_table = set(unsorted) | set(fused_topk)
     for method in ("graph", "events", "host"):
-        keys = sorted(k for k in rows if k[0] == method and k not in unsorted)
+        keys = sorted(k for k in rows if k[0] == method and k not in own_table)
         if not keys:
             continue
         print(f"\n### {method}: median us per call (E=128, k=8, rho=0.1)\n")
@@ -55,6 +57,17 @@ def main(path: str) -> None:
             cells.append([key[2], key[3], fused.get("us_per_call", "-"), fused.get("sort_path_us_per_call", "-"),
                           f"{fused.get('speedup_vs_sort_path', '-')}x"])
         print("\n".join(markdown_table(["T", "S", "weight-order kernel", "sort path", "speed-up"], "rrrrr", cells)))
+    if fused_topk:
+        print("\n### router top-k + re-routing: the fused kernel vs stock's top-k then the re-route kernel, graph replay, us\n")
+        cells = []
+        for key in fused_topk:
+            f = rows[key].get("numba_fused_topk", {})
+            two, stock = f.get("topk_then_reroute_us_per_call"), f.get("stock_topk_us_per_call")
+            cells.append([key[2], key[3], f.get("us_per_call", "-"), two or "-", stock or "-",
+                          f.get("added_over_stock_topk_us", "-"),
+                          f"{two / f['us_per_call']:.2f}x" if two and f.get("us_per_call") else "-"])
+        print("\n".join(markdown_table(["T", "S", "fused kernel", "top-k then re-route", "stock top-k alone",
+                                         "fused minus stock top-k", "fused speed-up"], "rrrrrrr", cells)))
 
 
 if __name__ == "__main__":

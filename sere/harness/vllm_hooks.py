@@ -39,6 +39,11 @@ def active_rerouters() -> list:
     return [] if state is None else state.live_rerouters()
 
 
+def fused_topk_routers() -> list:
+    """The wrapped routers that compute their top-k with SERE's fused kernel (fuse_topk)."""
+    return [r for r in _wrapped_routers() if getattr(r, "_sere_fused", None) is not None]
+
+
 def _wrapped_routers() -> list:
     from sere.vllm.router import applied, is_rerouted
 
