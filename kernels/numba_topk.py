@@ -13,13 +13,16 @@ router logits [T, E]:
 This is what vLLM's FusedTopKRouter with softmax scoring does before re-routing (its CUDA
 topk_softmax kernel), up to float rounding of the weights' exp and sum.
 
-How it works (one launch, no host sync, graph-capturable): a group of `lanes` lanes (a warp on the
-GPU) owns one token at a time and keeps that token's logits in registers (lane l: columns l,
-l + lanes, ...). k rounds of a group argmax pick the top-k; a group sum gives the softmax
-denominator. Every block first builds P in shared memory from the top-S of ALL tokens (redundant
-across blocks, as in the reroute kernel: T*E logits read per block, a few tens of KB at decode
-sizes), then handles its own tokens: top-k, weights, and for each secondary slot whose expert is
-not primary the similarity row, the group argmax over primary columns, the threshold test.
+How it works (one launch, no host sync, graph-capturable), per block:
+  1. P in shared memory from the top-S of ALL tokens (each block its own copy: no grid-wide
+     sync). Narrow groups (`lanes / p1_factor` lanes, a token each, p1_factor = 4 for E <= 4 *
+     lanes) so that a block covers many tokens per round: at T = 64 two rounds instead of eight.
+  2. Its own tokens, a chunk of one token per group (`lanes` lanes, logits in registers,
+     lane l holding columns l, l + lanes, ...): k rounds of group argmax pick the top-k, a group
+     sum gives the softmax denominator, the weights are written, the ids go to shared memory.
+  3. The chunk's slots, one per group: a secondary slot whose expert is not primary reads its
+     similarity row and takes the group argmax over primary columns (threshold test). Slots run
+     in parallel across groups as in the reroute kernel, not one after another per token.
 Trip counts are uniform per block (the simulator's group primitives have block barriers).
 Index letters: T = tokens, E = experts, k = experts per token, S = primary slots.
 """
@@ -42,6 +45,12 @@ def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int) -> int:
     return max(1, min(-(-T // (threads // lanes)), max_blocks))
 
 
+def phase1_factor(cols: int) -> int:
+    """How many tokens a group of `lanes` lanes splits into for building P: narrower groups hold
+    more columns each (cols * factor in registers), capped at 16."""
+    return max(1, min(4, 16 // cols))
+
+
 def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
     """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
     ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1)."""
@@ -50,43 +59,56 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     group_argmax = device.group_argmax
     group_sum = device.group_sum
     groups_per_block = threads // lanes
+    factor = min(phase1_factor(cols), lanes)
+    p1_lanes, p1_cols = lanes // factor, cols * factor  # same columns per token: p1_lanes * p1_cols == lanes * cols
+    p1_groups = threads // p1_lanes
     mask_len = lanes * cols
     neg_inf = np.float32(-np.inf)
     no_expert = 0x7FFFFFFF
     device_fn = device_function()
 
-    @device_fn
-    def load_logits(vals, taken, logits, t, E, lane, live):
-        for c in range(cols):
-            j = lane + lanes * c
-            taken[c] = 0
-            vals[c] = load_logit(logits[t * E + j]) if live and j < E else neg_inf
-            if j >= E:
-                taken[c] = 1  # not an expert: never picked
+    def make_picker(n_cols: int, n_lanes: int):
+        """(load_logits, pick_next) for groups of n_lanes lanes holding n_cols columns each."""
 
-    @device_fn
-    def pick_next(vals, taken, lane, scratch_v, scratch_i):
-        """The group's largest untaken logit (value, expert), smallest expert on ties; marked taken."""
-        best_v = neg_inf
-        best_i = no_expert
-        for c in range(cols):
-            if taken[c] == 0 and (best_i == no_expert or vals[c] > best_v):
-                best_v = vals[c]
-                best_i = lane + lanes * c
-        best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
-        if best_i != no_expert and best_i % lanes == lane:
-            taken[best_i // lanes] = 1
-        return best_v, best_i
+        @device_fn
+        def load_logits(vals, taken, logits, t, E, lane, live):
+            for c in range(n_cols):
+                j = lane + n_lanes * c
+                taken[c] = 0
+                vals[c] = load_logit(logits[t * E + j]) if live and j < E else neg_inf
+                if j >= E:
+                    taken[c] = 1  # not an expert: never picked
+
+        @device_fn
+        def pick_next(vals, taken, lane, scratch_v, scratch_i):
+            """The group's largest untaken logit (value, expert), smallest expert on ties; marked taken."""
+            best_v = neg_inf
+            best_i = no_expert
+            for c in range(n_cols):
+                if taken[c] == 0 and (best_i == no_expert or vals[c] > best_v):
+                    best_v = vals[c]
+                    best_i = lane + n_lanes * c
+            best_v, best_i = group_argmax(best_v, best_i, n_lanes, scratch_v, scratch_i)
+            if best_i != no_expert and best_i % n_lanes == lane:
+                taken[best_i // n_lanes] = 1
+            return best_v, best_i
+
+        return load_logits, pick_next
+
+    load_logits, pick_next = make_picker(cols, lanes)
+    p1_load_logits, p1_pick_next = make_picker(p1_cols, p1_lanes)
 
     def topk_reroute_kernel(logits, sim, weights_out, ids_out, T, E, k, S, rho, renormalize):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
+        chunk_ids = cuda.shared.array(groups_per_block * MAX_K, numba.int32)  # the chunk's top-k ids
         scratch_v = cuda.shared.array(threads, numba.float32)  # the simulator's group primitives
         scratch_i = cuda.shared.array(threads, numba.int64)
         vals = cuda.local.array(cols, numba.float32)  # this lane's logits of the current token
         taken = cuda.local.array(cols, numba.int8)
+        p1_vals = cuda.local.array(p1_cols, numba.float32)
+        p1_taken = cuda.local.array(p1_cols, numba.int8)
         row = cuda.local.array(cols, numba.float32)
         pick_v = cuda.local.array(MAX_K, numba.float32)
-        pick_i = cuda.local.array(MAX_K, numba.int64)
         tid = cuda.threadIdx.x
         lane = tid % lanes
         group = tid // lanes
@@ -94,28 +116,31 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
         blocks = cuda.gridDim.x
         rerouting = S > 0 and S < k
 
-        # 1. P from the top-S of every token (each block its own copy, in shared memory).
+        # 1. P from the top-S of every token, p1_groups tokens per round.
         for j in range(tid, E, threads):
             is_primary[j] = 0
         cuda.syncthreads()
         if rerouting:
-            for base in range(0, T, groups_per_block):
-                t = base + group
+            p1_lane = tid % p1_lanes
+            for base in range(0, T, p1_groups):
+                t = base + tid // p1_lanes
                 live = t < T
-                load_logits(vals, taken, logits, t, E, lane, live)
+                p1_load_logits(p1_vals, p1_taken, logits, t, E, p1_lane, live)
                 for _ in range(S):
-                    v, e = pick_next(vals, taken, lane, scratch_v, scratch_i)
-                    if live and lane == 0 and e != no_expert:
+                    v, e = p1_pick_next(p1_vals, p1_taken, p1_lane, scratch_v, scratch_i)
+                    if live and p1_lane == 0 and e != no_expert:
                         is_primary[e] = 1
         cuda.syncthreads()
 
-        # 2. This block's tokens: top-k, softmax weights, re-routed secondary slots.
         for base in range(block * groups_per_block, T, blocks * groups_per_block):
+            # 2. A token per group: top-k, softmax weights (written), ids to shared memory.
             t = base + group
             live = t < T
             load_logits(vals, taken, logits, t, E, lane, live)
             for r in range(k):
-                pick_v[r], pick_i[r] = pick_next(vals, taken, lane, scratch_v, scratch_i)
+                pick_v[r], e = pick_next(vals, taken, lane, scratch_v, scratch_i)
+                if lane == 0:
+                    chunk_ids[group * MAX_K + r] = e
             top = pick_v[0]  # the largest logit: exp(l - top) <= 1, no overflow
             part = np.float32(0.0)
             for c in range(cols):
@@ -126,21 +151,32 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
             for r in range(k):
                 pick_v[r] = math.exp(pick_v[r] - top) / denom if live else np.float32(0.0)
                 kept += pick_v[r]
-            for r in range(k):
-                e = pick_i[r]
-                new = e
-                if rerouting and r >= S:
-                    moving = live and is_primary[e] == 0
-                    best_v = neg_inf
-                    best_i = no_expert
-                    if moving:
-                        load_row(row, sim, e, E, lane)
-                        best_v, best_i = best_primary(row, is_primary, E, lane)
-                    best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
-                    if moving and best_i != no_expert and best_v >= rho:
-                        new = best_i
-                if live and lane == 0:
-                    ids_out[t * k + r] = new
+            if live and lane == 0:
+                for r in range(k):
                     weights_out[t * k + r] = pick_v[r] / kept if renormalize != 0 else pick_v[r]
+            cuda.syncthreads()
+
+            # 3. The chunk's slots, a slot per group.
+            n_slots = min(groups_per_block, T - base) * k  # the same in every thread of the block
+            for s0 in range(0, n_slots, groups_per_block):
+                s = s0 + group
+                live = s < n_slots
+                g = s // k
+                r = s - g * k
+                e = chunk_ids[g * MAX_K + r] if live else 0
+                new = e
+                moving = live and rerouting and r >= S and is_primary[e] == 0
+                best_v = neg_inf
+                best_i = no_expert
+                if moving:
+                    load_row(row, sim, e, E, lane)
+                    best_v, best_i = best_primary(row, is_primary, E, lane)
+                if rerouting:
+                    best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+                if moving and best_i != no_expert and best_v >= rho:
+                    new = best_i
+                if live and lane == 0:
+                    ids_out[(base + g) * k + r] = new
+            cuda.syncthreads()  # chunk_ids is rewritten by the next chunk
 
     return topk_reroute_kernel

@@ -229,7 +229,7 @@ def test_research_baseline_matches_reference(T, E, k):
 
 
 # ---- the fused router top-k + re-route kernel (sere.kernels.numba_topk) ------------------------
-TOPK_SHAPES = [(1, 8, 2), (5, 16, 4), (9, 60, 8), (33, 8, 4)]
+TOPK_SHAPES = [(1, 8, 2), (5, 16, 4), (9, 60, 8), (33, 8, 4), (6, 30, 6)]  # P built 4 / 4 / 1 / 4 / 2 tokens per group
 
 
 @pytest.mark.parametrize("T,E,k", TOPK_SHAPES)
@@ -251,6 +251,24 @@ def test_fused_topk_reroute_matches_reference(T, E, k):
             rw, rids = topk_reroute_reference(logits, k, renormalize, sim, S, rho)
             assert_same_ids(ids, rids, (T, E, k, S, renormalize, rho))
             np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7, err_msg=str((T, E, k, S, renormalize)))
+
+
+def test_fused_topk_reroute_gpu_layout():
+    """The GPU's layout for E = 128 (warp-wide groups, four columns a lane; P built by groups of
+    8 lanes, 16 columns each), more tokens than one block's chunk."""
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+    from sere.kernels.numba_topk import phase1_factor
+    from sere.kernels.reference import topk_reroute_reference
+
+    assert phase1_factor(4) == 4
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((5, 128)).astype(np.float32)
+    sim = rng.random((128, 128)).astype(np.float32)
+    for S, rho in ((1, 0.0), (2, 0.5)):
+        w, ids = topk_reroute_numba_numpy(logits, 8, True, sim, S, rho, threads=64, lanes=32, max_blocks=2)
+        rw, rids = topk_reroute_reference(logits, 8, True, sim, S, rho)
+        assert_same_ids(ids, rids, (S, rho))
+        np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7)
 
 
 def test_fused_topk_without_rerouting_is_the_plain_top_k():
