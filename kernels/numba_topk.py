@@ -63,6 +63,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     p1_lanes, p1_cols = lanes // factor, cols * factor  # same columns per token: p1_lanes * p1_cols == lanes * cols
     p1_groups = threads // p1_lanes
     mask_len = lanes * cols
+    chunk_len = groups_per_block * MAX_K  # shared array shapes must be constants, not expressions
     neg_inf = np.float32(-np.inf)
     no_expert = 0x7FFFFFFF
     device_fn = device_function()
@@ -100,7 +101,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
 
     def topk_reroute_kernel(logits, sim, weights_out, ids_out, T, E, k, S, rho, renormalize):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
-        chunk_ids = cuda.shared.array(groups_per_block * MAX_K, numba.int32)  # the chunk's top-k ids
+        chunk_ids = cuda.shared.array(chunk_len, numba.int32)  # the chunk's top-k ids
         scratch_v = cuda.shared.array(threads, numba.float32)  # the simulator's group primitives
         scratch_i = cuda.shared.array(threads, numba.int64)
         vals = cuda.local.array(cols, numba.float32)  # this lane's logits of the current token
