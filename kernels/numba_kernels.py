@@ -249,12 +249,17 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         body(ids, weights, sim, out, T, k, E, S, rho)
 
     def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
-        """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1), so a
-        group knows whether its slot's expert is primary before it loads the row, and skips the
-        load for primary and invalid ids. Called only with 0 < S < k."""
+        """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1). A thread
+        per slot first: a slot whose expert is primary or invalid is copied through at once (at
+        prefill sizes nearly all of them: P covers nearly every expert), the others go to a
+        per-block queue in shared memory; then a group per queued slot reads its row and takes
+        the group argmax. Called only with 0 < S < k."""
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags, copied from flags
+        queue = cuda.shared.array(threads, numba.int32)  # this round's slots that need a row
+        queued = cuda.shared.array(1, numba.int32)
         scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
         scratch_i = cuda.shared.array(threads, numba.int64)
+        row = cuda.local.array(cols, numba.float32)  # registers after unrolling
         tid = cuda.threadIdx.x
         lane = tid % lanes
         group = tid // lanes
@@ -264,53 +269,55 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         n_head = T * S
         n_sec = T * K2
 
-        # 1. This group's first slot: the row is loaded (before the barrier) only if it is needed.
-        row = cuda.local.array(cols, numba.float32)  # registers after unrolling
-        slot = block * groups_per_block + group
-        e = -1
-        pos = 0
-        needs_row = False
-        if slot < n_sec:
-            t = slot // K2
-            pos = t * k + S + (slot - t * K2)
-            e = ids[pos]
-            needs_row = e >= 0 and e < E and flags[e] == 0
-        if needs_row:
-            load_row(row, sim, e, E, lane)
-
-        # 2. P into shared memory (E reads per block, not T*S); the primary slots copy through.
+        # P into shared memory (E reads per block, not T*S); the primary slots copy through.
         for j in range(tid, E, threads):
             is_primary[j] = flags[j]
+        if tid == 0:
+            queued[0] = 0
         for i in range(block * threads + tid, n_head, blocks * threads):
             t = i // S
             out[t * k + (i - t * S)] = ids[t * k + (i - t * S)]
         cuda.syncthreads()
 
-        # 3. Re-route, as in the one-launch kernel; slots that need no row do no column work.
-        base = block * groups_per_block
-        while base < n_sec:
-            best_v = neg_inf
-            best_i = no_expert
-            if needs_row:
-                best_v, best_i = best_primary(row, is_primary, E, lane)
-            best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
-            if lane == 0 and slot < n_sec:
-                if best_i != no_expert and best_v >= rho:
-                    out[pos] = best_i
-                else:
-                    out[pos] = e  # invalid, already primary, critical, or P empty
-
-            base += blocks * groups_per_block
-            slot = base + group
-            e = -1
-            needs_row = False
+        for base in range(block * threads, n_sec, blocks * threads):  # uniform trip count per block
+            # 1. A thread per secondary slot: copy through, or queue the slot for a row scan.
+            slot = base + tid
             if slot < n_sec:
                 t = slot // K2
                 pos = t * k + S + (slot - t * K2)
                 e = ids[pos]
-                needs_row = e >= 0 and e < E and is_primary[e] == 0
-            if needs_row:
-                load_row(row, sim, e, E, lane)
+                if e >= 0 and e < E and is_primary[e] == 0:
+                    queue[cuda.atomic.add(queued, 0, 1)] = slot
+                else:
+                    out[pos] = e  # invalid or already primary
+            cuda.syncthreads()
+            n_queued = queued[0]
+
+            # 2. A group per queued slot (order in the queue does not matter: slots are independent).
+            for q0 in range(0, n_queued, groups_per_block):
+                q = q0 + group
+                e = -1
+                pos = 0
+                if q < n_queued:
+                    slot = queue[q]
+                    t = slot // K2
+                    pos = t * k + S + (slot - t * K2)
+                    e = ids[pos]
+                    load_row(row, sim, e, E, lane)
+                best_v = neg_inf
+                best_i = no_expert
+                if e >= 0:
+                    best_v, best_i = best_primary(row, is_primary, E, lane)
+                best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
+                if lane == 0 and q < n_queued:
+                    if best_i != no_expert and best_v >= rho:
+                        out[pos] = best_i
+                    else:
+                        out[pos] = e  # critical (below rho) or P empty
+            cuda.syncthreads()  # everybody has read queued[0] and the queue
+            if tid == 0:
+                queued[0] = 0
+            cuda.syncthreads()
 
     if two_launch:
         return reroute_after_flags_kernel

@@ -21,9 +21,9 @@ BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # T <= 256, two win from T = 1024 for S = 1 and 2). A token count, not T*S, so that decode
 # batches (T <= 256) stay on the one-launch kernel whatever S.
 TWO_LAUNCH_MIN_TOKENS = 1024
-# Launch 2's grid cap (blocks per SM, read at call time). A wider grid was tried (a block per few
-# slots, since launch 2 copies P from the flags buffer cheaply) and is slower: H100, T = 4096,
-# S = 1: 13.1 / 14.8 / 17.3 us at 4 / 16 / 64 blocks per SM (bench/lab/probe_large_grid.py).
+# Launch 2's grid cap (blocks per SM, read at call time). With a group per slot a wider grid was
+# slower: H100, T = 4096, S = 1: 13.1 / 14.8 / 17.3 us at 4 / 16 / 64 blocks per SM
+# (bench/lab/probe_large_grid.py); launch 2 now takes a thread per slot (after_flags_blocks).
 TWO_LAUNCH_BLOCKS_PER_SM = 4
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -63,6 +63,12 @@ def grid_blocks(T: int, k: int, S: int, threads: int, max_blocks: int, lanes: in
     else:
         needed = -(-T * k // threads)
     return max(1, min(needed, max_blocks))
+
+
+def after_flags_blocks(T: int, k: int, S: int, threads: int, max_blocks: int) -> int:
+    """Blocks for launch 2 of the two-launch path: a thread per secondary slot per round (the
+    slots that need a row are queued and scanned by the block's groups), capped."""
+    return max(1, min(-(-T * (k - S) // threads), max_blocks))
 
 
 def launch_reroute(
@@ -129,7 +135,7 @@ def launch_reroute(
         kern.launch(blocks, stream_ptr, device_index, args)
         return
     if two_launch and 0 < S < k:
-        blocks = grid_blocks(T, k, S, threads, max_blocks * TWO_LAUNCH_BLOCKS_PER_SM // BLOCKS_PER_SM, lanes)
+        blocks = after_flags_blocks(T, k, S, threads, max_blocks * TWO_LAUNCH_BLOCKS_PER_SM // BLOCKS_PER_SM)
         flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
         flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
         kern = after_flags_pointer_kernel(id_name, sim_kind, cols, threads, lanes)

@@ -8,7 +8,7 @@ from functools import lru_cache
 import numpy as np
 
 from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP, make_flags_kernel, make_kernel
-from sere.kernels.numba_launch import columns_per_lane, grid_blocks, use_two_launch
+from sere.kernels.numba_launch import after_flags_blocks, columns_per_lane, grid_blocks, use_two_launch
 from sere.kernels.numba_runtime import NUMBA_ERROR, cuda, simulator_enabled
 
 _NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -106,7 +106,7 @@ def reroute_numba_numpy(
     if two_launch and 0 < S < k:
         flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
         _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
-        _array_kernel(sim_kind, cols, threads, lanes, True)[blocks, threads](
+        _array_kernel(sim_kind, cols, threads, lanes, True)[after_flags_blocks(T, k, S, threads, max_blocks), threads](
             ids_flat, sim_flat, flags, out_flat, *shape, np.float32(threshold))
         return out
     kernel = _array_kernel(sim_kind, cols, threads, lanes)
