@@ -3,13 +3,14 @@
 #   1. the kernel gate: the base tree (.gate_base/: `git archive` of the commit before the change,
 #      without the zoo checkpoints; its commit in .gate_base/BASE_COMMIT) saves the numba kernel
 #      cases with `tox -e bench-gpu`, then this tree must pass `tox -e gate` against that save
-#      (median +10 %); tox and tox-current-env come as wheels from .whl/;
+#      (median +10 %); tox and tox-current-env come as wheels from .whl/ (without them: the
+#      same pytest commands directly);
 #   2. compute-sanitizer memcheck (--report-api-errors no: numba-cuda's driver probing fails
 #      harmlessly) and racecheck over the kernels' edge shapes (python -m bench.gpu.sanitize_kernel);
 #   3. the kernel bench at graph replay, uniform routing: numba, the research-structure baseline
 #      and torch side by side, the weight-order kernel against the sort path, and the fused router
 #      top-k + re-route kernel against top-k then re-route (JSON + tables);
-#   4. the GPU tests (`tox -e gpu`).
+#   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`; SKIP_GPU_TESTS=1 leaves them out).
 # From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
 # $OUT (default /tmp/sere_kgate_out) gets: kgate.log (all printed), summary.md, bench_kernel.json,
 # logs.tar.gz (every step's log); at most 4 files, the device returns 8.
@@ -23,7 +24,17 @@ status=0
 date -u +"%Y-%m-%d %H:%M:%S UTC"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
 echo "this tree: ${COMMIT:-unknown commit}; base: $(cat .gate_base/BASE_COMMIT 2>/dev/null || echo none)"
-$PY -m pip install -q --no-index --find-links .whl tox tox-current-env > "$LOGS/pip.log" 2>&1 || { echo "tox wheels missing"; status=1; }
+# tox and tox-current-env from .whl/; without them the same pytest commands as tox.ini's
+# bench-gpu / gate envs (so the gate fits in a call that carries the vLLM bundle instead).
+if $PY -m pip install -q --no-index --find-links .whl tox tox-current-env > "$LOGS/pip.log" 2>&1; then
+  SAVE=($PY -m tox --current-env -e bench-gpu --); GATE=($PY -m tox --current-env -e gate --)
+  GPU_TESTS=($PY -m tox --current-env -e gpu --)
+else
+  echo "no tox wheels in .whl/: running tox.ini's bench-gpu / gate commands with pytest directly"
+  SAVE=($PY -m pytest --benchmark-enable --benchmark-autosave)
+  GATE=($PY -m pytest --benchmark-enable --benchmark-compare --benchmark-compare-fail=median:10%)
+  GPU_TESTS=($PY -m pytest -m gpu)
+fi
 
 step() {  # name, timeout s, dir, command...
   local name=$1 limit=$2 dir=$3; shift 3
@@ -38,11 +49,11 @@ install() { $PY -m pip install -q --no-build-isolation --no-deps -e . ; }
 ROOT=$PWD
 if [ -d .gate_base ]; then
   (cd .gate_base && install) > "$LOGS/install-base.log" 2>&1
-  step kernel-base 150 .gate_base $PY -m tox --current-env -e bench-gpu -- bench/test_bench_reroute.py -k "$KSEL" -q \
+  step kernel-base 150 .gate_base "${SAVE[@]}" bench/test_bench_reroute.py -k "$KSEL" -q \
     --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name
 fi
 install > "$LOGS/install.log" 2>&1 || { echo "install failed"; tail "$LOGS/install.log"; status=1; }
-[ -d .gate_base ] && step kernel-gate 150 "$ROOT" $PY -m tox --current-env -e gate -- bench/test_bench_reroute.py \
+[ -d .gate_base ] && step kernel-gate 150 "$ROOT" "${GATE[@]}" bench/test_bench_reroute.py \
   -k "$KSEL" -q --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name
 
 SAN=(compute-sanitizer --print-limit 20)
@@ -53,7 +64,7 @@ TAIL=3 step bench 200 "$ROOT" $PY -m pytest bench/test_bench_reroute.py -k "gpu 
   -p no:cacheprovider --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=median --benchmark-sort=name
 $PY -m bench.gpu.summarize_kernel "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 && cat "$OUT/summary.md"
 
-TAIL=6 step gpu-tests 240 "$ROOT" $PY -m tox --current-env -e gpu -- tests -q -rfEs -p no:cacheprovider
+[ "${SKIP_GPU_TESTS:-0}" = 1 ] || TAIL=6 step gpu-tests 240 "$ROOT" "${GPU_TESTS[@]}" tests -q -rfEs -p no:cacheprovider
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 echo "run_kernel_gate: status $status"
 exit $status
