@@ -49,6 +49,55 @@ def reroute_reference(topk_ids, sim, select_top_k: int, threshold: float) -> np.
     return ids
 
 
+def primary_mask_reference(topk_ids, num_experts: int, select_top_k: int) -> np.ndarray:
+    """[E] bool: the valid experts (0 <= id < E) in slots 0..S-1 of any token (rule 1's P)."""
+    ids = np.asarray(topk_ids)  # T, k
+    mask = np.zeros(num_experts, dtype=bool)
+    for t in range(ids.shape[0]):
+        for s in range(min(max(int(select_top_k), 0), ids.shape[1])):
+            e = int(ids[t, s])
+            if 0 <= e < num_experts:
+                mask[e] = True
+    return mask
+
+
+def reroute_with_primary_reference(topk_ids, sim, select_top_k: int, threshold: float, primary) -> np.ndarray:
+    """The contract with the primary set given instead of taken from this batch: `primary` [E]
+    (bool, or numbers read as nonzero = primary), e.g. the union of every data-parallel rank's
+    top-S experts. Slots 0..S-1 stay as they are; every valid id in slots S..k-1 that is not in
+    `primary` moves to its most similar expert in `primary` (ties: the smallest) when that
+    similarity >= rho, in float32; invalid ids pass through. S <= 0, S >= k or an empty
+    `primary`: the output equals the input. With primary = primary_mask_reference(ids, E, S)
+    this is reroute_reference."""
+    ids = np.array(topk_ids, copy=True)  # T, k
+    sim32 = np.asarray(sim, dtype=np.float32)  # E, E
+    T, k = ids.shape
+    E = sim32.shape[0]
+    given = np.asarray(primary).reshape(-1)  # E
+    if given.shape[0] != E:
+        raise ValueError(f"primary must have one entry per expert ({E}), got {given.shape[0]}")
+    rho = np.float32(threshold)
+    S = int(select_top_k)
+    if S <= 0 or S >= k:
+        return ids
+    primary_sorted = [p for p in range(E) if given[p]]  # ascending: the first maximum wins ties
+    if not primary_sorted:
+        return ids
+    for t in range(T):
+        for s in range(S, k):
+            e = int(ids[t, s])
+            if not (0 <= e < E) or given[e]:
+                continue
+            best_p, best_v = -1, None
+            for p in primary_sorted:
+                v = sim32[e, p]
+                if best_v is None or v > best_v:
+                    best_p, best_v = p, v
+            if best_v >= rho:
+                ids[t, s] = best_p
+    return ids
+
+
 def reroute_reference_in_weight_order(topk_ids, topk_weights, sim, select_top_k: int, threshold: float) -> np.ndarray:
     """The contract for routers whose slots are not sorted by weight: each token's slots are put
     in descending weight order (ties: the lower slot first, a stable sort), re-routed as above,

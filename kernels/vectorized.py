@@ -31,13 +31,26 @@ def reroute_torch(
     topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float
 ) -> torch.Tensor:
     """Return re-routed ids (a new tensor, same shape and dtype as `topk_ids`)."""
+    S = select_top_k
+    if S <= 0 or S >= topk_ids.shape[1]:
+        return topk_ids.clone()
+    return reroute_torch_with_primary(topk_ids, sim, S, threshold, primary_mask(topk_ids, sim.shape[0], S))
+
+
+def reroute_torch_with_primary(
+    topk_ids: torch.Tensor, sim: torch.Tensor, select_top_k: int, threshold: float, primary: torch.Tensor
+) -> torch.Tensor:
+    """The contract with the primary set given: `primary` [E] bool (or numbers, nonzero =
+    primary; e.g. the union over data-parallel ranks, sere.routing.global_primary_mask)
+    instead of this batch's slots 0..S-1. Returns re-routed ids (a new tensor, same shape and
+    dtype as `topk_ids`); reroute_torch is this with primary = primary_mask(topk_ids, E, S)."""
     T, k = topk_ids.shape
     E = sim.shape[0]
     S = select_top_k
     if S <= 0 or S >= k:
         return topk_ids.clone()
 
-    is_primary = primary_mask(topk_ids, E, S)  # E
+    is_primary = primary if primary.dtype == torch.bool else primary != 0  # E
     sec = topk_ids[:, S:]  # T, k-S
     sec_valid = (sec >= 0) & (sec < E)
     sec_safe = sec.clamp(0, E - 1).long()  # T, k-S

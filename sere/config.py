@@ -21,6 +21,11 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
   fuse_topk                vLLM on CUDA: compute a softmax router's top-k and the re-routing in one
                            kernel instead of re-routing after the router's own top-k (off by default
                            until measured on a GPU; see sere.vllm.fused_topk)
+  primary_set              "local" (default): P is this batch's top-S experts; "global": under
+                           data-parallel attention, the union over the DP group of every rank's
+                           top-S experts, one all-reduce of an E-wide mask per MoE layer call
+                           (sere.routing.global_primary_mask; vLLM only, method "sere",
+                           torch implementation)
   metadata                 free-form provenance (e.g. what `sere-tune` measured); JSON-like,
                            carried along, ignored by routing and by comparisons
 """
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 BACKENDS = ("auto", "reference", "torch", "numba")
+PRIMARY_SETS = ("local", "global")
 ALIASES = {"enabled_layers": "layers", "similarity_path": "similarity"}
 OVERRIDE_KEYS = ("select_top_k", "threshold")
 
@@ -51,6 +57,7 @@ class LayerPlan:
     select_top_k: int
     threshold: float
     max_tokens: int | None
+    primary_set: str = "local"  # "global": the re-router needs the group to take the union over
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class SereConfig:
     record_stats: bool | int = False
     similarity: str | None = None
     fuse_topk: bool = False
+    primary_set: str = "local"
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
 
@@ -109,6 +117,11 @@ class SereConfig:
             object.__setattr__(self, "similarity", os.fspath(self.similarity))
         if not isinstance(self.fuse_topk, bool):
             raise TypeError(f"fuse_topk must be true or false, got {self.fuse_topk!r}")
+        if not isinstance(self.primary_set, str) or self.primary_set not in PRIMARY_SETS:
+            choices = ", ".join(map(repr, PRIMARY_SETS))
+            raise ValueError(f"primary_set must be one of {choices}, got {self.primary_set!r}")
+        if self.primary_set == "global" and self.method != "sere":
+            raise ValueError(f"primary_set 'global' is SERE's primary set; it needs method 'sere', got {self.method!r}")
         if not isinstance(self.metadata, Mapping):
             raise TypeError(f"metadata must be a dict, got {type(self.metadata).__name__}")
 
@@ -137,7 +150,7 @@ class SereConfig:
         plans = {}
         for i in chosen:
             s = self.for_layer(i)
-            plans[i] = LayerPlan(i, int(s.select_top_k), float(s.threshold), self.max_tokens)
+            plans[i] = LayerPlan(i, int(s.select_top_k), float(s.threshold), self.max_tokens, self.primary_set)
         return plans
 
     # ---- parsing --------------------------------------------------------------------------
@@ -163,7 +176,7 @@ class SereConfig:
 
     def describe(self) -> str:
         return (f"S={self.select_top_k}, threshold={self.threshold}, max_tokens={self.max_tokens}, "
-                f"backend={self.backend}, method={self.method}")
+                f"backend={self.backend}, method={self.method}, primary_set={self.primary_set}")
 
 
 def int_layer_key(k):

@@ -12,6 +12,14 @@ layer's `LayerRerouter`; the re-router does the rest, the same way for transform
 Under torch.compile one graph serves every batch size, so there the max_tokens test is a
 tensor select instead of a Python branch (no shape guard).
 
+A plan with primary_set "global" takes P as the union over a data-parallel group
+(sere.routing.global_primary_mask): the re-router is given the group (`primary_group`),
+all-reduces an [E] mask in every call that the settings do not leave alone (a call over
+max_tokens too: it still contributes its share, or the other ranks would wait forever) and runs
+the contract with that mask on the torch implementation (the reference for backend
+"reference"); the transform and the fused numba path are not used. `last_primary` holds the
+mask of the call in progress for observers (statistics count critical slots against it).
+
 Observers have one method, `on_route(rerouter, ids_in, new_in, weights_in, skipped)`: ids before
 and after the transform in contract order, the weights in that order (only computed when an
 observer sets `needs_weights = True`, else None), and `skipped`: True when the call was left
@@ -30,6 +38,7 @@ import torch
 
 from sere.config import LayerPlan
 from sere.recorder import ExpertStatsRecorder
+from sere.routing import global_primary_mask, route_with_primary_unchecked
 from sere.stats import reroute_stats
 
 # The layer-index rule of every integration: module names hold `layers.N`.
@@ -79,6 +88,17 @@ def reroute_in_weight_order(
     return new_ids, ids_sorted, new_sorted
 
 
+def critical_slots(ids_in: torch.Tensor, new_in: torch.Tensor, primary: torch.Tensor,
+                   select_top_k: int) -> torch.Tensor:
+    """0-dim int64: secondary slots (S..k-1) holding a valid expert outside `primary` [E] bool
+    that did not move; 0 when `primary` is empty. sere.stats counts the same against the batch's
+    own P; this is for a given P (primary_set global)."""
+    E, S = primary.shape[0], select_top_k
+    sec = ids_in[:, S:]  # T, k-S
+    outside = (sec >= 0) & (sec < E) & ~primary[sec.clamp(0, E - 1).long()]  # T, k-S
+    return (outside & (new_in[:, S:] == sec)).sum() * primary.any()
+
+
 class RoutingObserver(Protocol):
     needs_weights: bool
 
@@ -100,6 +120,9 @@ class StatsObserver:
             tokens = torch.ones_like(ids_in[:, 0], dtype=torch.int64).sum()
         S = 0 if skipped is True else rerouter.select_top_k  # an untouched call has no critical slots
         stats = reroute_stats(ids_in, new_in, rerouter.num_experts, S)
+        primary = getattr(rerouter, "last_primary", None)
+        if primary is not None and skipped is not True:  # a given P (primary_set global): critical against it
+            stats = dataclasses.replace(stats, critical=critical_slots(ids_in, new_in, primary, S))
         if isinstance(skipped, torch.Tensor):  # a compiled max_tokens skip: as an eager one, no critical slots
             stats = dataclasses.replace(stats, critical=stats.critical * ~skipped)
         self.recorder.record_stats(rerouter.layer, stats, tokens=tokens)
@@ -112,10 +135,19 @@ class LayerRerouter:
     (sere.artifact.SimilarityArtifact.device_matrices), a transform (sere.transforms) bound to a
     resolved backend, and the slot-order decision. Its attributes may be changed between calls
     of an eager model (test hooks do); compiled graphs keep the values they were built with.
+    primary_group: for a plan with primary_set "global", the data-parallel group that P is the
+    union over (a torch.distributed ProcessGroup or vLLM's GroupCoordinator, see
+    sere.routing.all_reduce_sum); required there, refused for a "local" plan.
     """
 
     def __init__(self, plan: LayerPlan, sim: torch.Tensor, transform, *, sort_slots: bool,
-                 backend: str = "auto", observers: list | None = None):
+                 backend: str = "auto", observers: list | None = None, primary_group=None):
+        if plan.primary_set == "global" and primary_group is None:
+            raise ValueError(f"layer {plan.layer}: primary_set 'global' needs the data-parallel group to take the "
+                             "union over (primary_group=); the vLLM plugin passes vLLM's DP group, sere.hf has none")
+        if plan.primary_set != "global" and primary_group is not None:
+            raise ValueError(f"layer {plan.layer}: a primary_group is given, but the plan's primary_set is "
+                             f"{plan.primary_set!r}, not 'global'")
         self.layer = plan.layer
         self.sim = sim  # E, E float32 on the model's device
         self.num_experts = sim.shape[0]
@@ -126,24 +158,46 @@ class LayerRerouter:
         self.backend = backend  # as configured ("auto" ...); the transform holds the resolved one
         self.transform = transform
         self.observers: list = list(observers or [])
+        self.primary_group = primary_group
+        self.last_primary: torch.Tensor | None = None  # E bool: the global P of the call in progress
 
     def _apply(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transform(ids, self.sim, self.select_top_k, self.threshold)
+        if self.primary_group is None:
+            return self.transform(ids, self.sim, self.select_top_k, self.threshold)
+        primary = global_primary_mask(ids, self.num_experts, self.select_top_k, self.primary_group)  # E
+        self.last_primary = primary
+        backend = "reference" if self.backend == "reference" else "torch"
+        return route_with_primary_unchecked(ids, self.sim, self.select_top_k, self.threshold, primary, backend)
+
+    def _join_group(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        """A call left alone by max_tokens under a global P: this rank's share of the all-reduce
+        still goes in (the other ranks wait for it); its own ids stay as they are."""
+        S = self.select_top_k
+        ids = topk_ids
+        if self.sort_slots:  # the top-S slots by weight, as the contract orders them
+            top = topk_weights.argsort(dim=-1, descending=True, stable=True)[:, :S]  # T, S
+            ids = topk_ids.gather(1, top)  # T, S
+        global_primary_mask(ids, self.num_experts, S, self.primary_group)
 
     def __call__(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         T, k = topk_ids.shape
         S = self.select_top_k
         compiling = torch.compiler.is_compiling()
-        identity = S <= 0 or S >= k
+        self.last_primary = None
+        identity = S <= 0 or S >= k  # the same on every rank (settings and k): no collective then
         # A shape test is fine eagerly and under CUDA graphs (one capture per batch size);
         # a Dynamo graph serves every size, so there the test is a tensor select below.
-        if not compiling and self.max_tokens is not None and T > self.max_tokens:
+        if not identity and not compiling and self.max_tokens is not None and T > self.max_tokens:
             identity = True
+            if self.primary_group is not None:
+                self._join_group(topk_ids, topk_weights)
         if identity:
             self._notify(topk_ids, topk_ids, topk_weights, True)
             return topk_ids
 
-        fused = getattr(self.transform, "in_weight_order", None) if self.sort_slots and not self.observers else None
+        fused = None
+        if self.sort_slots and not self.observers and self.primary_group is None:
+            fused = getattr(self.transform, "in_weight_order", None)
         if fused is not None:  # one kernel: contract in weight order, ids back in their slots
             new_ids = fused(topk_ids, topk_weights, self.sim, S, self.threshold)
             ids_in = new_in = None  # no observer to show them to
@@ -173,6 +227,7 @@ class LayerRerouter:
             observer.on_route(self, ids_in, new_in, weights_in, skipped)
 
     def __repr__(self) -> str:
+        global_note = ", primary_set='global'" if self.primary_group is not None else ""
         return (f"LayerRerouter(layer={self.layer}, E={self.num_experts}, S={self.select_top_k}, "
                 f"rho={self.threshold}, max_tokens={self.max_tokens}, sort_slots={self.sort_slots}, "
-                f"backend={self.backend!r})")
+                f"backend={self.backend!r}{global_note})")

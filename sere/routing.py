@@ -11,6 +11,18 @@ The contract (every backend agrees on it bit for bit), for one MoE layer and a b
   3. Weights are not changed; a token may hold one expert in two slots (fused MoE sums them).
   4. S <= 0, S >= k, or an empty P: output == input.
 Output: new ids, same shape and dtype. No host sync, no data-dependent shapes.
+
+`reroute_with_primary` is the same contract with P given as an [E] mask instead of taken from
+the batch's slots 0..S-1 (rule 1); with the batch's own P it equals `reroute` bit for bit. It has
+a reference and a torch backend; the numba kernels build P themselves and take no mask.
+
+A global primary set (SereConfig.primary_set = "global"). Under data-parallel attention with
+expert parallelism every DP rank routes its own batch, so P is per rank. `global_primary_mask`
+makes it the union over the DP group of every rank's top-S experts: each rank builds its [E]
+0/1 mask from ids[:, :S] (valid ids only), the group sums the masks (one all-reduce per MoE
+layer call), and an expert is primary where the sum is > 0. Fixed shape, no host sync, no
+.item(): graph-safe wherever the group's all-reduce is. Every rank must call it once per layer
+call, with an empty batch (T = 0) too, or the other ranks wait in the collective forever.
 """
 from __future__ import annotations
 
@@ -20,7 +32,7 @@ from functools import lru_cache
 import torch
 
 from sere.config import BACKENDS
-from sere.kernels.vectorized import reroute_torch
+from sere.kernels.vectorized import primary_mask as batch_primary_mask, reroute_torch, reroute_torch_with_primary
 from sere.validation import check_reroute_args, check_similarity_values
 
 @lru_cache(maxsize=None)
@@ -102,6 +114,86 @@ def route_unchecked(
 
         return reroute_numba(topk_ids, similarity, select_top_k, threshold)
     return reroute_torch(topk_ids, similarity, select_top_k, threshold)
+
+
+def reroute_with_primary(
+    topk_ids: torch.Tensor,
+    similarity: torch.Tensor,
+    select_top_k: int,
+    threshold: float,
+    primary_mask: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`reroute` with the primary set given: `primary_mask` [E] bool or integer (nonzero =
+    primary) on the ids' device, e.g. global_primary_mask below. Slots 0..S-1 stay;
+    every valid id in slots S..k-1 outside the mask moves to its most similar expert in the
+    mask when that similarity >= rho. backend: "reference", "torch", or "auto" (= torch; the
+    numba kernels take no given primary set)."""
+    check_reroute_args(topk_ids, similarity, select_top_k, threshold)
+    _check_primary_mask(primary_mask, similarity.shape[0], topk_ids.device)
+    _check_finite_once(similarity)
+    if backend not in ("auto", "reference", "torch"):
+        raise ValueError(f"reroute_with_primary runs on backend 'reference' or 'torch' (or 'auto'), not {backend!r}: "
+                         "the numba kernels build the primary set themselves")
+    return route_with_primary_unchecked(topk_ids, similarity, int(select_top_k), float(threshold), primary_mask,
+                                        "reference" if backend == "reference" else "torch")
+
+
+def route_with_primary_unchecked(
+    topk_ids: torch.Tensor, similarity: torch.Tensor, select_top_k: int, threshold: float,
+    primary_mask: torch.Tensor, backend: str,
+) -> torch.Tensor:
+    """`reroute_with_primary` on "reference" or "torch" (any other name runs torch), without
+    input checks: the per-call path of a re-router whose inputs were validated when it was built."""
+    if backend == "reference":
+        from sere.kernels.reference import reroute_with_primary_reference
+
+        out = reroute_with_primary_reference(topk_ids.cpu().numpy(), similarity.float().cpu().numpy(),
+                                             select_top_k, threshold, primary_mask.cpu().numpy())
+        return torch.from_numpy(out).to(topk_ids.device)
+    return reroute_torch_with_primary(topk_ids, similarity, select_top_k, threshold, primary_mask)
+
+
+# 0/1 per rank, summed: exact in float32 up to 2**24 ranks. Floating because vLLM's fastest
+# all-reduces (the CUDA custom all-reduce, the CPU shared-memory one) take floating types only.
+PRIMARY_MASK_DTYPE = torch.float32
+
+
+def local_primary_counts(topk_ids: torch.Tensor, num_experts: int, select_top_k: int) -> torch.Tensor:
+    """[E] PRIMARY_MASK_DTYPE: 1 where a valid id sits in slots 0..S-1 of any token here, else 0."""
+    return batch_primary_mask(topk_ids, num_experts, select_top_k).to(PRIMARY_MASK_DTYPE)  # E
+
+
+def all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    """`tensor` summed over `group`, one of:
+      - a torch.distributed ProcessGroup (None: the default group): torch.distributed.all_reduce,
+        in place on `tensor`;
+      - an object with its own out-of-place `all_reduce(tensor)`, such as vLLM's GroupCoordinator
+        (get_dp_group()): its device communicator, the path vLLM makes safe in CUDA graphs."""
+    if group is None or (torch.distributed.is_available() and isinstance(group, torch.distributed.ProcessGroup)):
+        # (not getattr(group, "all_reduce"): Dynamo may read no attribute of a ProcessGroup)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
+        return tensor
+    return group.all_reduce(tensor)
+
+
+def global_primary_mask(topk_ids: torch.Tensor, num_experts: int, select_top_k: int, group) -> torch.Tensor:
+    """[E] bool, the same on every rank of `group` (see all_reduce_sum): the experts in slots
+    0..S-1 of any token of any rank. A collective: every rank calls it, T = 0 included."""
+    counts = local_primary_counts(topk_ids, num_experts, select_top_k)  # E
+    return all_reduce_sum(counts, group) > 0  # E
+
+
+def _check_primary_mask(mask, num_experts: int, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"primary_mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() != 1 or mask.shape[0] != num_experts:
+        raise ValueError(f"primary_mask must be [E] = [{num_experts}], got shape {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise TypeError(f"primary_mask must be bool or integer, got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"primary_mask and topk_ids must be on the same device, got {mask.device} and {device}")
 
 
 def reroute_with_stats(

@@ -39,6 +39,8 @@ def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str)
         return f"method {method!r} is not sere"
     if rerouter.observers:
         return "statistics are recorded (they need the ids before re-routing)"
+    if getattr(rerouter, "primary_group", None) is not None:
+        return "primary_set global (the fused kernel builds P from this rank's tokens; the union needs an all-reduce)"
     if os.environ.get("VLLM_MOE_SKIP_PADDING", "0") not in ("", "0"):
         return "VLLM_MOE_SKIP_PADDING is set (the fused kernel has no padding mask)"
     from sere.kernels.numba_kernels import MAX_EXPERTS  # numba is there: the backend is numba

@@ -19,6 +19,17 @@ the max_tokens test a tensor select, because the compiled graph serves every bat
 Slot order. CUDA's fused top-k returns sorted slots (sere.rerouter.SORTED_ROUTERS); vLLM's CPU
 router uses topk(sorted=False), so there each token's slots are ordered by weight first.
 
+Data parallel. With primary_set "global" and vLLM's DP group larger than one rank, every
+re-router takes P as the union over the DP group (sere.routing.global_primary_mask): one all-reduce of an [E] mask
+per layer call through the group's GroupCoordinator.all_reduce (vLLM's device communicator,
+which vLLM's graph_capture covers for the DP group), and the contract on the torch
+implementation (the numba kernels and the fused top-k take no given P). vLLM keeps idle DP ranks
+stepping (dummy batches) so that every rank joins every layer's collective. With one DP rank the
+layers are exactly local (no collective). Where vLLM gathers the router logits over the DP group
+before select_experts (its naive dispatch, MoERunner.do_naive_dispatch_combine), every rank
+already sees every rank's tokens and the local P is the union: the option then only costs the
+all-reduce; it matters for the modular all-to-all kernels, which dispatch after routing.
+
 Statistics. With record_stats (or env SERE_RECORD_STATS=1) every call records one step per
 layer (distinct experts before / after, re-routed and critical slots, tokens) in a ring-buffer
 `sere.recorder.ExpertStatsRecorder`, read with `recorder()` in the engine's process (run the
@@ -27,6 +38,7 @@ built in this process; harness hooks (sere.harness.vllm_hooks) work from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import weakref
@@ -180,6 +192,9 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         stats = ExpertStatsRecorder(capacity=capacity)
         stats.preallocate([s.layer for s in sites], device)  # before any CUDA-graph capture
     observers = [StatsObserver(stats)] if stats is not None else []
+    primary_group = _primary_group(config)
+    if config.primary_set == "global" and primary_group is None:
+        plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
     for s in sites:
@@ -187,7 +202,7 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         if sort_slots is None:
             sort_slots = not router_returns_sorted(s.router, device)
         s.router._sere = LayerRerouter(plans[s.layer], sims[s.layer], transform, sort_slots=sort_slots,
-                                       backend=config.backend, observers=observers)
+                                       backend=config.backend, observers=observers, primary_group=primary_group)
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
@@ -200,6 +215,26 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         artifact.path,
     )
     return sites
+
+
+def _primary_group(config: SereConfig):
+    """vLLM's DP GroupCoordinator when primary_set is "global" and DP has more than one rank;
+    else None (the layers keep their own P), said in the log for "global"."""
+    if config.primary_set != "global":
+        return None
+    from vllm.distributed import parallel_state
+
+    try:
+        dp = parallel_state.get_dp_group()
+    except AssertionError:  # no DP group set up (a bare layer outside an engine): one rank
+        dp = None
+    size = 1 if dp is None else dp.world_size
+    if size <= 1:
+        logger.info("SERE primary_set=global: data-parallel size %d, so P is each batch's own (no collective)", size)
+        return None
+    logger.info("SERE primary_set=global: P is the union over %d DP ranks, one all-reduce of an [E] mask per MoE "
+                "layer call; re-routing runs on the torch implementation (the numba kernels take no given P)", size)
+    return dp
 
 
 def _fused_topk(site: MoESite, resolved: str, config: SereConfig):
