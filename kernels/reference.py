@@ -14,39 +14,11 @@ def reroute_reference(topk_ids, sim, select_top_k: int, threshold: float) -> np.
     `topk_ids` [T, k] integer, `sim` [E, E] floating (row = expert being moved,
     column = candidate target). Comparisons are made in float32: the similarity
     converted to float32 (exact for fp16/bf16) against float32(threshold).
+    P is this batch's: the valid experts in every token's slots 0..S-1.
     """
-    ids = np.array(topk_ids, copy=True)  # T, k
-    sim32 = np.asarray(sim, dtype=np.float32)  # E, E
-    T, k = ids.shape
-    E = sim32.shape[0]
-    rho = np.float32(threshold)
-    S = int(select_top_k)
-    if S <= 0 or S >= k:
-        return ids
-
-    primary = set()
-    for t in range(T):
-        for s in range(S):
-            e = int(ids[t, s])
-            if 0 <= e < E:
-                primary.add(e)
-    if not primary:
-        return ids
-    primary_sorted = sorted(primary)  # ascending: the first maximum wins ties
-
-    for t in range(T):
-        for s in range(S, k):
-            e = int(ids[t, s])
-            if not (0 <= e < E) or e in primary:
-                continue
-            best_p, best_v = -1, None
-            for p in primary_sorted:
-                v = sim32[e, p]
-                if best_v is None or v > best_v:
-                    best_p, best_v = p, v
-            if best_v >= rho:
-                ids[t, s] = best_p
-    return ids
+    E = np.asarray(sim).shape[0]
+    primary = primary_mask_reference(topk_ids, E, select_top_k)  # E
+    return reroute_with_primary_reference(topk_ids, sim, select_top_k, threshold, primary)
 
 
 def primary_mask_reference(topk_ids, num_experts: int, select_top_k: int) -> np.ndarray:

@@ -467,25 +467,6 @@ def test_the_plugin_takes_vllms_dp_group_only_when_it_has_two_ranks_or_more(monk
         assert group is None and "no collective" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def vllm_world(tmp_path_factory):
-    """vLLM's process groups for this one process (gloo, DP size 1), as in tests/test_vllm_ep.py."""
-    if not HAS_VLLM:
-        pytest.skip("needs vllm (the `vllm` tox env: .ci/setup-vllm-env)")
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed.parallel_state import (cleanup_dist_env_and_memory, ensure_model_parallel_initialized,
-                                                 init_distributed_environment)
-
-    cleanup_dist_env_and_memory()
-    init_file = tmp_path_factory.mktemp("dist") / "init"
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"file://{init_file}",
-                                     local_rank=0, backend="gloo")
-        ensure_model_parallel_initialized(1, 1)
-    yield
-    cleanup_dist_env_and_memory()
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("dp_size", [1, 2])
 def test_a_real_fused_moe_layer_reroutes_against_the_dp_union(vllm_world, monkeypatch, tmp_path, dp_size):

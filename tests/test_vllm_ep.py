@@ -71,23 +71,6 @@ def apply_expert_map(ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """vLLM's process groups for this one process (gloo), as a worker holds them."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed.parallel_state import (cleanup_dist_env_and_memory, ensure_model_parallel_initialized,
-                                                 init_distributed_environment)
-
-    cleanup_dist_env_and_memory()
-    init_file = tmp_path_factory.mktemp("dist") / "init"
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"file://{init_file}",
-                                     local_rank=0, backend="gloo")
-        ensure_model_parallel_initialized(1, 1)
-    yield
-    cleanup_dist_env_and_memory()
-
-
-@pytest.fixture(scope="module")
 def similarity(tmp_path_factory):
     """(folder holding the artifact, {LAYER: [E, E] float32}): random, so critical experts occur."""
     sims = random_similarity(E, [LAYER], seed=7)
@@ -183,7 +166,7 @@ def inputs(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module", params=list(MAPS))
-def map_case(request, world):
+def map_case(request, vllm_world):
     """(name, the rank's expert map as vLLM built it or by hand, ep_rank)."""
     spec = MAPS[request.param]
     if isinstance(spec, int):
@@ -231,7 +214,7 @@ def test_sere_reroutes_global_ids_before_the_expert_map(map_case, similarity, S,
     assert set(mapped.flatten().tolist()) - {-1} <= stock_local
 
 
-def test_both_ranks_hand_the_same_ids_to_their_experts_and_each_slot_runs_on_one_rank(world, similarity):
+def test_both_ranks_hand_the_same_ids_to_their_experts_and_each_slot_runs_on_one_rank(vllm_world, similarity):
     layers = [build_layer(rank) for rank in range(EP)]
     calls = []
     for layer in layers:
@@ -242,7 +225,7 @@ def test_both_ranks_hand_the_same_ids_to_their_experts_and_each_slot_runs_on_one
     assert bool((local.sum(dim=0) == 1).all()), "a slot runs on no rank or on two"
 
 
-def test_identity_settings_hand_the_stock_ids_to_the_experts(world, similarity):
+def test_identity_settings_hand_the_stock_ids_to_the_experts(vllm_world, similarity):
     layer = build_layer(1)
     apply_sere(layer, similarity[0], K, 0.0)  # S >= k: rule 4
     x, logits = inputs(33, seed=5)
@@ -261,7 +244,7 @@ def _routing_with_holes(hidden_states, gating_output, topk, renormalize):
     return weights, ids
 
 
-def test_ids_that_come_in_as_minus_one_pass_through_and_stay_minus_one_after_the_map(world, similarity):
+def test_ids_that_come_in_as_minus_one_pass_through_and_stay_minus_one_after_the_map(vllm_world, similarity):
     folder, sims = similarity
     layer = build_layer(0, custom_routing_function=_routing_with_holes)
     apply_sere(layer, folder, 1, 0.0)
@@ -282,7 +265,7 @@ def test_ids_that_come_in_as_minus_one_pass_through_and_stay_minus_one_after_the
 
 # ---------------------------------------------------------------------------- what SERE refuses
 
-def test_eplb_is_refused_with_a_clear_message(world, similarity):
+def test_eplb_is_refused_with_a_clear_message(vllm_world, similarity):
     layer = build_layer(0, enable_eplb=True)
     assert layer.router.eplb_state is not None
     with pytest.raises(ValueError, match=rf"SERE does not support EPLB \(layer {LAYER}\): its router returns "
@@ -291,7 +274,7 @@ def test_eplb_is_refused_with_a_clear_message(world, similarity):
     assert not sere_router.is_rerouted(layer.router)
 
 
-def test_a_similarity_over_the_local_experts_only_is_refused(world, tmp_path):
+def test_a_similarity_over_the_local_experts_only_is_refused(vllm_world, tmp_path):
     layer = build_layer(0)
     local = layer.runner.routed_experts.local_num_experts
     save_similarity(tmp_path, random_similarity(local, [LAYER]), {"model_type": "test"})
