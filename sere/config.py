@@ -19,7 +19,7 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            of the last N steps per layer (CUDA-graph safe)
   similarity               the artifact file or folder (None: the integration's default place)
   fuse_topk                vLLM on CUDA: compute a softmax router's top-k and the re-routing in one
-                           kernel instead of re-routing after the router's own top-k (off by default
+                           kernel instead of re-routing after the router's own top-k (off by default:
                            measured slower than the two kernels on an H100; see sere.vllm.fused_topk)
   primary_set              "local" (default): P is this batch's top-S experts; "global": under
                            data-parallel attention, the union over the DP group of every rank's
