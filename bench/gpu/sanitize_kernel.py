@@ -9,7 +9,8 @@ Every case runs on the GPU and is checked against the plain-loop reference (a wr
 so the sanitizer sees each kernel path with valid and invalid inputs: T = 1, odd E, E = 1024,
 -1 / >= E ids, S = 0 / k, the two-launch path (T >= the shape rule's threshold and forced),
 int32 and int64 ids, float32 / float16 / bfloat16 similarities, the weight-order kernel
-(unsorted slots), and the research-structure baseline.
+(unsorted slots), the fused router top-k + re-route kernel (its ids from float32 / float16 /
+bfloat16 logits with ties), and the research-structure baseline.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import sys
 import numpy as np
 import torch
 
-from sere.kernels.numba_cuda import launch_reroute, reroute_numba, reroute_numba_in_weight_order
-from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order
+from sere.kernels.numba_cuda import launch_reroute, reroute_numba, reroute_numba_in_weight_order, topk_reroute_numba
+from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order, topk_reroute_reference
 from sere.kernels.research_baseline import reroute_research_baseline
 
 # (T, E, k, S): T = 1, odd E, the largest E, S out of range, large T (two launches).
@@ -62,7 +63,19 @@ def run(cases) -> int:
         ok = np.array_equal(got_w.cpu().numpy(), want_w)
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {'weight-order':22s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+        failures += run_fused_topk(gen, T, E, k, S, ids.dtype, sim, SIM_DTYPES[(n + 1) % 3])
     return failures
+
+
+def run_fused_topk(gen, T, E, k, S, id_dtype, sim, logit_dtype) -> int:
+    """The fused top-k kernel on logits of the case's shape (a coarse grid: ties among logits)."""
+    logits = torch.from_numpy((gen.integers(-6, 7, size=(T, E)) / 4).astype(np.float32)).to(logit_dtype).cuda()
+    _, ids = topk_reroute_numba(logits, sim, k, True, S, 0.1, ids_dtype=id_dtype)
+    torch.cuda.synchronize()
+    _, want = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
+    ok = np.array_equal(ids.long().cpu().numpy(), want)
+    print(f"{'ok  ' if ok else 'FAIL'} {'fused top-k':22s} T={T} E={E} k={k} S={S} {id_dtype} {logits.dtype}")
+    return int(not ok)
 
 
 def main(argv=None) -> int:
