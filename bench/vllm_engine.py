@@ -33,6 +33,9 @@ Engines (GPU memory is freed between them, each being its own process):
       compilation (torch.compile + CUDA graphs, captured for exactly the batch sizes measured).
       Decode time per step = (time of a long generate - time of a short one) / extra tokens,
       so prefill and start-up cancel; median of --reps; throughput = batch / step time.
+  sere-s1-fused (VARIANTS): sere-s1 with fuse_topk (the router's top-k and SERE in one kernel,
+      sere.vllm.fused_topk); timed like the others, its result counts the fused layers.
+  --quantization (e.g. fp8) quantizes the dummy weights on the fly, in every engine.
   counts: an eager in-process engine with SERE statistics on (sere.vllm.router.recorder()),
       both settings switched at run time (sere.harness.vllm_hooks, eager only), which gives the
       activated experts per decode step (before = stock routing, after = SERE); plus a trace
@@ -70,6 +73,8 @@ def sere_config(name: str) -> dict | None:
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(TIMED_ENGINES)}, counts")
     return ENGINES[name].sere_config()
+
+
 PROMPT_LEN = 32
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 TRACE_DIR = Path(__file__).resolve().parent / "traces"
