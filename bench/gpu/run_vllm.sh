@@ -16,8 +16,12 @@
 # E2E_REPS repetitions (default 3), under the step's share of the budget; E2E_ROUTING (default: each
 # model's own dummy router) sets the routing of e2e-pytest and the model steps: uniform, zipf:1.2, trace
 # (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
-# `pytest -m gpu tests`), ENGINES (default stock,sere-s1,sere-s2,counts: the engines of the
-# script e2e steps), FUSED_K (a -k expression narrowing fused-pytest).
+# `pytest -m gpu tests`; tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
+# Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 8,16,32,64); profile runs bench/gpu/profile_decode.py
+# for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
+# Qwen3-30B-A3B's stock and sere-s1 engines with quantization="fp8" at batches 1,16,64), ENGINES
+# (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
+# the fused top-k variant), FUSED_K (a -k expression narrowing fused-pytest).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
 # last number (the first engine of a model ~25 s more: vLLM inspects the architecture in a
 # subprocess once), so one model's three engines need ~330-400 s.
@@ -39,7 +43,7 @@ left() { echo $((BUDGET_S - SECONDS)); }
 
 pack() {  # everything small from $WORK (model folders left out) into one archive, plus the summary
   cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/fused-pytest/report/report.md "$WORK"/e2e-pytest/report/report.md \
-    "$WORK"/e2e-*/summary.md \
+    "$WORK"/e2e-*/summary.md "$WORK"/tune/tune_fused_moe.md "$WORK"/profile-*/profile.md \
     > "$OUT/summary.md" 2>/dev/null
   tar -czf "$OUT/vllm_results.tar.gz" -C "$WORK" --exclude='*/model' . 2>/dev/null
 }
@@ -117,11 +121,22 @@ for s in $STEPS; do
         SERE_BENCH_E2E_ROUTING="${E2E_ROUTING:-}" \
         bash -c 'bench_pytest "$@"' _ e2e-pytest bench/test_bench_vllm_decode.py -s ;;
     gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
+    tune) want=$([ "$s" = "$last_step" ] && left || echo 300); lim=$(( want < $(left) ? want : $(left) ))
+      step tune "$lim" $PY -m bench.gpu.tune_fused_moe --models "${TUNE_MODELS:-Qwen1.5-MoE-A2.7B}" \
+        --batches "${TUNE_BATCHES:-8,16,32,64}" --out "$WORK/tune" --deadline $((lim - 20)) ;;
+    profile) for m in ${PROFILE_MODELS:-qwen1.5-moe-a2.7b deepseek-v2-lite qwen3-30b-a3b}; do
+        step "profile $m" 260 $PY -m bench.gpu.profile_decode --model "$m" --batches 1,16,64 --out "$WORK/profile-$m" \
+          --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
+      done ;;
+    fp8) want=$([ "$s" = "$last_step" ] && left || echo 330); lim=$(( want < $(left) ? want : $(left) ))
+      step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization fp8 \
+        --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1 --deadline $((lim - 10)) --min-left 60 \
+        --engine-timeout 170 ;;
     deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;
     qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
     # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
     qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
-    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, tune, profile, fp8, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
   esac
 done
 
