@@ -88,17 +88,6 @@ def reroute_in_weight_order(
     return new_ids, ids_sorted, new_sorted
 
 
-def critical_slots(ids_in: torch.Tensor, new_in: torch.Tensor, primary: torch.Tensor,
-                   select_top_k: int) -> torch.Tensor:
-    """0-dim int64: secondary slots (S..k-1) holding a valid expert outside `primary` [E] bool
-    that did not move; 0 when `primary` is empty. sere.stats counts the same against the batch's
-    own P; this is for a given P (primary_set global)."""
-    E, S = primary.shape[0], select_top_k
-    sec = ids_in[:, S:]  # T, k-S
-    outside = (sec >= 0) & (sec < E) & ~primary[sec.clamp(0, E - 1).long()]  # T, k-S
-    return (outside & (new_in[:, S:] == sec)).sum() * primary.any()
-
-
 class RoutingObserver(Protocol):
     needs_weights: bool
 
@@ -119,10 +108,8 @@ class StatsObserver:
         if torch.compiler.is_compiling():  # a Python int would pin the batch size into the graph
             tokens = torch.ones_like(ids_in[:, 0], dtype=torch.int64).sum()
         S = 0 if skipped is True else rerouter.select_top_k  # an untouched call has no critical slots
-        stats = reroute_stats(ids_in, new_in, rerouter.num_experts, S)
-        primary = getattr(rerouter, "last_primary", None)
-        if primary is not None and skipped is not True:  # a given P (primary_set global): critical against it
-            stats = dataclasses.replace(stats, critical=critical_slots(ids_in, new_in, primary, S))
+        # a given P (primary_set global): critical slots against it
+        stats = reroute_stats(ids_in, new_in, rerouter.num_experts, S, primary=getattr(rerouter, "last_primary", None))
         if isinstance(skipped, torch.Tensor):  # a compiled max_tokens skip: as an eager one, no critical slots
             stats = dataclasses.replace(stats, critical=stats.critical * ~skipped)
         self.recorder.record_stats(rerouter.layer, stats, tokens=tokens)

@@ -32,14 +32,17 @@ def distinct_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def reroute_stats(
-    topk_ids: torch.Tensor, new_ids: torch.Tensor, num_experts: int, select_top_k: int
+    topk_ids: torch.Tensor, new_ids: torch.Tensor, num_experts: int, select_top_k: int,
+    primary: torch.Tensor | None = None,
 ) -> RerouteStats:
-    """Statistics of one re-routing call, computed from its input and output ids."""
+    """Statistics of one re-routing call, computed from its input and output ids. Critical
+    slots are counted against `primary` [E] bool where P was given (primary_set "global"),
+    else against the batch's own P."""
     T, k = topk_ids.shape
     E, S = num_experts, select_top_k
     rerouted = (new_ids != topk_ids).sum()
     if 0 < S < k:
-        is_primary = primary_mask(topk_ids, E, S)  # E
+        is_primary = primary_mask(topk_ids, E, S) if primary is None else primary  # E
         sec = topk_ids[:, S:]  # T, k-S
         sec_valid = (sec >= 0) & (sec < E)
         not_primary = sec_valid & ~is_primary[sec.clamp(0, E - 1).long()]

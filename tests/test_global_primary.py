@@ -23,7 +23,7 @@ import torch
 from sere.config import LayerPlan, SereConfig
 from sere.kernels.reference import primary_mask_reference, reroute_reference, reroute_with_primary_reference
 from sere.recorder import ExpertStatsRecorder
-from sere.rerouter import LayerRerouter, StatsObserver, critical_slots
+from sere.rerouter import LayerRerouter, StatsObserver
 from sere.routing import all_reduce_sum, global_primary_mask, local_primary_counts, reroute, reroute_with_primary
 from sere.stats import reroute_stats
 from sere.transforms import get_transform
@@ -399,7 +399,7 @@ def test_statistics_count_critical_slots_against_the_global_set():
     sec = ids[:, S:]
     want = int(((~union[sec]) & (new[:, S:] == sec)).sum())
     row = recorder.per_layer()[3]
-    assert row["critical"] == [want] and int(critical_slots(ids, new, union, S)) == want
+    assert row["critical"] == [want] and int(reroute_stats(ids, new, E, S, primary=union).critical) == want
     assert want > 0, "no critical slot: the case tests nothing"
     assert int(reroute_stats(ids, new, E, S).critical) != want, "the batch's own P counts the same: the case tests nothing"
     assert row["experts_after"][0] == len(set(new.flatten().tolist()))
