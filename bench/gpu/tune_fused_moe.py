@@ -27,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+from bench.gpu.vllm_fused_layer import parse_models
 from sere.harness.model_configs import REAL_MODELS
 from sere.harness.settings import SERE_S1, STOCK
 
@@ -108,10 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--list", action="store_true", help="print the plan and exit (no GPU needed)")
     args = p.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in REAL_MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {', '.join(REAL_MODELS)}")
+    models = parse_models(p, args.models)
     grid = config_grid()
     per_model = len(args.batches) * len(SETTINGS) * (1 + len(grid))
     if args.list:

@@ -70,6 +70,15 @@ def plan(models, routings, batches):
     return [(m, rt, T, s) for m in models for rt in routings for T in batches for s in STOCK_AND_PAPER]
 
 
+def parse_models(p: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated --models, each one of REAL_MODELS (else a usage error)."""
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in models if m not in REAL_MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(REAL_MODELS)}")
+    return models
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vllm_fused_layer")))
@@ -79,10 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=600, help="seconds; cases left then are skipped and reported")
     p.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     args = p.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in REAL_MODELS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; choose from {', '.join(REAL_MODELS)}")
+    models = parse_models(p, args.models)
     routings = [s.strip() for s in args.routings.split(",") if s.strip()]
     for spec in routings:
         make_routing(spec, 2, 8, 2)  # a bad spec fails here, not after minutes of GPU work
