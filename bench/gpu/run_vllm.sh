@@ -17,7 +17,7 @@
 # model's own dummy router) sets the routing of e2e-pytest and the model steps: uniform, zipf:1.2, trace
 # (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
 # `pytest -m gpu tests`; tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
-# Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 8,16,32,64); profile runs bench/gpu/profile_decode.py
+# Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256); profile runs bench/gpu/profile_decode.py
 # for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
 # Qwen3-30B-A3B's stock and sere-s1 engines with quantization="fp8" at batches 1,16,64), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
@@ -123,7 +123,7 @@ for s in $STEPS; do
     gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
     tune) want=$([ "$s" = "$last_step" ] && left || echo 300); lim=$(( want < $(left) ? want : $(left) ))
       step tune "$lim" $PY -m bench.gpu.tune_fused_moe --models "${TUNE_MODELS:-Qwen1.5-MoE-A2.7B}" \
-        --batches "${TUNE_BATCHES:-8,16,32,64}" --out "$WORK/tune" --deadline $((lim - 20)) ;;
+        --batches "${TUNE_BATCHES:-1,16,64,256}" --out "$WORK/tune" --deadline $((lim - 20)) ;;
     profile) for m in ${PROFILE_MODELS:-qwen1.5-moe-a2.7b deepseek-v2-lite qwen3-30b-a3b}; do
         step "profile $m" 260 $PY -m bench.gpu.profile_decode --model "$m" --batches 1,16,64 --out "$WORK/profile-$m" \
           --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"}

@@ -8,9 +8,9 @@ experts instead of 83), so the tiles chosen for stock's distribution need not su
 script times one MoE layer (bench/fused_layer.py: router, SERE, vLLM's fused_experts, shared
 expert) per model and token count under vLLM's own choice and under every configuration of a
 grid (vLLM's `override_config`), for stock and for SERE, and writes per model the best SERE
-configuration per M in vLLM's file format:
+configuration per M in vLLM's file format (stock's best in DIR/stock, the tuned baseline):
 
-    python3 -m bench.gpu.tune_fused_moe --models Qwen1.5-MoE-A2.7B --batches 8,16,32,64 --out DIR
+    python3 -m bench.gpu.tune_fused_moe --models Qwen1.5-MoE-A2.7B --batches 1,16,64,256 --out DIR
     export VLLM_TUNED_CONFIG_FOLDER=DIR   # vLLM reads E=..,N=..,device_name=...json from there first
 
 Argument check and the grid without a GPU:  python3 -m bench.gpu.tune_fused_moe --list
@@ -21,6 +21,7 @@ config files. Deadline-bound: configurations left when it passes are skipped and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -43,12 +44,28 @@ GRID = {
     "num_stages": (3, 4),
 }
 SETTINGS = (STOCK, SERE_S1)
+TUNE_ROUNDS = 5  # replays per timing: fewer than the layer bench's, as the grid is 73 timings per case
 
 
 def config_grid(grid: dict = GRID) -> list[dict]:
     """Every combination of the grid, as vLLM's config dicts (SPLIT_K 1, as vLLM's Triton path needs)."""
     keys = list(grid)
     return [dict(zip(keys, values), SPLIT_K=1) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@contextlib.contextmanager
+def forced_tiles(cfg: dict | None):
+    """vLLM's override_config(cfg), restored also when the kernel raises: vLLM's own context manager
+    has no try/finally, so a tile that does not fit (shared memory) would stay forced on every later
+    call."""
+    import vllm.model_executor.layers.fused_moe as vllm_fused_moe
+
+    old = vllm_fused_moe.get_config()
+    try:
+        with vllm_fused_moe.override_config(cfg):
+            yield
+    finally:
+        vllm_fused_moe._config = old
 
 
 def config_file_name(E: int, N: int, device_name: str) -> str:
@@ -104,7 +121,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/tune_fused_moe")))
     p.add_argument("--models", default="Qwen1.5-MoE-A2.7B", help=f"comma-separated, from {', '.join(REAL_MODELS)}")
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64])
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
     p.add_argument("--routing", default="uniform", help="bench/routing.py spec")
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--list", action="store_true", help="print the plan and exit (no GPU needed)")
@@ -123,14 +140,17 @@ def main(argv=None) -> int:
     from bench.timing import Deadline, measure_copy_bandwidth, time_graph_replay
 
     vllm_ops = fused.load_vllm_ops()
-    from vllm.model_executor.layers.fused_moe import override_config
 
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = Deadline(args.deadline)
     bw = measure_copy_bandwidth("cuda")
-    device = torch.cuda.get_device_name()
+    from vllm.platforms import current_platform
+
+    device = current_platform.get_device_name()  # vLLM's name (NVML's), the one its config lookup uses
     rows, skipped = [], 0
-    for model in models:
+    for i, model in enumerate(models):
+        # Each model gets an equal share of what is left, so a slow first model cannot starve the last.
+        share = Deadline(deadline.left() / (len(models) - i))
         layer = fused.build_layer(model, vllm_ops)
         for T, setting in itertools.product(args.batches, SETTINGS):
             case = fused.prepare_case(layer, args.routing, T, *setting)
@@ -138,13 +158,13 @@ def main(argv=None) -> int:
             if problems:
                 print(f"CHECK FAILED {model} T={T} {setting.label}: {problems}", flush=True)
             for cfg in [None, *grid]:  # None: vLLM's own choice for this M
-                if deadline.refuses():
+                if share.refuses():
                     skipped += 1
                     continue
                 row = dict(model=model, tokens=T, setting=setting.label, config=cfg)
                 try:
-                    with override_config(cfg), torch.no_grad():
-                        t = time_graph_replay(lambda: layer(case.h), calls=fused.CALLS, repeats=fused.ROUNDS)
+                    with forced_tiles(cfg), torch.no_grad():
+                        t = time_graph_replay(lambda: layer(case.h), calls=fused.CALLS, repeats=TUNE_ROUNDS)
                     row.update(fused.case_info(layer.shapes, case, t.median_us * 1e-6, bw))
                 except Exception as exc:  # noqa: BLE001 - a tile that does not fit (shared memory) is skipped
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -152,11 +172,14 @@ def main(argv=None) -> int:
                 rows.append(row)
             print(f"{model} T={T} {setting.label}: {len(grid) + 1} timed", flush=True)
         shapes = layer.shapes
-        best = best_per_batch([r for r in rows if r["model"] == model], SERE_S1.label)
-        if best:
-            path = args.out / config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
-            path.write_text(json.dumps(vllm_config_file(best), indent=2) + "\n")
-            print(f"wrote {path}", flush=True)
+        name = config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
+        # SERE's tiles at the top (what the plugin ships), stock's in stock/ (the tuned baseline).
+        for setting, folder in ((SERE_S1, args.out), (STOCK, args.out / "stock")):
+            best = best_per_batch([r for r in rows if r["model"] == model], setting.label)
+            if best:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_text(json.dumps(vllm_config_file(best), indent=2) + "\n")
+                print(f"wrote {folder / name}", flush=True)
         del layer
         torch.cuda.empty_cache()
         result = {"device": device, "torch": torch.__version__, "copy_bw_gbps": round(bw / 1e9, 1),
