@@ -39,6 +39,16 @@ def test_best_per_batch_takes_the_fastest_config_of_the_setting_only():
     assert tune.vllm_config_file(best) == {"16": b, "64": a}
 
 
+def test_config_file_keeps_vllms_default_past_the_tuned_token_counts():
+    """vLLM takes the nearest M's config: prefill chunks must not get the tiles tuned for decode."""
+    a = {"BLOCK_SIZE_M": 16, "SPLIT_K": 1}
+    best = {1: {"config": a}, 64: {"config": a}}
+    content = tune.vllm_config_file(best, default_for=lambda m: {"BLOCK_SIZE_M": 64, "M": m})
+    assert content["1"] == a and content["64"] == a
+    assert [int(m) for m in content][2:] == [m for m in tune.UNTUNED_M if m > 64]
+    assert content["2048"] == {"BLOCK_SIZE_M": 64, "M": 2048}
+
+
 def test_markdown_compares_vllms_choice_with_the_best():
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 256, "GROUP_SIZE_M": 1, "num_warps": 4,
            "num_stages": 4, "SPLIT_K": 1}

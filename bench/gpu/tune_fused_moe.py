@@ -85,9 +85,19 @@ def best_per_batch(rows: list[dict], setting: str) -> dict[int, dict]:
     return best
 
 
-def vllm_config_file(best: dict[int, dict]) -> dict[str, dict]:
-    """vLLM's file content: {"M": config} for every tuned M."""
-    return {str(T): {k: v for k, v in r["config"].items()} for T, r in sorted(best.items())}
+# vLLM takes the config of the nearest M in the file, so a file tuned up to M = 64 alone would hand
+# its M = 64 tiles to a 2048-token prefill chunk. Past the largest tuned M the file keeps vLLM's own
+# default rule at these token counts.
+UNTUNED_M = (128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def vllm_config_file(best: dict[int, dict], default_for=None) -> dict[str, dict]:
+    """vLLM's file content: {"M": config} for every tuned M, plus default_for(M) (vLLM's default
+    rule) at the UNTUNED_M past the largest tuned one."""
+    content = {str(T): dict(r["config"]) for T, r in sorted(best.items())}
+    if default_for is not None and best:
+        content.update({str(m): dict(default_for(m)) for m in UNTUNED_M if m > max(best)})
+    return content
 
 
 def markdown(rows: list[dict]) -> str:
@@ -174,11 +184,17 @@ def main(argv=None) -> int:
         shapes = layer.shapes
         name = config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
         # SERE's tiles at the top (what the plugin ships), stock's in stock/ (the tuned baseline).
+        from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+
+        def default_for(m, shapes=shapes):  # what vLLM would pick with no file (bf16: dtype None)
+            return get_default_config(m, shapes.num_experts, shapes.moe_intermediate_size, shapes.hidden_size,
+                                      shapes.top_k, None)
+
         for setting, folder in ((SERE_S1, args.out), (STOCK, args.out / "stock")):
             best = best_per_batch([r for r in rows if r["model"] == model], setting.label)
             if best:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_text(json.dumps(vllm_config_file(best), indent=2) + "\n")
+                (folder / name).write_text(json.dumps(vllm_config_file(best, default_for), indent=2) + "\n")
                 print(f"wrote {folder / name}", flush=True)
         del layer
         torch.cuda.empty_cache()
