@@ -35,10 +35,6 @@ Engines (GPU memory is freed between them, each being its own process):
       so prefill and start-up cancel; median of --reps; throughput = batch / step time.
   sere-s1-fused (VARIANTS): sere-s1 with fuse_topk (the router's top-k and SERE in one kernel,
       sere.vllm.fused_topk); timed like the others, its result counts the fused layers.
-  sere-s1-vllm-tiles: sere-s1 on vLLM's own fused-MoE tiles (moe_tiles "vllm"), where sere-s1
-      reads SERE's tuned tiles (sere.vllm.tiles) if a file ships for the shape and GPU.
-  stock-tuned: stock with VLLM_TUNED_CONFIG_FOLDER=bench/moe_tiles_stock, the tiles tuned for
-      stock's own routing: the strongest stock baseline where vLLM ships no tuned file.
   --quantization (e.g. fp8) quantizes the dummy weights on the fly, in every engine.
   counts: an eager in-process engine with SERE statistics on (sere.vllm.router.recorder()),
       both settings switched at run time (sere.harness.vllm_hooks, eager only), which gives the
@@ -65,15 +61,8 @@ from sere.harness.settings import ENGINES, SERE_S1
 SERE_ENGINES = [name for name, s in ENGINES.items() if not s.is_stock]
 # Engines that run a setting with extra SERE options (additional_config keys); timed like the
 # others, never in the counts engine.
-VARIANTS = {
-    "sere-s1-fused": ("sere-s1", {"fuse_topk": True}),  # the router's top-k and SERE in one kernel
-    "sere-s1-vllm-tiles": ("sere-s1", {"moe_tiles": "vllm"}),  # vLLM's own fused-MoE tiles, not SERE's
-}
-# The tuned baseline: stock on the tiles bench/gpu/tune_fused_moe.py found best for stock's own
-# routing (where a file for the shape and GPU is there; vLLM's own choice otherwise).
-STOCK_TILES_DIR = Path(__file__).resolve().parent / "moe_tiles_stock"
-ENGINE_ENV = {"stock-tuned": {"VLLM_TUNED_CONFIG_FOLDER": str(STOCK_TILES_DIR)}}
-TIMED_ENGINES = [*ENGINES, *VARIANTS, *ENGINE_ENV]
+VARIANTS = {"sere-s1-fused": ("sere-s1", {"fuse_topk": True})}  # the router's top-k and SERE in one kernel
+TIMED_ENGINES = [*ENGINES, *VARIANTS]
 
 
 def sere_config(name: str) -> dict | None:
@@ -81,8 +70,6 @@ def sere_config(name: str) -> dict | None:
     if name in VARIANTS:
         base, options = VARIANTS[name]
         return dict(ENGINES[base].sere_config(), **options)
-    if name in ENGINE_ENV:
-        return None  # stock, under other tiles
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(TIMED_ENGINES)}, counts")
     return ENGINES[name].sere_config()
@@ -549,8 +536,7 @@ def run_engine(name: str, args, timeout: float) -> tuple[dict | None, str]:
     log_path = args.out / f"{name}.log"
     with open(log_path, "w") as log:
         try:
-            env = dict(engine_env(args.routing, args.model), **ENGINE_ENV.get(name, {}))
-            rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, env=engine_env(args.routing, args.model), stdout=log, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout after {timeout:.0f} s"

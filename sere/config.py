@@ -26,9 +26,6 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            top-S experts, one all-reduce of an E-wide mask per MoE layer call
                            (sere.routing.global_primary_mask; vLLM only, method "sere",
                            torch implementation)
-  moe_tiles                vLLM on CUDA: "sere" (default) runs vLLM's fused MoE with the tiles this
-                           project tuned for re-routed batches where it ships a file for the shape and
-                           GPU (sere.vllm.tiles); "vllm" keeps vLLM's own choice
   metadata                 free-form provenance (e.g. what `sere-tune` measured); JSON-like,
                            carried along, ignored by routing and by comparisons
 """
@@ -42,7 +39,6 @@ from typing import Any, Iterable, Mapping
 
 BACKENDS = ("auto", "reference", "torch", "numba")
 PRIMARY_SETS = ("local", "global")
-MOE_TILES = ("sere", "vllm")
 ALIASES = {"enabled_layers": "layers", "similarity_path": "similarity"}
 OVERRIDE_KEYS = ("select_top_k", "threshold")
 
@@ -79,7 +75,6 @@ class SereConfig:
     similarity: str | None = None
     fuse_topk: bool = False
     primary_set: str = "local"
-    moe_tiles: str = "sere"
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
 
@@ -127,8 +122,6 @@ class SereConfig:
             raise ValueError(f"primary_set must be one of {choices}, got {self.primary_set!r}")
         if self.primary_set == "global" and self.method != "sere":
             raise ValueError(f"primary_set 'global' is SERE's primary set; it needs method 'sere', got {self.method!r}")
-        if not isinstance(self.moe_tiles, str) or self.moe_tiles not in MOE_TILES:
-            raise ValueError(f"moe_tiles must be one of {', '.join(map(repr, MOE_TILES))}, got {self.moe_tiles!r}")
         if not isinstance(self.metadata, Mapping):
             raise TypeError(f"metadata must be a dict, got {type(self.metadata).__name__}")
 

@@ -15,10 +15,7 @@ def test_every_engine_has_its_settings():
     assert e2e.sere_config("stock") is None
     assert e2e.sere_config("sere-s1") == {"select_top_k": 1, "threshold": 0.0}
     assert e2e.sere_config("sere-s1-fused") == {"select_top_k": 1, "threshold": 0.0, "fuse_topk": True}
-    assert e2e.sere_config("sere-s1-vllm-tiles") == {"select_top_k": 1, "threshold": 0.0, "moe_tiles": "vllm"}
-    assert e2e.sere_config("stock-tuned") is None
-    assert e2e.ENGINE_ENV["stock-tuned"]["VLLM_TUNED_CONFIG_FOLDER"].endswith("bench/moe_tiles_stock")
-    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused", "sere-s1-vllm-tiles", "stock-tuned"]
+    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused"]
     with pytest.raises(ValueError, match="unknown engine 'sere-s3'.*sere-s1-fused"):
         e2e.sere_config("sere-s3")
 

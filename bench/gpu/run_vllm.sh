@@ -17,9 +17,8 @@
 # model's own dummy router) sets the routing of e2e-pytest and the model steps: uniform, zipf:1.2, trace
 # (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
 # `pytest -m gpu tests`; tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
-# Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300) and tiles
-# copies its files where the plugin and the stock-tuned engine read them; e2e:MODEL runs one model's
-# ENGINES at E2E_BATCHES (default 1,16,64); profile runs bench/gpu/profile_decode.py
+# Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
+# e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs bench/gpu/profile_decode.py
 # for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
 # Qwen3-30B-A3B's stock and sere-s1 engines with quantization="fp8" at batches 1,16,64), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
@@ -134,18 +133,13 @@ for s in $STEPS; do
       step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization fp8 \
         --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1 --deadline $((lim - 10)) --min-left 60 \
         --engine-timeout 170 ;;
-    # The tune step's tiles into this copy of the repo (installed editable): SERE's where the plugin
-    # reads them (sere/vllm/moe_tiles), stock's for the stock-tuned engine (bench/moe_tiles_stock).
-    tiles) mkdir -p sere/vllm/moe_tiles bench/moe_tiles_stock
-      cp "$WORK"/tune/E=*.json sere/vllm/moe_tiles/ && cp "$WORK"/tune/stock/E=*.json bench/moe_tiles_stock/ \
-        && ls sere/vllm/moe_tiles bench/moe_tiles_stock || { echo "== tiles: no tuned files in $WORK/tune"; status=1; } ;;
     # Any model at E2E_BATCHES (default 1,16,64) with ENGINES, e.g. e2e:qwen1.5-moe-a2.7b.
     e2e:*) e2e "${s#e2e:}" "$(left)" 60 "${E2E_BATCHES:-1,16,64}" "$ENGINES" ;;
     deepseek-v2-lite) e2e deepseek-v2-lite 210 55 1,16,64,128,256 "$ENGINES" ;;
     qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
     # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
     qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
-    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, tune, tiles, e2e:MODEL, profile, fp8, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, tune, e2e:MODEL, profile, fp8, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
   esac
 done
 

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from bench.gpu.vllm_fused_layer import parse_models
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole run")
     p.add_argument("--list", action="store_true", help="print the plan and exit (no GPU needed)")
     args = p.parse_args(argv)
+    started = time.perf_counter()  # the deadline counts the imports and set-up too
     models = parse_models(p, args.models)
     grid = config_grid()
     per_model = len(args.batches) * len(SETTINGS) * (1 + len(grid))
@@ -152,12 +154,33 @@ def main(argv=None) -> int:
     vllm_ops = fused.load_vllm_ops()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    deadline = Deadline(args.deadline)
+    deadline = Deadline(args.deadline - (time.perf_counter() - started))
     bw = measure_copy_bandwidth("cuda")
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
     from vllm.platforms import current_platform
 
     device = current_platform.get_device_name()  # vLLM's name (NVML's), the one its config lookup uses
     rows, skipped = [], 0
+
+    def save(model: str, shapes) -> None:
+        """Every timing so far, and the model's best tiles per setting in vLLM's file format: SERE's
+        in --out, stock's in --out/stock (the tuned baseline). Called after every case, so a run cut
+        off by a timeout keeps what it measured."""
+        name = config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
+
+        def default_for(m):  # what vLLM picks with no file (bf16: dtype None)
+            return get_default_config(m, shapes.num_experts, shapes.moe_intermediate_size, shapes.hidden_size,
+                                      shapes.top_k, None)
+
+        for setting, folder in ((SERE_S1, args.out), (STOCK, args.out / "stock")):
+            best = best_per_batch([r for r in rows if r["model"] == model], setting.label)
+            if best:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_text(json.dumps(vllm_config_file(best, default_for), indent=2) + "\n")
+        result = {"device": device, "torch": torch.__version__, "copy_bw_gbps": round(bw / 1e9, 1),
+                  "routing": args.routing, "grid": GRID, "skipped_timings": skipped, "rows": rows}
+        (args.out / "tune_fused_moe.json").write_text(json.dumps(result, indent=2))
+
     for i, model in enumerate(models):
         # Each model gets an equal share of what is left, so a slow first model cannot starve the last.
         share = Deadline(deadline.left() / (len(models) - i))
@@ -181,26 +204,11 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 rows.append(row)
             print(f"{model} T={T} {setting.label}: {len(grid) + 1} timed", flush=True)
-        shapes = layer.shapes
-        name = config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
-        # SERE's tiles at the top (what the plugin ships), stock's in stock/ (the tuned baseline).
-        from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
-
-        def default_for(m, shapes=shapes):  # what vLLM would pick with no file (bf16: dtype None)
-            return get_default_config(m, shapes.num_experts, shapes.moe_intermediate_size, shapes.hidden_size,
-                                      shapes.top_k, None)
-
-        for setting, folder in ((SERE_S1, args.out), (STOCK, args.out / "stock")):
-            best = best_per_batch([r for r in rows if r["model"] == model], setting.label)
-            if best:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_text(json.dumps(vllm_config_file(best, default_for), indent=2) + "\n")
-                print(f"wrote {folder / name}", flush=True)
+            save(model, layer.shapes)
+        print(f"wrote {args.out}/{config_file_name(layer.shapes.num_experts, layer.shapes.moe_intermediate_size, device)}"
+              " (SERE) and the same name in stock/", flush=True)
         del layer
         torch.cuda.empty_cache()
-        result = {"device": device, "torch": torch.__version__, "copy_bw_gbps": round(bw / 1e9, 1),
-                  "routing": args.routing, "grid": GRID, "skipped_timings": skipped, "rows": rows}
-        (args.out / "tune_fused_moe.json").write_text(json.dumps(result, indent=2))  # partial results survive
     table = markdown(rows)
     (args.out / "tune_fused_moe.md").write_text(f"Device {device}; routing {args.routing}; {skipped} timings skipped "
                                                 f"by the deadline\n\n{table}\n")

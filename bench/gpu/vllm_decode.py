@@ -81,10 +81,7 @@ def summarize(results: dict) -> str:
     for name in engine.TIMED_ENGINES:
         if name in results and name != "stock":
             r = results[name]
-            if name in engine.ENGINE_ENV:
-                lines.append(f"{name}: stock with {engine.ENGINE_ENV[name]}, engine start {r['start_s']:.0f} s")
-                continue
-            fused = f", router top-k fused on {r['fused_topk_layers']}" if (r.get("sere") or {}).get("fuse_topk") else ""
+            fused = f", router top-k fused on {r['fused_topk_layers']}" if r.get("sere", {}).get("fuse_topk") else ""
             lines.append(f"{name}: {r['rerouted_layers']} layers re-routed{fused}, backend {r['backend']}, "
                          f"engine start {r['start_s']:.0f} s")
     if "counts" in results:

@@ -117,9 +117,5 @@ def _after_load(model, vllm_config, model_config) -> None:
     settings = read_settings(vllm_config)
     if settings is None:
         return
-    if settings.moe_tiles == "sere":
-        from sere.vllm.tiles import select_sere_tiles
-
-        select_sere_tiles()  # before the profile run and graph capture, the first fused-MoE calls
     # The SERE model classes have wrapped their routers already; apply_sere then returns them.
     check_routed_through_router(apply_sere(model, vllm_config, settings))
