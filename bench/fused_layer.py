@@ -103,11 +103,15 @@ class FusedLayer:
             return self.ids
         return reroute(self.ids, self.sim, self.S, self.rho, backend="numba")  # T, k int32
 
-    def __call__(self, h: torch.Tensor, copy: int | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, copy: int | None = None, *, experts: bool = True) -> torch.Tensor:
+        """The layer's output; experts=False leaves out the routed experts (fused_experts), so that
+        a timing of it is the rest of the layer (see parts_info)."""
         w = self.copies[next(self.turn) % len(self.copies) if copy is None else copy]
         ids = self.route(w, h)
-        out = self.fused_experts(h, w.w13, w.w2, self.weights, ids, global_num_experts=self.shapes.num_experts)  # T, H
         shared = shared_mlp(w, h)
+        if not experts:
+            return ids if shared is None else shared
+        out = self.fused_experts(h, w.w13, w.w2, self.weights, ids, global_num_experts=self.shapes.num_experts)  # T, H
         return out if shared is None else out + shared
 
 
@@ -192,3 +196,15 @@ def case_info(shapes, case: Case, seconds: float | None, bw: float) -> dict:
                 shared_intermediate=shapes.shared_intermediate_size,
                 experts_before=int(distinct_experts(case.routing.ids, E)), experts_after=after,
                 expert_bytes=expert_bytes, **floor_info(expert_bytes, seconds, bw))
+
+
+def parts_info(shapes, experts_after: int, layer_s: float, rest_s: float, bw: float) -> dict:
+    """Where one case's time goes: the layer without its routed experts (router, top-k, SERE,
+    shared expert: rest_us) and the routed experts as the difference (experts_us), with their own
+    byte floor (distinct experts x expert weights at the copy bandwidth) and its share. A layer
+    far from its floor with experts near theirs is held back by the fixed work, not the experts."""
+    experts_s = layer_s - rest_s
+    floor_s = experts_after * shapes.expert_params() * DTYPE.itemsize / bw
+    return dict(rest_us=round(rest_s * 1e6, 2), experts_us=round(experts_s * 1e6, 2),
+                experts_floor_us=round(floor_s * 1e6, 2),
+                experts_floor_share=round(floor_s / experts_s, 3) if experts_s > 0 else None)

@@ -8,7 +8,9 @@ The layer, its check and its numbers are bench/fused_layer.py's, the same as the
 bench/test_bench_fused_moe.py runs; here the paper's two settings and stock per (model,
 routing, T), timed with bench/timing.py `time_graph_replay` (median of ROUNDS replays), under
 one --deadline (cases left then are skipped and reported). A failed check is printed and
-recorded, and the case is still timed.
+recorded, and the case is still timed. Each case is timed a second time without its routed
+experts (bench/fused_layer.py parts_info): "rest us" is router, top-k, SERE and shared expert,
+"experts us" the difference, with the routed experts' own byte floor share.
 Results: $OUT/vllm_fused_layer.json and $OUT/vllm_fused_layer.md.
 """
 from __future__ import annotations
@@ -37,10 +39,12 @@ def run_case(layer: fused.FusedLayer, model: str, routing: str, T: int, setting,
         print(f"CHECK FAILED {model} {routing} T={T} {setting.label}: {msg}", flush=True)
     with torch.no_grad():
         timing = time_graph_replay(lambda: layer(case.h), calls=fused.CALLS, repeats=fused.ROUNDS)
+        rest = time_graph_replay(lambda: layer(case.h, experts=False), calls=fused.CALLS, repeats=fused.ROUNDS)
     seconds = timing.median_us * 1e-6
     speedup = stock.speedup_vs_stock((model, routing, T), seconds, stock=setting.is_stock)
-    return dict(model=model, tokens=T, setting=setting.label, S=setting.S, rho=setting.rho,
-                **fused.case_info(layer.shapes, case, seconds, bw),
+    info = fused.case_info(layer.shapes, case, seconds, bw)
+    return dict(model=model, tokens=T, setting=setting.label, S=setting.S, rho=setting.rho, **info,
+                **fused.parts_info(layer.shapes, info["experts_after"], seconds, rest.median_us * 1e-6, bw),
                 time_min_us=round(timing.min_us, 2), check_rel_err=round(err, 5), check_failed=problems,
                 speedup_vs_stock=speedup)
 
@@ -55,12 +59,14 @@ def markdown(rows: list[dict]) -> str:
                 continue
             sp = "" if r["speedup_vs_stock"] is None else f"{r['speedup_vs_stock']:.2f}x"
             sp += " CHECK FAILED" if r.get("check_failed") else ""
+            share = r.get("experts_floor_share")
             cells.append([r["tokens"], r["setting"], f"{r['experts_before']} -> {r['experts_after']}",
                           f"{r['time_us']:.1f}", f"{r['gbps']:.0f}", f"{r['hbm_floor_us']:.1f}",
-                          f"{r['hbm_floor_share']:.2f}", sp])
+                          f"{r['hbm_floor_share']:.2f}", f"{r.get('rest_us', float('nan')):.1f}",
+                          f"{r.get('experts_us', float('nan')):.1f}", "-" if share is None else f"{share:.2f}", sp])
         lines += [f"#### {model}, routing `{routing}`", ""]
         lines += markdown_table(["T", "setting", "experts before -> after", "us", "GB/s", "floor us", "floor share",
-                                 "vs stock"], "rllrrrrr", cells)
+                                 "rest us", "experts us", "experts floor share", "vs stock"], "rllrrrrrrrr", cells)
         lines.append("")
     return "\n".join(lines)
 
