@@ -110,7 +110,7 @@ export PY WORK
 for s in $STEPS; do
   case $s in
     # One layer on vLLM's fused MoE, all three shapes (cases past its deadline are skipped).
-    fused) step fused 100 $PY -m bench.gpu.vllm_fused_layer --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 80 ;;
+    fused) step fused 170 $PY -m bench.gpu.vllm_fused_layer --out "$WORK/fused" --batches 1,16,64,128,256 --deadline 150 ;;
     fused-pytest) step fused-pytest 240 bash -c 'bench_pytest "$@"' _ fused-pytest bench/test_bench_fused_moe.py \
       ${FUSED_K:+-k "$FUSED_K"} ;;
     # The engines' JSON and logs stay in $WORK/e2e-pytest/engines: a cut-off run keeps what it finished.
