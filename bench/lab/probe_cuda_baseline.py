@@ -1,0 +1,151 @@
+"""Device probe: the research kernel's structure written in CUDA C (compiled by NVRTC through
+CuPy), next to the Numba version of the same structure (sere.kernels.research_baseline) and our
+one-launch Numba kernel, by CUDA-graph replay. Issue 14, target 3: the Numba baseline takes 6-10
+us at T <= 256 where the published kernel, compiled from its source, takes 3.6-4.0 us (H200,
+E = 128, k = 8, S = 1); this says whether the gap is the structure as we wrote it or Numba's code
+generation. If the C version lands near the published times it is the faithful baseline.
+
+    python -m bench.lab.probe_cuda_baseline        (a CUDA machine with CuPy, from the repo root)
+
+The three kernels, as a C programmer writes the structure (not a copy of the upstream source):
+  clear    one thread per mask entry, mask[E + 2] = 0
+  scatter  one thread per head slot (T x S): mask[id] = 1 (invalid ids to the two spare entries,
+           as the contract passes them through)
+  scan     one thread per slot (T x k): a secondary slot whose expert is valid and not primary
+           walks all E columns, reading sim[e, p] where mask[p] is set, keeps the largest
+           (smallest p on ties) and takes it when >= rho
+Ids int64 (torch's topk) or int32, similarity float32. Each case is checked against
+sere.kernels.reference.reroute_reference before it is timed.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+CUDA_SOURCE = r"""
+extern "C" __global__ void sere_clear(signed char* mask, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) mask[i] = 0;
+}
+
+extern "C" __global__ void sere_scatter(const ID_T* ids, signed char* mask, int T, int k, int E, int S) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * S) return;
+    int t = i / S;
+    ID_T h = ids[(long long)t * k + (i - t * S)];
+    int slot = h < 0 ? E + 1 : (h >= E ? E : (int)h);  // invalid ids are never primary
+    mask[slot] = 1;
+}
+
+extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
+                                     int T, int k, int E, int S, float rho) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * k) return;
+    ID_T e = ids[i];
+    if (S <= 0 || S >= k || i % k < S || e < 0 || e >= E || mask[e]) {
+        out[i] = e;
+        return;
+    }
+    const float* row = sim + (long long)e * E;
+    float best = 0.0f;
+    int best_p = -1;
+    for (int p = 0; p < E; ++p) {
+        if (mask[p]) {
+            float v = row[p];
+            if (best_p < 0 || v > best) {  // strict: the smallest p wins ties
+                best = v;
+                best_p = p;
+            }
+        }
+    }
+    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
+}
+"""
+THREADS = 128
+T_VALUES = (1, 16, 64, 256, 4096)
+E, K, RHO = 128, 8, 0.0
+
+
+class CudaBaseline:
+    """The three kernels for one id type. prepare(ids, sim, S, rho) returns (launch, out): launch()
+    runs them on torch's current stream (so a torch CUDA graph captures them) and writes out."""
+
+    def __init__(self, id_dtype: torch.dtype):
+        import os
+
+        os.environ.setdefault("CUPY_CUDA_ARRAY_INTERFACE_SYNC", "0")  # no stream sync when viewing torch memory
+        import cupy
+
+        self.cupy = cupy
+        id_c = {torch.int64: "long long", torch.int32: "int"}[id_dtype]
+        module = cupy.RawModule(code=CUDA_SOURCE, options=("-std=c++17", f"-DID_T={id_c}"))
+        self.clear, self.scatter, self.scan = (module.get_function(n) for n in ("sere_clear", "sere_scatter", "sere_scan"))
+
+    def prepare(self, ids: torch.Tensor, sim: torch.Tensor, S: int, rho: float):
+        cp, i32 = self.cupy, np.int32
+        T, k = ids.shape
+        E_ = sim.shape[0]
+        out = torch.empty_like(ids)  # T, k
+        mask = torch.empty(E_ + 2, dtype=torch.int8, device=ids.device)  # cleared by the first kernel
+        c_ids, c_sim, c_out, c_mask = (cp.asarray(x) for x in (ids, sim, out, mask))  # zero-copy views
+
+        def blocks(n):
+            return (max(1, -(-n // THREADS)),)
+
+        def launch():
+            with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                self.clear(blocks(E_ + 2), (THREADS,), (c_mask, i32(E_ + 2)))
+                if 0 < S < k:
+                    self.scatter(blocks(T * S), (THREADS,), (c_ids, c_mask, i32(T), i32(k), i32(E_), i32(S)))
+                self.scan(blocks(T * k), (THREADS,), (c_ids, c_mask, c_sim, c_out, i32(T), i32(k), i32(E_), i32(S),
+                                                      np.float32(rho)))
+            return out
+
+        return launch, out
+
+
+def main() -> int:
+    from bench.test_bench_reroute import make_inputs
+    from bench.timing import time_graph_replay
+    from sere.kernels.numba_cuda import reroute_numba
+    from sere.kernels.reference import reroute_reference
+    from sere.kernels.research_baseline import reroute_research_baseline
+
+    if not torch.cuda.is_available():
+        print("probe_cuda_baseline: needs a CUDA device", file=sys.stderr)
+        return 2
+    try:
+        import cupy  # noqa: F401 - only whether it imports
+    except ImportError:
+        print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
+    print("| T | S | ids | CUDA C baseline | Numba baseline | Numba one-launch kernel |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for id_dtype in (torch.int64, torch.int32):
+        c_baseline = CudaBaseline(id_dtype)
+        for T in T_VALUES:
+            for S in (1, 2):
+                ids, sim = make_inputs(T, "uniform", "cuda")
+                ids = ids.to(id_dtype)
+                want = torch.from_numpy(reroute_reference(ids.cpu().numpy(), sim.cpu().numpy(), S, RHO))
+                c_launch, _ = c_baseline.prepare(ids.contiguous(), sim.contiguous(), S, RHO)
+                fns = {"c": c_launch,
+                       "numba_baseline": lambda: reroute_research_baseline(ids, sim, S, RHO),
+                       "numba": lambda: reroute_numba(ids, sim, S, RHO)}
+                cells = []
+                for name, fn in fns.items():
+                    got = fn()
+                    torch.cuda.synchronize()
+                    if not torch.equal(got.cpu(), want):
+                        cells.append("WRONG")
+                        continue
+                    cells.append(f"{time_graph_replay(fn, calls=100, repeats=20).median_us:.2f}")
+                print(f"| {T} | {S} | {str(id_dtype).removeprefix('torch.')} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
