@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device run of the kernel work (issue 2): install the package, run the GPU kernel tests, the
-# launch probe and the kernel bench; logs and JSON land in $OUT (default /tmp/sere_kernel_out).
+# launch probe, the CUDA C research baseline and the kernel bench; logs and JSON land in $OUT (default /tmp/sere_kernel_out).
 # Run from the repo root on a CUDA machine:  bash bench/gpu/run_kernel.sh [full|fast|quick]
 # full: every bench case; fast: GPU cases only; quick: numba cases only (each also times the
 # baseline and torch for its ratios), uniform routing, and a small launch sweep.
@@ -29,6 +29,10 @@ probe_args=""
 if [ "${1:-full}" = "quick" ]; then probe_args="--quick"; fi
 timeout ${PROBE_TIMEOUT:-180} $PY -m bench.lab.probe_kernel --out "$OUT/probe.json" $probe_args > "$OUT/probe.log" 2>&1 || status=1
 tail -n 30 "$OUT/probe.log"
+
+echo "== research baseline in CUDA C (bench/lab/probe_cuda_baseline.py: the baseline's structure without Numba)"
+timeout ${CBASE_TIMEOUT:-120} $PY -m bench.lab.probe_cuda_baseline > "$OUT/probe_cuda_baseline.md" 2>&1 || status=1
+cat "$OUT/probe_cuda_baseline.md"
 
 echo "== kernel bench"
 case "${1:-full}" in
