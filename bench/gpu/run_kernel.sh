@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device run of the kernel work (issue 2): install the package, run the GPU kernel tests, the
-# launch probe, the CUDA C research baseline and the kernel bench; logs and JSON land in $OUT (default /tmp/sere_kernel_out).
+# launch probe, the CUDA C research baseline and the kernel bench; logs and JSON land in $OUT
+# (default /tmp/sere_kernel_out).
 # Run from the repo root on a CUDA machine:  bash bench/gpu/run_kernel.sh [full|fast|quick]
 # full: every bench case; fast: GPU cases only; quick: numba cases only (each also times the
 # baseline and torch for its ratios), uniform routing, and a small launch sweep.
