@@ -18,8 +18,8 @@
 # (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
 # `pytest -m gpu tests`; tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
 # Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
-# e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs bench/gpu/profile_decode.py
-# for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
+# e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs
+# bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
 # Qwen3-30B-A3B's stock and sere-s1 engines with quantization="fp8" at batches 1,16,64), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
 # the fused top-k variant), FUSED_K (a -k expression narrowing fused-pytest).

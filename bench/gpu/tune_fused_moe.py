@@ -162,10 +162,10 @@ def main(argv=None) -> int:
     device = current_platform.get_device_name()  # vLLM's name (NVML's), the one its config lookup uses
     rows, skipped = [], 0
 
-    def save(model: str, shapes) -> None:
+    def save(model: str, shapes) -> str:
         """Every timing so far, and the model's best tiles per setting in vLLM's file format: SERE's
-        in --out, stock's in --out/stock (the tuned baseline). Called after every case, so a run cut
-        off by a timeout keeps what it measured."""
+        in --out, stock's in --out/stock (the tuned baseline); returns the files' name. Called after
+        every case, so a run cut off by a timeout keeps what it measured."""
         name = config_file_name(shapes.num_experts, shapes.moe_intermediate_size, device)
 
         def default_for(m):  # what vLLM picks with no file (bf16: dtype None)
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
         result = {"device": device, "torch": torch.__version__, "copy_bw_gbps": round(bw / 1e9, 1),
                   "routing": args.routing, "grid": GRID, "skipped_timings": skipped, "rows": rows}
         (args.out / "tune_fused_moe.json").write_text(json.dumps(result, indent=2))
+        return name
 
     for i, model in enumerate(models):
         # Each model gets an equal share of what is left, so a slow first model cannot starve the last.
@@ -204,9 +205,8 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 rows.append(row)
             print(f"{model} T={T} {setting.label}: {len(grid) + 1} timed", flush=True)
-            save(model, layer.shapes)
-        print(f"wrote {args.out}/{config_file_name(layer.shapes.num_experts, layer.shapes.moe_intermediate_size, device)}"
-              " (SERE) and the same name in stock/", flush=True)
+            name = save(model, layer.shapes)
+        print(f"wrote {args.out / name} (SERE) and the same name in stock/", flush=True)
         del layer
         torch.cuda.empty_cache()
     table = markdown(rows)

@@ -62,8 +62,8 @@ def markdown(rows: list[dict]) -> str:
             share = r.get("experts_floor_share")
             cells.append([r["tokens"], r["setting"], f"{r['experts_before']} -> {r['experts_after']}",
                           f"{r['time_us']:.1f}", f"{r['gbps']:.0f}", f"{r['hbm_floor_us']:.1f}",
-                          f"{r['hbm_floor_share']:.2f}", f"{r.get('rest_us', float('nan')):.1f}",
-                          f"{r.get('experts_us', float('nan')):.1f}", "-" if share is None else f"{share:.2f}", sp])
+                          f"{r['hbm_floor_share']:.2f}", f"{r['rest_us']:.1f}",
+                          f"{r['experts_us']:.1f}", "-" if share is None else f"{share:.2f}", sp])
         lines += [f"#### {model}, routing `{routing}`", ""]
         lines += markdown_table(["T", "setting", "experts before -> after", "us", "GB/s", "floor us", "floor share",
                                  "rest us", "experts us", "experts floor share", "vs stock"], "rllrrrrrrrr", cells)

@@ -19,6 +19,7 @@ sere.kernels.reference.reroute_reference before it is timed.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -116,9 +117,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("probe_cuda_baseline: needs a CUDA device", file=sys.stderr)
         return 2
-    try:
-        import cupy  # noqa: F401 - only whether it imports
-    except ImportError:
+    if importlib.util.find_spec("cupy") is None:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
