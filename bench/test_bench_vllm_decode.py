@@ -74,7 +74,6 @@ def _on_cuda() -> bool:
 
 
 SMOKE = not _on_cuda()
-DEFAULT_ROUTING = {"deepseek-v2-lite": "model-fp32"}  # see the module docstring
 
 
 def _env_list(name: str, default: str) -> list[str]:
@@ -94,7 +93,7 @@ for _m in MODELS:
 
 
 def routing_of(model: str) -> str:
-    routing = os.environ.get("SERE_BENCH_E2E_ROUTING") or DEFAULT_ROUTING.get(model, "model")
+    routing = os.environ.get("SERE_BENCH_E2E_ROUTING") or e2e.default_routing(model)
     try:
         e2e.parse_routing(routing)
         e2e.check_routing(routing, model, SMOKE)

@@ -125,6 +125,15 @@ MODELS = {
 EXPERTS_FIELD = {"qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "deepseek_v2": "n_routed_experts"}
 
 
+# DeepSeek-V2's dummy router needs fp32 logits to route at all (see the module docstring).
+DEFAULT_ROUTING = {"deepseek-v2-lite": "model-fp32"}
+
+
+def default_routing(model: str) -> str:
+    """The routing a run takes when none is named: the model's own router, in fp32 where it must be."""
+    return DEFAULT_ROUTING.get(model, "model")
+
+
 def parse_routing(spec: str) -> str:
     """A --routing value checked (one-line ValueError naming the forms), returned unchanged."""
     if spec in ("model", "model-fp32", "uniform", "trace"):
@@ -573,8 +582,9 @@ def arguments() -> argparse.ArgumentParser:
     p.add_argument("--count-tokens", type=int, default=32)
     p.add_argument("--vocab", type=int, default=None, help="prompt token ids below this (default: the model's vocab)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + the longest generate, rounded up to 16")
-    p.add_argument("--routing", type=_routing_arg, default="model",
-                   help="model: the dummy router's own choice; model-fp32: the same with fp32 router logits; "
+    p.add_argument("--routing", type=_routing_arg, default=None,
+                   help="model: the dummy router's own choice; model-fp32: the same with fp32 router logits "
+                        "(the default for deepseek-v2-lite, model for the others); "
                         "uniform, zipf:A (e.g. zipf:1.2), trace (the model family's zoo trace), trace:NAME "
                         "(bench/traces/NAME.safetensors) or trace:FILE: vLLM's routing simulator "
                         "(see bench/vllm_engine.py)")
@@ -601,6 +611,8 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     args = p.parse_args(argv)
     if args.batches is None:
         args.batches = [1, 4] if args.smoke else [1, 16, 64]
+    if args.routing is None:
+        args.routing = default_routing(args.model)
     if args.long <= args.short:
         p.error(f"--long ({args.long}) must exceed --short ({args.short})")
     if args.max_model_len is None:

@@ -1,5 +1,5 @@
 """The CUDA C research-structure baseline of bench/lab/probe_cuda_baseline.py, checked on the host:
-its three kernels compiled as C++ by g++ with one loop standing in for the grid (kernels run one
+its kernels (both scans) compiled as C++ by g++ with one loop standing in for the grid (kernels run one
 after another, threads one after another, which these kernels allow: no thread reads what another
 thread of the same kernel writes), against the reference on random cases with invalid ids, ties
 and every S. The GPU run checks it again before timing it."""
@@ -25,17 +25,19 @@ template <class F> static void grid(int n, F f) {
         for (int t = 0; t < 128; ++t) { blockIdx.x = b; threadIdx.x = t; f(); }
 }
 extern "C" void run(const ID_T* ids, signed char* mask, const float* sim, ID_T* out,
-                    int T, int k, int E, int S, float rho) {
+                    int T, int k, int E, int S, float rho, int branchless) {
     grid(E + 2, [&] { sere_clear(mask, E + 2); });
     if (S > 0 && S < k) grid(T * S, [&] { sere_scatter(ids, mask, T, k, E, S); });
-    grid(T * k, [&] { sere_scan(ids, mask, sim, out, T, k, E, S, rho); });
+    if (branchless) grid(T * k, [&] { sere_scan_branchless(ids, mask, sim, out, T, k, E, S, rho); });
+    else grid(T * k, [&] { sere_scan(ids, mask, sim, out, T, k, E, S, rho); });
 }
 """
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the kernels for the host")
+@pytest.mark.parametrize("branchless", [0, 1], ids=["sere_scan", "sere_scan_branchless"])
 @pytest.mark.parametrize("id_dtype,c_type", [(np.int64, "long long"), (np.int32, "int")])
-def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type):
+def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type, branchless):
     src = tmp_path / "baseline.cpp"
     src.write_text(HOST_PRELUDE + f"#define ID_T {c_type}\n" + CUDA_SOURCE + HOST_DRIVER)
     lib_path = tmp_path / "baseline.so"
@@ -51,5 +53,5 @@ def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type):
             sim = np.round(sim * 4) / 4  # ties
         S, rho = int(rng.integers(-1, k + 2)), float(rng.choice([0.0, 0.3, 0.7]))
         out, mask = np.empty_like(ids), np.full(E + 2, 7, np.int8)  # mask dirty: the first kernel clears it
-        lib.run(ptr(ids), ptr(mask), ptr(sim), ptr(out), T, k, E, S, ctypes.c_float(rho))
+        lib.run(ptr(ids), ptr(mask), ptr(sim), ptr(out), T, k, E, S, ctypes.c_float(rho), branchless)
         np.testing.assert_array_equal(out, reroute_reference(ids, sim, S, rho), err_msg=f"E={E} k={k} T={T} S={S} rho={rho}")

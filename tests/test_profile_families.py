@@ -52,3 +52,12 @@ def test_markdown_and_report_per_step():
     assert "ideal (stock's routed-expert time x 0.250, the rest unchanged): 2.29x" in text  # 2000 / (2000 - 1500 * 0.75)
     assert "GPU busy 5 %" in text  # 2 ms of kernels in 40 ms profiled
     assert markdown({}) == "(no profile)"
+
+
+def test_report_says_when_kernels_overlap_instead_of_an_idle_time():
+    # Kernels on two streams (vLLM's shared expert beside the routed experts) sum to more than the
+    # wall time: the report must not print a busy share over 100 % as if it were one.
+    row = {"batch": 1, "new_tokens": 10, "wall_s": 0.001, "wall_profiled_s": 0.0012,
+           "times": "device kernels", "kernels": [["fused_moe_kernel", 900.0, 10], ["nvjet_x", 500.0, 10]]}
+    text = report({"stock": {"rows": [row]}}, expert_ratio=None)
+    assert "kernels overlap (more than one stream)" in text and "GPU busy" not in text

@@ -34,6 +34,17 @@ def test_parse_args_takes_quantization():
     assert e2e.parse_args(["--smoke"]).quantization is None
 
 
+def test_each_model_gets_a_routing_that_routes_when_none_is_named():
+    # DeepSeek-V2's dummy router collapses to the same experts for every token in bf16 (a run on
+    # 2026-12-06 measured that by mistake through vllm_decode.py): the scripts and the pytest
+    # level both default it to fp32 logits; a named routing wins.
+    assert e2e.parse_args(["--model", "deepseek-v2-lite"]).routing == "model-fp32"
+    assert e2e.parse_args(["--model", "qwen3-30b-a3b"]).routing == "model"
+    assert e2e.parse_args(["--model", "deepseek-v2-lite", "--routing", "model"]).routing == "model"
+    parser = vllm_decode.build_parser()
+    assert e2e.parse_args(["--model", "deepseek-v2-lite"], parser).routing == "model-fp32"
+
+
 def test_summary_lists_the_fused_engine_with_its_fused_layers():
     rows = lambda ms: [{"batch": 16, "step_ms": ms, "tokens_per_s": 16 / ms * 1e3}]  # noqa: E731
     results = {

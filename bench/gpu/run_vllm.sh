@@ -91,6 +91,19 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
 
 ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}
 
+# vLLM's FP8 path imports compressed_tensors (with loguru), which the GPU bundle leaves out.
+# Carry their wheels (here: pip download --no-deps compressed-tensors==0.17.0 loguru -d .vb/extra,
+# 0.3 MB) and they go into the bundle's site folder before the fp8 step.
+fp8_deps() {
+  $PY -c "import compressed_tensors" 2>/dev/null && return 0
+  local wheels=${EXTRA_WHEELS:-.vb/extra}
+  if ! ls "$wheels"/*.whl > /dev/null 2>&1; then
+    echo "== fp8: skipped: vLLM's FP8 path needs compressed_tensors, which the bundle lacks; carry its wheels in $wheels"
+    return 1
+  fi
+  $PY -m pip install -q --no-deps --no-index --target "${VLLM_SITE:-/tmp/vllm-site}" "$wheels"/*.whl
+}
+
 # A bench module as pytest-benchmark cases (the gate's view of its level) with its JSON in
 # $WORK/<name>, then its report: bench_pytest NAME MODULE [pytest args...].
 bench_pytest() {
@@ -130,6 +143,7 @@ for s in $STEPS; do
           --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
       done ;;
     fp8) want=$([ "$s" = "$last_step" ] && left || echo 330); lim=$(( want < $(left) ? want : $(left) ))
+      fp8_deps || { status=1; continue; }
       step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization fp8 \
         --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1 --deadline $((lim - 10)) --min-left 60 \
         --engine-timeout 170 ;;

@@ -4,6 +4,10 @@ one-launch Numba kernel, by CUDA-graph replay. Issue 14, target 3: the Numba bas
 us at T <= 256 where the published kernel, compiled from its source, takes 3.6-4.0 us (H200,
 E = 128, k = 8, S = 1); this says whether the gap is the structure as we wrote it or Numba's code
 generation. If the C version lands near the published times it is the faithful baseline.
+Measured on an H100 (2026-12-06, commit 312dfc9, bench/RESULTS.md section 15): the C version is no
+faster than the Numba one (S = 1: 6.2 / 8.6 / 9.5 / 9.3 us at T = 1 / 16 / 64 / 256, 4.2 at 4096):
+the gap is in the structure as written, most likely the scan, whose loads each wait on a mask
+read; the branch-free scan (sere_scan_branchless) tests that.
 
     python -m bench.lab.probe_cuda_baseline        (a CUDA machine with CuPy, from the repo root)
 
@@ -13,7 +17,8 @@ The three kernels, as a C programmer writes the structure (not a copy of the ups
            as the contract passes them through)
   scan     one thread per slot (T x k): a secondary slot whose expert is valid and not primary
            walks all E columns, reading sim[e, p] where mask[p] is set, keeps the largest
-           (smallest p on ties) and takes it when >= rho
+           (smallest p on ties) and takes it when >= rho; sere_scan_branchless reads every entry of
+           the row and selects without a branch
 Ids int64 (torch's topk) or int32, similarity float32. Each case is checked against
 sere.kernels.reference.reroute_reference before it is timed.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -63,7 +69,32 @@ extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, c
     }
     out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
 }
+
+// The same scan without the branch around the load: every row entry is read, so the loads of
+// one thread do not wait on its mask reads and can be in flight together.
+extern "C" __global__ void sere_scan_branchless(const ID_T* ids, const signed char* mask, const float* sim,
+                                                ID_T* out, int T, int k, int E, int S, float rho) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * k) return;
+    ID_T e = ids[i];
+    if (S <= 0 || S >= k || i % k < S || e < 0 || e >= E || mask[e]) {
+        out[i] = e;
+        return;
+    }
+    const float* row = sim + (long long)e * E;
+    float best = 0.0f;
+    int best_p = -1;
+#pragma unroll 8
+    for (int p = 0; p < E; ++p) {
+        float v = row[p];
+        bool take = mask[p] != 0 && (best_p < 0 || v > best);
+        best = take ? v : best;
+        best_p = take ? p : best_p;
+    }
+    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
+}
 """
+SCANS = ("sere_scan", "sere_scan_branchless")
 THREADS = 128
 T_VALUES = (1, 16, 64, 256, 4096)
 E, K, RHO = 128, 8, 0.0
@@ -82,9 +113,10 @@ class CudaBaseline:
         self.cupy = cupy
         id_c = {torch.int64: "long long", torch.int32: "int"}[id_dtype]
         module = cupy.RawModule(code=CUDA_SOURCE, options=("-std=c++17", f"-DID_T={id_c}"))
-        self.clear, self.scatter, self.scan = (module.get_function(n) for n in ("sere_clear", "sere_scatter", "sere_scan"))
+        self.clear, self.scatter = module.get_function("sere_clear"), module.get_function("sere_scatter")
+        self.scans = {name: module.get_function(name) for name in SCANS}
 
-    def prepare(self, ids: torch.Tensor, sim: torch.Tensor, S: int, rho: float):
+    def prepare(self, ids: torch.Tensor, sim: torch.Tensor, S: int, rho: float, scan: str = "sere_scan"):
         cp, i32 = self.cupy, np.int32
         T, k = ids.shape
         E_ = sim.shape[0]
@@ -95,12 +127,17 @@ class CudaBaseline:
         def blocks(n):
             return (max(1, -(-n // THREADS)),)
 
+        scan_fn = self.scans[scan]
+
         def launch():
-            with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; the replacement is newer than some images
+                warnings.simplefilter("ignore", DeprecationWarning)
+                stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+            with stream:
                 self.clear(blocks(E_ + 2), (THREADS,), (c_mask, i32(E_ + 2)))
                 if 0 < S < k:
                     self.scatter(blocks(T * S), (THREADS,), (c_ids, c_mask, i32(T), i32(k), i32(E_), i32(S)))
-                self.scan(blocks(T * k), (THREADS,), (c_ids, c_mask, c_sim, c_out, i32(T), i32(k), i32(E_), i32(S),
+                scan_fn(blocks(T * k), (THREADS,), (c_ids, c_mask, c_sim, c_out, i32(T), i32(k), i32(E_), i32(S),
                                                       np.float32(rho)))
             return out
 
@@ -121,8 +158,8 @@ def main() -> int:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
-    print("| T | S | ids | CUDA C baseline | Numba baseline | Numba one-launch kernel |")
-    print("|---:|---:|---|---:|---:|---:|")
+    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | Numba one-launch kernel |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
     for id_dtype in (torch.int64, torch.int32):
         c_baseline = CudaBaseline(id_dtype)
         for T in T_VALUES:
@@ -130,10 +167,9 @@ def main() -> int:
                 ids, sim = make_inputs(T, "uniform", "cuda")
                 ids = ids.to(id_dtype)
                 want = torch.from_numpy(reroute_reference(ids.cpu().numpy(), sim.cpu().numpy(), S, RHO))
-                c_launch, _ = c_baseline.prepare(ids.contiguous(), sim.contiguous(), S, RHO)
-                fns = {"c": c_launch,
-                       "numba_baseline": lambda: reroute_research_baseline(ids, sim, S, RHO),
-                       "numba": lambda: reroute_numba(ids, sim, S, RHO)}
+                fns = {scan: c_baseline.prepare(ids.contiguous(), sim.contiguous(), S, RHO, scan)[0] for scan in SCANS}
+                fns["numba_baseline"] = lambda: reroute_research_baseline(ids, sim, S, RHO)
+                fns["numba"] = lambda: reroute_numba(ids, sim, S, RHO)
                 cells = []
                 for name, fn in fns.items():
                     got = fn()
