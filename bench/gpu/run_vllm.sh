@@ -16,7 +16,8 @@
 # E2E_REPS repetitions (default 3), under the step's share of the budget; E2E_ROUTING (default: each
 # model's own dummy router) sets the routing of e2e-pytest and the model steps: uniform, zipf:1.2, trace
 # (the zoo trace of each model's family) or trace:NAME, see bench/vllm_engine.py; gpu-tests runs
-# `pytest -m gpu tests`; tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
+# `pytest -m gpu tests`; waves runs bench/lab/probe_expert_waves.py (WAVES_ARGS, e.g.
+# "--tokens 16"); tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
 # Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
 # e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs
 # bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
@@ -44,7 +45,7 @@ left() { echo $((BUDGET_S - SECONDS)); }
 
 pack() {  # everything small from $WORK (model folders left out) into one archive, plus the summary
   cat "$WORK"/fused/vllm_fused_layer.md "$WORK"/fused-pytest/report/report.md "$WORK"/e2e-pytest/report/report.md \
-    "$WORK"/e2e-*/summary.md "$WORK"/tune/tune_fused_moe.md "$WORK"/profile-*/profile.md \
+    "$WORK"/e2e-*/summary.md "$WORK"/tune/tune_fused_moe.md "$WORK"/profile-*/profile.md "$WORK"/waves/probe_expert_waves.md \
     > "$OUT/summary.md" 2>/dev/null
   tar -czf "$OUT/vllm_results.tar.gz" -C "$WORK" --exclude='*/model' . 2>/dev/null
 }
@@ -134,6 +135,11 @@ for s in $STEPS; do
         SERE_BENCH_E2E_BATCHES="${E2E_BATCHES:-1,16,64,128,256}" SERE_BENCH_E2E_REPS="${E2E_REPS:-3}" \
         SERE_BENCH_E2E_ROUTING="${E2E_ROUTING:-}" \
         bash -c 'bench_pytest "$@"' _ e2e-pytest bench/test_bench_vllm_decode.py -s ;;
+    # Routed experts alone at fixed T and 1-128 distinct experts (issue 14, target 2: why SERE's
+    # experts read below their floor), printed row by row into waves/probe_expert_waves.md.
+    waves) mkdir -p "$WORK/waves"
+      step waves 200 bash -c "set -o pipefail; $PY -m bench.lab.probe_expert_waves ${WAVES_ARGS:-} \
+        2> $WORK/waves/stderr.log | tee $WORK/waves/probe_expert_waves.md" ;;
     gpu-tests) step gpu-tests 240 bash -c "$PY -m pytest -m gpu tests -q -rfEs -p no:cacheprovider > $WORK/gpu-tests.log 2>&1; rc=\$?; tail -n 15 $WORK/gpu-tests.log; exit \$rc" ;;
     tune) want=$([ "$s" = "$last_step" ] && left || echo "${TUNE_S:-300}"); lim=$(( want < $(left) ? want : $(left) ))
       step tune "$lim" $PY -m bench.gpu.tune_fused_moe --models "${TUNE_MODELS:-Qwen1.5-MoE-A2.7B}" \
@@ -153,7 +159,7 @@ for s in $STEPS; do
     qwen3-30b-a3b) e2e qwen3-30b-a3b 260 90 1,16,64,128,256 "$ENGINES" ;;
     # Qwen1.5 has batches 1, 16, 64 from the earlier run (bench/results/vllm.md).
     qwen1.5-moe-a2.7b) e2e qwen1.5-moe-a2.7b 200 60 128,256 stock,sere-s1,sere-s2 ;;
-    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, tune, e2e:MODEL, profile, fp8, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
+    *) echo "== unknown step $s (fused, fused-pytest, e2e-pytest, gpu-tests, tune, waves, e2e:MODEL, profile, fp8, deepseek-v2-lite, qwen3-30b-a3b, qwen1.5-moe-a2.7b)"; status=1 ;;
   esac
 done
 
