@@ -17,6 +17,7 @@ HOST_PRELUDE = r"""
 struct Dim { int x; };
 static Dim blockIdx, threadIdx, blockDim;
 #define __global__
+#define __device__
 """
 HOST_DRIVER = r"""
 template <class F> static void grid(int n, F f) {

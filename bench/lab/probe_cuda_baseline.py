@@ -46,8 +46,14 @@ extern "C" __global__ void sere_scatter(const ID_T* ids, signed char* mask, int 
     mask[slot] = 1;
 }
 
-extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
-                                     int T, int k, int E, int S, float rho) {
+// One slot of the scan kernel. A slot keeps its expert when S leaves nothing to re-route, it is a
+// head slot, its id is invalid or its expert is already primary; else it walks all E columns.
+// BRANCHLESS reads every entry of the row and selects without a branch, so one thread's loads
+// do not wait on its mask reads and can be in flight together; otherwise a load waits on the
+// mask read before it (the plain way to write it).
+template <bool BRANCHLESS>
+__device__ inline void scan_slot(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
+                                 int T, int k, int E, int S, float rho) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= T * k) return;
     ID_T e = ids[i];
@@ -57,41 +63,37 @@ extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, c
     }
     const float* row = sim + (long long)e * E;
     float best = 0.0f;
-    int best_p = -1;
-    for (int p = 0; p < E; ++p) {
-        if (mask[p]) {
+    int best_p = -1;  // strict comparisons below: the smallest p wins ties
+    if (BRANCHLESS) {
+#pragma unroll 8
+        for (int p = 0; p < E; ++p) {
             float v = row[p];
-            if (best_p < 0 || v > best) {  // strict: the smallest p wins ties
-                best = v;
-                best_p = p;
+            bool take = mask[p] != 0 && (best_p < 0 || v > best);
+            best = take ? v : best;
+            best_p = take ? p : best_p;
+        }
+    } else {
+        for (int p = 0; p < E; ++p) {
+            if (mask[p]) {
+                float v = row[p];
+                if (best_p < 0 || v > best) {
+                    best = v;
+                    best_p = p;
+                }
             }
         }
     }
     out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
 }
 
-// The same scan without the branch around the load: every row entry is read, so the loads of
-// one thread do not wait on its mask reads and can be in flight together.
+extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
+                                     int T, int k, int E, int S, float rho) {
+    scan_slot<false>(ids, mask, sim, out, T, k, E, S, rho);
+}
+
 extern "C" __global__ void sere_scan_branchless(const ID_T* ids, const signed char* mask, const float* sim,
                                                 ID_T* out, int T, int k, int E, int S, float rho) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= T * k) return;
-    ID_T e = ids[i];
-    if (S <= 0 || S >= k || i % k < S || e < 0 || e >= E || mask[e]) {
-        out[i] = e;
-        return;
-    }
-    const float* row = sim + (long long)e * E;
-    float best = 0.0f;
-    int best_p = -1;
-#pragma unroll 8
-    for (int p = 0; p < E; ++p) {
-        float v = row[p];
-        bool take = mask[p] != 0 && (best_p < 0 || v > best);
-        best = take ? v : best;
-        best_p = take ? p : best_p;
-    }
-    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
+    scan_slot<true>(ids, mask, sim, out, T, k, E, S, rho);
 }
 """
 SCANS = ("sere_scan", "sere_scan_branchless")
