@@ -10,10 +10,10 @@ re-routing), and times vLLM's `fused_experts` alone (no router, no shared expert
 replay over 8 weight copies (cold L2, as the layer bench). Per row: working thread blocks of the
 two GEMMs (distinct experts x N tiles, under vLLM's own tile choice for M = T) per SM, time,
 byte floor (distinct experts x expert bytes / copy rate) and its share; then the same with
-BLOCK_SIZE_N halved (twice the blocks, each half as long). If the share follows the blocks per
-SM and the halved tile lifts the small-n rows, the wave count is the cause and a kernel with
-more, shorter blocks per expert (split over K, or smaller N tiles chosen by expert count) is the
-remedy; if not, it is something else.
+BLOCK_SIZE_N halved (twice the blocks, each half as long), and with the split-K prototype
+(bench/lab/splitk_experts.py: SPLIT times the blocks, each a SPLIT-th of K). If the share follows
+the blocks per SM and the two variants lift the small-n rows, the wave count is the cause and a
+kernel with more, shorter blocks per expert is the remedy; if not, it is something else.
 
     python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 16,64]
         (a CUDA machine with vLLM's GPU bundle on PYTHONPATH, from the repo root)
@@ -51,16 +51,23 @@ def working_blocks(distinct: int, n_size: int, block_n: int) -> int:
     return distinct * math.ceil(n_size / block_n)
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error over the largest reference value."""
+    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="Qwen3-30B-A3B,Qwen1.5-MoE-A2.7B")
     p.add_argument("--tokens", default="16,64")
+    p.add_argument("--split", type=int, default=4, help="K split of the prototype")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe_expert_waves: needs a CUDA device and vLLM's fused MoE", file=sys.stderr)
         return 2
     from bench import fused_layer as fused
     from bench.gpu.tune_fused_moe import forced_tiles
+    from bench.lab.splitk_experts import splitk_experts
     from bench.timing import measure_copy_bandwidth, time_graph_replay
     from sere.stats import distinct_experts
     from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
@@ -71,8 +78,8 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s; fused_experts alone, CUDA-graph replay, "
           f"{fused.COPIES} weight copies cycled")
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
-          "floor share | share, N tile halved |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|")
+          f"floor share | share, N tile halved | share, split-K x{args.split} prototype |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
@@ -91,23 +98,30 @@ def main(argv=None) -> int:
                 w = layer.copies[next(turn) % len(layer.copies)]
                 return layer.fused_experts(h, w.w13, w.w2, weights, ids, global_num_experts=E)
 
+            def split_k():
+                w = layer.copies[next(turn) % len(layer.copies)]
+                return splitk_experts(h, w.w13, w.w2, weights, ids, split=args.split)
+
             with torch.no_grad():
                 ref = fused.reference_layer(w0, h, ids, weights)
                 if w0.shared_w13 is not None:
                     ref = ref - fused.shared_mlp(w0, h).float()  # the probe times the routed experts only
                 got = layer.fused_experts(h, w0.w13, w0.w2, weights, ids, global_num_experts=E).float()
-                err = ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+                err = rel_err(got, ref)
+                err_s = rel_err(splitk_experts(h, w0.w13, w0.w2, weights, ids, split=args.split).float(), ref)
                 cfg = try_get_optimal_moe_config(w0.w13.shape, w0.w2.shape, k, None, T)
                 us = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                 with forced_tiles(halved_n(cfg)):
                     us_half = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
+                us_split = time_graph_replay(split_k, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
             floor_us = distinct * s.expert_params() * fused.DTYPE.itemsize / bw * 1e6
             bn = cfg["BLOCK_SIZE_N"]
             blocks = (working_blocks(distinct, 2 * I, bn) / sms, working_blocks(distinct, H, bn) / sms)
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"
+            split_cell = f"{floor_us / us_split:.2f}" if err_s <= fused.CHECK_TOL else f"WRONG (rel err {err_s:.3g})"
             print(f"| {model} | {T} | {distinct}{flag} | {cfg['BLOCK_SIZE_M']}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
-                  f"{floor_us / us_half:.2f} |", flush=True)
+                  f"{floor_us / us_half:.2f} | {split_cell} |", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
 
