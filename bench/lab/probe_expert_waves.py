@@ -1,5 +1,5 @@
 """Device probe (issue 14, target 2): why vLLM's fused MoE reads SERE's experts below their byte
-floor. The layer bench (bench/RESULTS.md section 15) measured the routed experts at 0.92-0.96 of
+floor. The layer bench (bench/RESULTS.md section 15) measured the routed experts at 0.92-0.95 of
 their floor with 38-82 distinct experts and at 0.69-0.77 with 13-15, whatever the model. The
 suspect: vLLM's fused_moe_kernel gives each expert ceil(N / BLOCK_SIZE_N) thread blocks, so few
 experts leave few blocks with work and the last wave's tail weighs heavily.

@@ -3,7 +3,7 @@ over several thread blocks, for batches that SERE packs onto few experts.
 
 Why: vLLM's fused_moe_kernel gives each expert ceil(N / BLOCK_SIZE_N) thread blocks that each walk
 all of K. After re-routing a batch holds few distinct experts (13-15 at T = 16), so few blocks
-have work and the experts read at 0.69-0.77 of their byte floor against stock's 0.92-0.96
+have work and the experts read at 0.69-0.77 of their byte floor against stock's 0.92-0.95
 (bench/RESULTS.md section 15). Splitting K gives SPLIT times the blocks, each a SPLIT-th as long;
 the partial sums meet by atomic adds in fp32.
 
