@@ -67,3 +67,29 @@ def test_align_reference_lays_out_slots_like_vllm():
     assert sorted_ids[:16].tolist() == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
     assert expert_ids[:4].tolist() == [0, 1, 2, 3] and (expert_ids[4:] == -1).all()
     assert n_padded.tolist() == [16]
+
+
+def test_kernels_compile_for_hopper():
+    # The interpreter checks the arithmetic, not the GPU build: compile both kernels for sm_90 ahead
+    # of time (Triton's own ptxas, no GPU needed) with the tiles the probe uses, bf16 operands, and
+    # check that the dot became tensor-core MMA and the partial sums atomics.
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from bench.lab import splitk_experts as sk
+
+    tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, UPCAST=False)
+    layout = {"sorted_ptr": "*i32", "expert_ptr": "*i32", "n_padded_ptr": "*i32"}
+    sizes = {"num_slots": "i32", "top_k": "i32", "k_per_split": "i32"}
+    signatures = {
+        sk._gate_up_kernel: {"h_ptr": "*bf16", "w13_ptr": "*bf16", **layout, "acc1_ptr": "*fp32", "H": "i32", "N2": "i32"},
+        sk._down_kernel: {"acc1_ptr": "*fp32", "w2_ptr": "*bf16", "weight_ptr": "*fp32", **layout, "out_ptr": "*fp32",
+                          "H": "i32", "I": "i32"},
+    }
+    for fn, sig in signatures.items():
+        sig = {**sig, **sizes, **{name: "constexpr" for name in tiles}}
+        assert list(sig) == fn.arg_names, f"{fn.__name__}: signature out of date"
+        ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=tiles), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert "mma" in ptx and ("atom." in ptx or "red." in ptx), fn.__name__
