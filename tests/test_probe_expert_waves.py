@@ -21,7 +21,8 @@ def test_routing_reaches_exactly_n_experts(n, T, k):
 
 
 def test_blocks_and_halved_tile():
-    assert working_blocks(15, 1536, 64) == 15 * 24 and working_blocks(1, 2048, 128) == 16
+    assert working_blocks(15, 128, 16, 1536, 64) == 15 * 24  # 9 rows each: one M tile
+    assert working_blocks(1, 512, 16, 2048, 128) == 32 * 16  # one expert with 512 rows: 32 M tiles
     assert halved_n({"BLOCK_SIZE_N": 64, "BLOCK_SIZE_M": 16})["BLOCK_SIZE_N"] == 32
     assert halved_n({"BLOCK_SIZE_N": 16})["BLOCK_SIZE_N"] == 16
     assert list(EXPERT_COUNTS) == sorted(EXPERT_COUNTS)

@@ -8,7 +8,7 @@ This holds T (tokens) fixed and varies only n, the number of distinct experts th
 go to (each token takes k of the same n experts: min(n, k) distinct, the rest repeats, as after
 re-routing), and times vLLM's `fused_experts` alone (no router, no shared expert) by CUDA-graph
 replay over 8 weight copies (cold L2, as the layer bench). Per row: working thread blocks of the
-two GEMMs (distinct experts x N tiles, under vLLM's own tile choice for M = T) per SM, time,
+two GEMMs (M tiles x N tiles, under vLLM's own tile choice for M = T) per SM, time,
 byte floor (distinct experts x expert bytes / copy rate) and its share; then the same with
 BLOCK_SIZE_N halved (twice the blocks, each half as long), and with the split-K prototype
 (bench/lab/splitk_experts.py: SPLIT times the blocks, each a SPLIT-th of K). If the share follows
@@ -46,9 +46,11 @@ def halved_n(cfg: dict) -> dict:
     return dict(cfg, BLOCK_SIZE_N=max(16, cfg["BLOCK_SIZE_N"] // 2))
 
 
-def working_blocks(distinct: int, n_size: int, block_n: int) -> int:
-    """Thread blocks with work in one GEMM of vLLM's kernel at decode sizes (one M tile per expert)."""
-    return distinct * math.ceil(n_size / block_n)
+def working_blocks(distinct: int, slots: int, block_m: int, n_size: int, block_n: int) -> int:
+    """Thread blocks with work in one GEMM of vLLM's kernel: per expert, its M tiles (its rows over
+    BLOCK_SIZE_M; the probe spreads the slots evenly) times the N tiles."""
+    rows = math.ceil(slots / distinct)
+    return distinct * math.ceil(rows / block_m) * math.ceil(n_size / block_n)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -115,11 +117,11 @@ def main(argv=None) -> int:
                     us_half = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                 us_split = time_graph_replay(split_k, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
             floor_us = distinct * s.expert_params() * fused.DTYPE.itemsize / bw * 1e6
-            bn = cfg["BLOCK_SIZE_N"]
-            blocks = (working_blocks(distinct, 2 * I, bn) / sms, working_blocks(distinct, H, bn) / sms)
+            bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
+            blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"
             split_cell = f"{floor_us / us_split:.2f}" if err_s <= fused.CHECK_TOL else f"WRONG (rel err {err_s:.3g})"
-            print(f"| {model} | {T} | {distinct}{flag} | {cfg['BLOCK_SIZE_M']}/{bn}/{cfg['BLOCK_SIZE_K']} | "
+            print(f"| {model} | {T} | {distinct}{flag} | {bm}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
                   f"{floor_us / us_half:.2f} | {split_cell} |", flush=True)
         layer = None  # free this model's copies before the next is built
