@@ -140,7 +140,7 @@ class CudaBaseline:
                 if 0 < S < k:
                     self.scatter(blocks(T * S), (THREADS,), (c_ids, c_mask, i32(T), i32(k), i32(E_), i32(S)))
                 scan_fn(blocks(T * k), (THREADS,), (c_ids, c_mask, c_sim, c_out, i32(T), i32(k), i32(E_), i32(S),
-                                                      np.float32(rho)))
+                                                 np.float32(rho)))
             return out
 
         return launch, out
