@@ -170,6 +170,11 @@ def prepare_case(layer: FusedLayer, routing: str, T: int, S, rho) -> Case:
     return Case(r, sim, h, want)
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error over the largest reference value (the checks' measure)."""
+    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+
+
 def check_case(layer: FusedLayer, case: Case) -> tuple[float, list[str]]:
     """(relative error of the fused output, problems): the ids reaching the experts against the
     reference re-routing, the output against the per-expert torch layer."""
@@ -180,7 +185,7 @@ def check_case(layer: FusedLayer, case: Case) -> tuple[float, list[str]]:
             problems.append("ids reaching the experts differ from the reference re-routing")
         got = layer(case.h, copy=0).float()
         ref = reference_layer(layer.copies[0], case.h, ids, layer.weights)
-        err = ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
+        err = rel_err(got, ref)
     if not torch.isfinite(got).all() or not err <= CHECK_TOL:
         problems.append(f"fused output differs from the torch reference (max abs err / max abs = {err:.3g})")
     return err, problems
@@ -198,13 +203,18 @@ def case_info(shapes, case: Case, seconds: float | None, bw: float) -> dict:
                 expert_bytes=expert_bytes, **floor_info(expert_bytes, seconds, bw))
 
 
+def experts_floor_s(shapes, experts: int, bw: float) -> float:
+    """Seconds to read `experts` routed experts' weights once at copy bandwidth bw (bytes/s)."""
+    return experts * shapes.expert_params() * DTYPE.itemsize / bw
+
+
 def parts_info(shapes, experts_after: int, layer_s: float, rest_s: float, bw: float) -> dict:
     """Where one case's time goes: the layer without its routed experts (router, top-k, SERE,
     shared expert: rest_us) and the routed experts as the difference (experts_us), with their own
     byte floor (distinct experts x expert weights at the copy bandwidth) and its share. A layer
     far from its floor with experts near theirs is held back by the fixed work, not the experts."""
     experts_s = layer_s - rest_s
-    floor_s = experts_after * shapes.expert_params() * DTYPE.itemsize / bw
+    floor_s = experts_floor_s(shapes, experts_after, bw)
     return dict(rest_us=round(rest_s * 1e6, 2), experts_us=round(experts_s * 1e6, 2),
                 experts_floor_us=round(floor_s * 1e6, 2),
                 experts_floor_share=round(floor_s / experts_s, 3) if experts_s > 0 else None)

@@ -62,4 +62,3 @@ def test_list_needs_no_gpu(capsys):
     assert "72 configurations x 2 batches x 2 settings" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         tune.main(["--list", "--models", "mixtral"])
-

@@ -53,11 +53,6 @@ def working_blocks(distinct: int, slots: int, block_m: int, n_size: int, block_n
     return distinct * math.ceil(rows / block_m) * math.ceil(n_size / block_n)
 
 
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute error over the largest reference value."""
-    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-6)).item()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="Qwen3-30B-A3B,Qwen1.5-MoE-A2.7B")
@@ -109,14 +104,14 @@ def main(argv=None) -> int:
                 if w0.shared_w13 is not None:
                     ref = ref - fused.shared_mlp(w0, h).float()  # the probe times the routed experts only
                 got = layer.fused_experts(h, w0.w13, w0.w2, weights, ids, global_num_experts=E).float()
-                err = rel_err(got, ref)
-                err_s = rel_err(splitk_experts(h, w0.w13, w0.w2, weights, ids, split=args.split).float(), ref)
+                err = fused.rel_err(got, ref)
+                err_s = fused.rel_err(splitk_experts(h, w0.w13, w0.w2, weights, ids, split=args.split).float(), ref)
                 cfg = try_get_optimal_moe_config(w0.w13.shape, w0.w2.shape, k, None, T)
                 us = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                 with forced_tiles(halved_n(cfg)):
                     us_half = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                 us_split = time_graph_replay(split_k, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
-            floor_us = distinct * s.expert_params() * fused.DTYPE.itemsize / bw * 1e6
+            floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
             blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"

@@ -31,16 +31,31 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _block_slots(sorted_ptr, expert_ptr, pid_m, num_slots, top_k, BLOCK_M: tl.constexpr):
+    """This M block's expert, its slots (int64; >= num_slots: padding), which of them are live and
+    their tokens."""
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    live = rows < num_slots
+    rows = rows.to(tl.int64)
+    return e, rows, live, rows // top_k
+
+
+@triton.jit
+def _weight_tile(w_ptr, e, n, n_ok, ks, k_ok, N, K):
+    """The [BLOCK_K, BLOCK_N] tile (rows ks, columns n) of expert e's weights, stored [E, N, K]."""
+    return tl.load(w_ptr + e * N * K + n[None, :].to(tl.int64) * K + ks[:, None],
+                   mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _gate_up_kernel(h_ptr, w13_ptr, sorted_ptr, expert_ptr, n_padded_ptr, acc1_ptr,
                     H, N2, num_slots, top_k, k_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
         return  # past the last expert's padded run
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
-    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # slots; >= num_slots: padding
-    live = rows < num_slots
-    tok = (rows // top_k).to(tl.int64)
+    e, rows, live, tok = _block_slots(sorted_ptr, expert_ptr, pid_m, num_slots, top_k, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -49,12 +64,11 @@ def _gate_up_kernel(h_ptr, w13_ptr, sorted_ptr, expert_ptr, n_padded_ptr, acc1_p
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         a = tl.load(h_ptr + tok[:, None] * H + ks[None, :], mask=live[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w13_ptr + e * N2 * H + n[None, :].to(tl.int64) * H + ks[:, None],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # BLOCK_K, BLOCK_N
+        b = _weight_tile(w13_ptr, e, n, n_ok, ks, k_ok, N2, H)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b)
-    tl.atomic_add(acc1_ptr + rows[:, None].to(tl.int64) * N2 + n[None, :], acc, mask=live[:, None] & n_ok[None, :])
+    tl.atomic_add(acc1_ptr + rows[:, None] * N2 + n[None, :], acc, mask=live[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -64,11 +78,7 @@ def _down_kernel(acc1_ptr, w2_ptr, weight_ptr, sorted_ptr, expert_ptr, n_padded_
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(n_padded_ptr):
         return
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
-    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    live = rows < num_slots
-    rows64 = rows.to(tl.int64)
-    tok = rows64 // top_k
+    e, rows, live, tok = _block_slots(sorted_ptr, expert_ptr, pid_m, num_slots, top_k, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns (H)
     n_ok = n < H
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -77,15 +87,14 @@ def _down_kernel(acc1_ptr, w2_ptr, weight_ptr, sorted_ptr, expert_ptr, n_padded_
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < I
         m = live[:, None] & k_ok[None, :]
-        g = tl.load(acc1_ptr + rows64[:, None] * 2 * I + ks[None, :], mask=m, other=0.0)
-        u = tl.load(acc1_ptr + rows64[:, None] * 2 * I + I + ks[None, :], mask=m, other=0.0)
+        g = tl.load(acc1_ptr + rows[:, None] * 2 * I + ks[None, :], mask=m, other=0.0)
+        u = tl.load(acc1_ptr + rows[:, None] * 2 * I + I + ks[None, :], mask=m, other=0.0)
         a = (g * tl.sigmoid(g) * u).to(w2_ptr.dtype.element_ty)  # silu(g) * u, rounded as vLLM's activation output
-        b = tl.load(w2_ptr + e * H * I + n[None, :].to(tl.int64) * I + ks[:, None],
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # BLOCK_K, BLOCK_N
+        b = _weight_tile(w2_ptr, e, n, n_ok, ks, k_ok, H, I)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, b)
-    w = tl.load(weight_ptr + rows64, mask=live, other=0.0)
+    w = tl.load(weight_ptr + rows, mask=live, other=0.0)
     tl.atomic_add(out_ptr + tok[:, None] * H + n[None, :], acc * w[:, None], mask=live[:, None] & n_ok[None, :])
 
 
