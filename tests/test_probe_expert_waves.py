@@ -1,10 +1,10 @@
-"""The expert-count probe's routing and block count (bench/lab/probe_expert_waves.py), on the CPU:
-the routing must reach exactly n distinct experts whatever n is against k, so that the probe's
-x axis is what it says."""
+"""The expert-count probe's routing, block count and cost fit (bench/lab/probe_expert_waves.py), on
+the CPU: the routing must reach exactly n distinct experts whatever n is against k, so that the
+probe's x axis is what it says, and the fit must recover a known fixed cost and rate."""
 import pytest
 import torch
 
-from bench.lab.probe_expert_waves import EXPERT_COUNTS, halved_n, routing_over, working_blocks
+from bench.lab.probe_expert_waves import EXPERT_COUNTS, fit_fixed_cost, halved_n, routing_over, working_blocks
 from sere.stats import distinct_experts
 
 
@@ -26,3 +26,13 @@ def test_blocks_and_halved_tile():
     assert halved_n({"BLOCK_SIZE_N": 64, "BLOCK_SIZE_M": 16})["BLOCK_SIZE_N"] == 32
     assert halved_n({"BLOCK_SIZE_N": 16})["BLOCK_SIZE_N"] == 16
     assert list(EXPERT_COUNTS) == sorted(EXPERT_COUNTS)
+
+
+def test_fit_recovers_the_fixed_cost_and_the_rate():
+    floor = [18.0, 27.0, 36.0, 72.0, 144.0, 288.0]
+    exact = [27.0 + 0.92 * f for f in floor]
+    fixed, slope, worst = fit_fixed_cost(floor, exact)
+    assert fixed == pytest.approx(27.0) and slope == pytest.approx(0.92) and worst == pytest.approx(0.0, abs=1e-9)
+    noisy = [t + (1.5 if i % 2 else -1.5) for i, t in enumerate(exact)]
+    fixed, slope, worst = fit_fixed_cost(floor, noisy)
+    assert abs(fixed - 27.0) < 2.0 and abs(slope - 0.92) < 0.02 and 1.0 < worst <= 3.0

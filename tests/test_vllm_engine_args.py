@@ -22,16 +22,36 @@ def test_every_engine_has_its_settings():
 
 def test_engine_kwargs_carry_quantization_and_sere():
     kw = e2e.engine_kwargs(Path("/m"), e2e.sere_config("sere-s1-fused"), eager=True, batches=[1, 4], smoke=True,
-                           quantization="fp8")
-    assert kw["quantization"] == "fp8" and kw["additional_config"] == {"sere": e2e.sere_config("sere-s1-fused")}
+                           quantization="fp8_per_block")
+    assert kw["quantization"] == "fp8_per_block" and kw["additional_config"] == {"sere": e2e.sere_config("sere-s1-fused")}
+    assert kw["quantization_config"] == {"ignore": [e2e.ROUTER_GATES]}
     plain = e2e.engine_kwargs(Path("/m"), None, eager=True, batches=[1, 4], smoke=True)
-    assert "quantization" not in plain and "additional_config" not in plain
+    assert not {"quantization", "quantization_config", "additional_config"} & set(plain)
+
+
+def test_router_gates_stay_unquantized_and_only_they():
+    # the pattern follows compressed-tensors' "re:" convention, which vLLM's online schemes use
+    import re
+
+    pattern = re.compile(e2e.ROUTER_GATES.removeprefix("re:"))
+    for name in ("model.layers.0.mlp.gate", "model.layers.47.mlp.gate"):
+        assert pattern.match(name)
+    for name in ("model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.shared_expert_gate", "model.layers.0.mlp.experts",
+                 "model.layers.0.mlp.shared_expert.gate_up_proj", "model.layers.0.self_attn.qkv_proj", "lm_head"):
+        assert not pattern.match(name)
+
+
+def test_plain_fp8_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="'fp8' is not one of fp8_per_block.*collapses the dummy routing"):
+        e2e.quantization_kwargs("fp8")
 
 
 def test_parse_args_takes_quantization():
-    args = e2e.parse_args(["--smoke", "--quantization", "fp8"])
-    assert args.quantization == "fp8"
+    args = e2e.parse_args(["--smoke", "--quantization", "fp8_per_block"])
+    assert args.quantization == "fp8_per_block"
     assert e2e.parse_args(["--smoke"]).quantization is None
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--smoke", "--quantization", "fp8"])
 
 
 def test_each_model_gets_a_routing_that_routes_when_none_is_named():
@@ -58,3 +78,18 @@ def test_summary_lists_the_fused_engine_with_its_fused_layers():
     assert "| sere-s1-fused | 16 | 8.000 | 2000 | 2.00x |" in text
     assert "sere-s1-fused: 48 layers re-routed, router top-k fused on 48" in text
     assert "sere-s1: 48 layers re-routed, backend numba" in text  # no fused clause where not asked
+
+
+@pytest.mark.vllm
+def test_vllm_resolves_the_scheme_and_skips_only_the_gates():
+    # vLLM's own resolver and layer matcher (the online schemes' path) on the kwargs the bench passes
+    from vllm.config.quantization import resolve_quantization_config
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+
+    kw = e2e.quantization_kwargs("fp8_per_block")
+    args = resolve_quantization_config(kw["quantization"], kw["quantization_config"])
+    assert args.moe is not None and args.linear is not None and args.moe.weight.scale.group_shape.row == 128
+    fused = {"gate_up_proj": ["gate_proj", "up_proj"], "qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert should_ignore_layer("model.layers.5.mlp.gate", ignore=args.ignore, fused_mapping=fused)
+    for name in ("model.layers.5.mlp.experts", "model.layers.5.mlp.gate_up_proj", "model.layers.5.self_attn.qkv_proj"):
+        assert not should_ignore_layer(name, ignore=args.ignore, fused_mapping=fused)

