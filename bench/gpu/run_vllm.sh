@@ -20,7 +20,8 @@
 # "--tokens 16"); tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
 # Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
 # e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs
-# bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64; fp8 runs
+# bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64, with the
+# ideal per batch where an earlier e2e step ran the model's counts engine (e.g. ENGINES=stock,sere-s1,counts); fp8 runs
 # Qwen3-30B-A3B's stock, sere-s1 and counts engines with FP8 weights at batches 1,16,64: FP8_SCHEME,
 # default fp8_per_block, vLLM's online scheme with the published checkpoint's 128 x 128 blocks,
 # router gates in bf16; the counts engine shows the routing did not collapse), ENGINES
@@ -146,9 +147,11 @@ for s in $STEPS; do
     tune) want=$([ "$s" = "$last_step" ] && left || echo "${TUNE_S:-300}"); lim=$(( want < $(left) ? want : $(left) ))
       step tune "$lim" $PY -m bench.gpu.tune_fused_moe --models "${TUNE_MODELS:-Qwen1.5-MoE-A2.7B}" \
         --batches "${TUNE_BATCHES:-1,16,64,256}" --out "$WORK/tune" --deadline $((lim - 20)) ;;
+    # With an earlier e2e step's counts engine for the model (ENGINES=...,counts), the ideal per batch.
     profile) for m in ${PROFILE_MODELS:-qwen1.5-moe-a2.7b deepseek-v2-lite qwen3-30b-a3b}; do
+        counts=$WORK/e2e-$m/counts.json
         step "profile $m" 260 $PY -m bench.gpu.profile_decode --model "$m" --batches 1,16,64 --out "$WORK/profile-$m" \
-          --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
+          --timeout 250 ${E2E_ROUTING:+--routing "$E2E_ROUTING"} $([ -f "$counts" ] && echo --counts "$counts")
       done ;;
     fp8) want=$([ "$s" = "$last_step" ] && left || echo 450); lim=$(( want < $(left) ? want : $(left) ))
       fp8_deps || { status=1; continue; }

@@ -160,7 +160,7 @@ def main() -> int:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
-    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | Numba one-launch kernel |")
+    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | our Numba kernel (one launch below T = 1024, two from it) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for id_dtype in (torch.int64, torch.int32):
         c_baseline = CudaBaseline(id_dtype)
