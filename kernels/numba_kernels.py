@@ -22,7 +22,10 @@ workspace (no clearing launch needed); launch 2 is the kernel above with P copie
 workspace (E reads per block instead of T*S), and a group reads its slot's flag BEFORE loading
 the row, skipping the row for primary and invalid ids. Same ids, bit for bit. Measured on an
 H100: 13 us at T = 4096 (S = 1, 2) against 22 / 33 us in one launch; the baseline is still
-faster there (7 us): see bench/results/kernel.md.
+faster there (7 us): see bench/results/kernel.md. Launch 1 can instead be a zeroing fill plus a
+thread per head slot over the grid (make_scatter_flags_kernel, numba_launch.FLAGS_BUILD =
+"scatter"), the structure that took 3.9-4.0 us at T = 4096 in CUDA C on the H200; opt-in until
+timed as ours on a GPU.
 Invalid ids (< 0 or >= E) are never primary and pass through; S <= 0, S >= k, or an empty P
 give the input back (the kernel then only copies).
 Measured on an H100 (bench/results/kernel.md): 2.3 - 3.5 us per call in CUDA-graph replay for
@@ -346,3 +349,23 @@ def make_flags_kernel(threads: int):
             flags[j] = mask[j]
 
     return primary_flags_kernel
+
+
+def make_scatter_flags_kernel():
+    """Launch 1 of the two-launch path spread over the grid (the research kernel's scatter): a
+    thread per head slot sets its expert's flag. The caller zeroes flags [E] first (a fill on the
+    stream), so this is three kernels in all, each one load or store per thread, against the one
+    block that walks all T*S head ids in make_flags_kernel (at T = 4096 on the H200 our two
+    launches took 6.2-8.0 us where three such launches took 3.9-4.0; bench/RESULTS.md section 16).
+    Concurrent stores of 1 to one flag are benign. Called only with 0 < S < k.
+    ids [T*k], flags [E] int32 (zeroed)."""
+
+    def scatter_flags_kernel(ids, flags, T, k, E, S):
+        i = cuda.grid(1)
+        if i < T * S:
+            t = i // S
+            h = ids[t * k + (i - t * S)]
+            if h >= 0 and h < E:
+                flags[h] = 1
+
+    return scatter_flags_kernel

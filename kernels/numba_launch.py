@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP
-from sere.kernels.numba_pointer import after_flags_pointer_kernel, flags_pointer_kernel, pointer_kernel
+from sere.kernels.numba_pointer import (after_flags_pointer_kernel, flags_pointer_kernel, pointer_kernel,
+                                        scatter_flags_pointer_kernel)
 
 BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
@@ -25,6 +26,12 @@ TWO_LAUNCH_MIN_TOKENS = 1024
 # slower: H100, T = 4096, S = 1: 13.1 / 14.8 / 17.3 us at 4 / 16 / 64 blocks per SM
 # (bench/lab/probe_large_grid.py); launch 2 now takes a thread per slot (after_flags_blocks).
 TWO_LAUNCH_BLOCKS_PER_SM = 4
+# How launch 1 builds the primary flags (read at call time): "block", one block walks all T*S head
+# ids and writes every flag (today's path, gated); "scatter", a zeroing fill then a thread per head
+# slot over the grid (the research kernel's structure, faster in the CUDA C stand-in at T = 4096:
+# bench/RESULTS.md section 16). Not yet timed as ours on a GPU, so not the default.
+FLAGS_BUILD = "block"
+FLAGS_BUILDS = ("block", "scatter")
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -48,6 +55,14 @@ def use_two_launch(T: int, k: int, S: int) -> bool:
     TWO_LAUNCH_MIN_TOKENS (read at call time, so tests can lower it), where the one-launch
     kernel's per-block rebuild of P from all T*S head ids costs more than a second launch."""
     return 0 < S < k and T >= TWO_LAUNCH_MIN_TOKENS
+
+
+def check_flags_build(flags_build: str | None) -> str:
+    """The two-launch path's way of building P: flags_build, or FLAGS_BUILD when None."""
+    build = FLAGS_BUILD if flags_build is None else flags_build
+    if build not in FLAGS_BUILDS:
+        raise ValueError(f"flags_build must be one of {', '.join(FLAGS_BUILDS)}, got {build!r}")
+    return build
 
 
 @lru_cache(maxsize=None)
@@ -83,6 +98,7 @@ def launch_reroute(
     lanes: int = WARP,
     two_launch: bool | None = None,
     weights: torch.Tensor | None = None,
+    flags_build: str | None = None,
 ) -> None:
     """Write re-routed ids into `out` (contiguous, like topk_ids) on torch's current stream.
 
@@ -92,7 +108,8 @@ def launch_reroute(
     E-flag int32 workspace per call from torch's allocator (stream-ordered, graph-capturable;
     a cached buffer shared by streams or graphs would race).
     threads / max_blocks / lanes (lanes per secondary slot) are tuning knobs for benchmarks;
-    two_launch forces a path (None: the shape rule).
+    two_launch forces a path (None: the shape rule); flags_build picks how the two-launch path's
+    launch 1 builds P (None: FLAGS_BUILD).
     weights [T, k] floating, contiguous: the router's slots are not sorted by weight; the contract
     applies in each token's weight order and ids stay in their own slots. One launch (the
     weight-order kernel) where the shape rule says one; at large T, k > 64 or weights that are not
@@ -124,7 +141,7 @@ def launch_reroute(
             in_order = topk_ids.gather(1, order)  # T, k
             new_in_order = torch.empty_like(in_order)
             launch_reroute(in_order, sim_given, new_in_order, select_top_k, threshold, threads=threads,
-                           max_blocks=max_blocks, lanes=lanes, two_launch=two_launch)
+                           max_blocks=max_blocks, lanes=lanes, two_launch=two_launch, flags_build=flags_build)
             out.scatter_(1, order, new_in_order)
             return
         weight_kind = TORCH_SIM_KIND[weights.dtype]
@@ -136,8 +153,14 @@ def launch_reroute(
         return
     if two_launch and 0 < S < k:
         blocks = after_flags_blocks(T, k, S, threads, max_blocks * TWO_LAUNCH_BLOCKS_PER_SM // BLOCKS_PER_SM)
-        flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
-        flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
+        build = check_flags_build(flags_build)
+        if build == "scatter":
+            flags = torch.zeros(E, dtype=torch.int32, device=topk_ids.device)  # the fill: the scatter only sets
+            scatter_flags_pointer_kernel(id_name, threads).launch(
+                -(-T * S // threads), stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
+        else:
+            flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
+            flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
         kern = after_flags_pointer_kernel(id_name, sim_kind, cols, threads, lanes)
         args = (topk_ids.data_ptr(), sim.data_ptr(), flags.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
         kern.launch(blocks, stream_ptr, device_index, args)

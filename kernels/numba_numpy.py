@@ -7,8 +7,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP, make_flags_kernel, make_kernel
-from sere.kernels.numba_launch import after_flags_blocks, columns_per_lane, grid_blocks, use_two_launch
+from sere.kernels.numba_kernels import (COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP, make_flags_kernel, make_kernel,
+                                        make_scatter_flags_kernel)
+from sere.kernels.numba_launch import after_flags_blocks, check_flags_build, columns_per_lane, grid_blocks, use_two_launch
 from sere.kernels.numba_runtime import NUMBA_ERROR, cuda, simulator_enabled
 
 _NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -23,6 +24,11 @@ def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch
 @lru_cache(maxsize=None)
 def _array_flags_kernel(threads: int):
     return cuda.jit(make_flags_kernel(threads))
+
+
+@lru_cache(maxsize=None)
+def _array_scatter_flags_kernel():
+    return cuda.jit(make_scatter_flags_kernel())
 
 
 SIMULATOR_LANES = 4  # lanes per slot under the simulator: fewer barrier rounds, same code path
@@ -40,6 +46,7 @@ def reroute_numba_numpy(
     lanes: int | None = None,
     two_launch: bool | None = None,
     weights: np.ndarray | None = None,
+    flags_build: str | None = None,
 ) -> np.ndarray:
     """The kernel on NumPy arrays; returns new ids (same shape and dtype).
 
@@ -48,7 +55,8 @@ def reroute_numba_numpy(
     Works under the CUDA simulator (defaults there: 32 threads, groups of 4 lanes, at most 2
     blocks, so the grid-stride loop runs several rounds; each block barrier costs the simulator
     dearly) and on a real GPU (32 lanes, 256 threads; numba copies the arrays both ways).
-    two_launch forces the large-T path on or off (None: `use_two_launch`, as on torch tensors).
+    two_launch forces the large-T path on or off (None: `use_two_launch`, as on torch tensors);
+    flags_build how its launch 1 builds P ("block" or "scatter"; None: numba_launch.FLAGS_BUILD).
     weights [T, k] float32/float16: the router's weights for slots that are not sorted by
     weight; the weight-order kernel (one launch, see numba_kernels.make_kernel) then applies
     the contract in each token's weight order and writes every id back to its own slot.
@@ -104,8 +112,12 @@ def reroute_numba_numpy(
                                 np.float32(threshold))
         return out
     if two_launch and 0 < S < k:
-        flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
-        _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
+        if check_flags_build(flags_build) == "scatter":
+            flags = cuda.to_device(np.zeros(E, dtype=np.int32))  # the fill of the GPU path
+            _array_scatter_flags_kernel()[-(-T * S // threads), threads](ids_flat, flags, *shape)
+        else:
+            flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
+            _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
         _array_kernel(sim_kind, cols, threads, lanes, True)[after_flags_blocks(T, k, S, threads, max_blocks), threads](
             ids_flat, sim_flat, flags, out_flat, *shape, np.float32(threshold))
         return out

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import threading
 
-from sere.kernels.numba_kernels import DEFAULT_THREADS, FLAG_THREADS, WARP, make_flags_kernel, make_kernel
+from sere.kernels.numba_kernels import (DEFAULT_THREADS, FLAG_THREADS, WARP, make_flags_kernel, make_kernel,
+                                        make_scatter_flags_kernel)
 from sere.kernels.numba_runtime import cuda, numba
 
 
@@ -150,4 +151,13 @@ def flags_pointer_kernel(id_name: str, threads: int = FLAG_THREADS) -> PointerKe
     return cached_pointer_kernel(
         ("flags", id_name, threads),
         lambda: PointerKernel(make_flags_kernel(threads), flags_signature(id_name), threads),
+    )
+
+
+def scatter_flags_pointer_kernel(id_name: str, threads: int = DEFAULT_THREADS) -> PointerKernel:
+    """The compiled launch 1 of the two-launch path over the grid (a thread per head slot, flags
+    zeroed by the caller)."""
+    return cached_pointer_kernel(
+        ("scatter_flags", id_name, threads),
+        lambda: PointerKernel(make_scatter_flags_kernel(), flags_signature(id_name), threads),
     )

@@ -29,8 +29,9 @@ ID_DTYPES = (torch.int32, torch.int64)
 SIM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 THRESHOLDS = (0.0, 0.5, 1.0)
 # numba: the shape rule picks the path; numba_one / numba_two force the one-launch / two-launch
-# (large-T) path, so both are checked at every shape whatever threshold the rule uses.
-BACKENDS = ("numba", "numba_one", "numba_two", "torch", "baseline")
+# (large-T) path, so both are checked at every shape whatever threshold the rule uses;
+# numba_two_scatter: the two-launch path with its flags built by the grid scatter (flags_build).
+BACKENDS = ("numba", "numba_one", "numba_two", "numba_two_scatter", "torch", "baseline")
 # Above this many slots the primary set is drawn small, so the Python reference stays fast.
 BIG_SLOTS = 4096
 
@@ -40,12 +41,13 @@ def backend_fn(name):
         from sere.kernels.numba_cuda import reroute_numba
 
         return reroute_numba
-    if name in ("numba_one", "numba_two"):
+    if name in ("numba_one", "numba_two", "numba_two_scatter"):
         from sere.kernels.numba_cuda import launch_reroute
 
         def forced(ids, sim, S, rho):
             out = torch.empty_like(ids)  # T, k
-            launch_reroute(ids, sim.contiguous(), out, S, rho, two_launch=name == "numba_two")
+            launch_reroute(ids, sim.contiguous(), out, S, rho, two_launch=name != "numba_one",
+                           flags_build="scatter" if name == "numba_two_scatter" else "block")
             return out
 
         return forced
@@ -200,7 +202,7 @@ def test_custom_op_and_eager_path_agree(min_tokens, monkeypatch):
     torch.library.opcheck(torch.ops.sere.reroute.default, (ids, sim, 2, 0.5))
 
 
-@pytest.mark.parametrize("backend", ("numba", "numba_two", "baseline"))
+@pytest.mark.parametrize("backend", ("numba", "numba_two", "numba_two_scatter", "baseline"))
 def test_runs_on_the_current_non_default_stream(backend):
     """The kernel must run on torch's current stream: its input is produced on a side stream
     behind a ~20 ms sleep, so a launch on any other stream would read stale ids."""

@@ -119,30 +119,40 @@ def test_weight_order_reference_moves_the_light_slots():
 TWO_LAUNCH_SHAPES = [(1, 8, 2), (2, 60, 8), (33, 8, 4), (33, 60, 8)]
 
 
+@pytest.mark.parametrize("flags_build", ["block", "scatter"])
 @pytest.mark.parametrize("T,E,k", TWO_LAUNCH_SHAPES)
-def test_two_launch_path_matches_reference_every_S(T, E, k):
+def test_two_launch_path_matches_reference_every_S(T, E, k, flags_build):
     rng = np.random.default_rng([T, E, k, 2])
     for S in range(k + 1):
         rho = THRESHOLDS[S % 3]
         ids, sim = random_case(rng, T, E, k, ID_DTYPES[S % 2], SIM_DTYPES[(S // 2) % 2])
         want = reroute_reference(ids, sim, S, rho)
-        assert_same_ids(nc.reroute_numba_numpy(ids, sim, S, rho, two_launch=True), want, (T, E, k, S, rho))
+        got = nc.reroute_numba_numpy(ids, sim, S, rho, two_launch=True, flags_build=flags_build)
+        assert_same_ids(got, want, (T, E, k, S, rho, flags_build))
 
 
-def test_two_launch_path_edge_cases():
+@pytest.mark.parametrize("flags_build", ["block", "scatter"])
+def test_two_launch_path_edge_cases(flags_build):
     """Ties across lanes, only invalid primary ids (empty P), bfloat16 bits: through the flags buffer."""
+    two = dict(two_launch=True, flags_build=flags_build)
     ties = np.array([[59, 13, 7, 42]], dtype=np.int32)
-    got = nc.reroute_numba_numpy(ties, np.ones((60, 60), np.float32), 2, 1.0, two_launch=True)
+    got = nc.reroute_numba_numpy(ties, np.ones((60, 60), np.float32), 2, 1.0, **two)
     np.testing.assert_array_equal(got, [[59, 13, 13, 13]])
     invalid_head = np.array([[-1, 3, 4], [9, 5, 2]], dtype=np.int64)
-    got = nc.reroute_numba_numpy(invalid_head, np.ones((8, 8), np.float32), 1, 0.0, two_launch=True)
+    got = nc.reroute_numba_numpy(invalid_head, np.ones((8, 8), np.float32), 1, 0.0, **two)
     np.testing.assert_array_equal(got, invalid_head)
     rng = np.random.default_rng(23)
     ids, sim32 = random_case(rng, 33, 60, 8, np.int32, np.float32)
     sim32 = sim32 - np.float32(0.375)
     bits = (sim32.view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
-    got = nc.reroute_numba_numpy(ids, bits, 3, -0.125, bf16_bits=True, two_launch=True)
+    got = nc.reroute_numba_numpy(ids, bits, 3, -0.125, bf16_bits=True, **two)
     assert_same_ids(got, reroute_reference(ids, sim32, 3, -0.125), "bf16")
+
+
+def test_unknown_flags_build_is_refused():
+    ids = np.array([[1, 2, 3]], dtype=np.int32)
+    with pytest.raises(ValueError, match="flags_build must be one of block, scatter, got 'grid'"):
+        nc.reroute_numba_numpy(ids, np.ones((8, 8), np.float32), 1, 0.0, two_launch=True, flags_build="grid")
 
 
 def test_shape_rule_picks_two_launches_from_the_threshold(monkeypatch):

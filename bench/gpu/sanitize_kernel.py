@@ -49,20 +49,20 @@ def run(cases) -> int:
         ids_np, sim32 = ids.cpu().numpy(), sim.float().cpu().numpy()
         want = reroute_reference(ids_np, sim32, S, 0.1)
         runs = {"numba": reroute_numba(ids, sim, S, 0.1), "baseline": reroute_research_baseline(ids, sim, S, 0.1)}
-        for two in (False, True):
+        for two, build in ((False, None), (True, "block"), (True, "scatter")):
             out = torch.empty_like(ids)
-            launch_reroute(ids, sim, out, S, 0.1, two_launch=two)
-            runs[f"numba two_launch={two}"] = out
+            launch_reroute(ids, sim, out, S, 0.1, two_launch=two, flags_build=build)
+            runs[f"numba two_launch={two}{'' if build is None else ' ' + build}"] = out
         want_w = reroute_reference_in_weight_order(ids_np, weights.cpu().numpy(), sim32, S, 0.1)
         got_w = reroute_numba_in_weight_order(ids, weights, sim, S, 0.1)
         torch.cuda.synchronize()
         for name, got in runs.items():
             ok = np.array_equal(got.cpu().numpy(), want)
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {name:22s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+            print(f"{'ok  ' if ok else 'FAIL'} {name:30s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
         ok = np.array_equal(got_w.cpu().numpy(), want_w)
         failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {'weight-order':22s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+        print(f"{'ok  ' if ok else 'FAIL'} {'weight-order':30s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
         failures += run_fused_topk(gen, T, E, k, S, ids.dtype, sim, SIM_DTYPES[(n + 1) % 3])
     return failures
 

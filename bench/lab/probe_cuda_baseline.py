@@ -7,7 +7,10 @@ generation. If the C version lands near the published times it is the faithful b
 Measured on an H100 (2026-12-06, commit 312dfc9, bench/RESULTS.md section 15): the C version is no
 faster than the Numba one (S = 1: 6.2 / 8.6 / 9.5 / 9.3 us at T = 1 / 16 / 64 / 256, 4.2 at 4096):
 the gap is in the structure as written, most likely the scan, whose loads each wait on a mask
-read; the branch-free scan (sere_scan_branchless) tests that.
+read; the branch-free scan (sere_scan_branchless) tests that. On the H200 (2026-12-06, commit
+0ef8885, section 16) the same, and at T = 4096 the C stand-in's three launches took 3.9-4.0 us
+where our two took 6.2-8.0: the last two columns time our two-launch path at every T with its
+launch 1 as one block (today's) and as a zeroing fill plus a grid scatter (flags_build="scatter").
 
     python -m bench.lab.probe_cuda_baseline        (a CUDA machine with CuPy, from the repo root)
 
@@ -146,10 +149,16 @@ class CudaBaseline:
         return launch, out
 
 
+def two_launch(launch_reroute, ids: torch.Tensor, sim: torch.Tensor, S: int, flags_build: str) -> torch.Tensor:
+    out = torch.empty_like(ids)  # T, k
+    launch_reroute(ids, sim, out, S, RHO, two_launch=True, flags_build=flags_build)
+    return out
+
+
 def main() -> int:
     from bench.test_bench_reroute import make_inputs
     from bench.timing import time_graph_replay
-    from sere.kernels.numba_cuda import reroute_numba
+    from sere.kernels.numba_cuda import launch_reroute, reroute_numba
     from sere.kernels.reference import reroute_reference
     from sere.kernels.research_baseline import reroute_research_baseline
 
@@ -160,8 +169,9 @@ def main() -> int:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
-    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | our Numba kernel (one launch below T = 1024, two from it) |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | our Numba kernel (one launch below "
+          "T = 1024, two from it) | ours, two launches, flags by block | ours, fill + scatter + launch 2 |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for id_dtype in (torch.int64, torch.int32):
         c_baseline = CudaBaseline(id_dtype)
         for T in T_VALUES:
@@ -172,6 +182,8 @@ def main() -> int:
                 fns = {scan: c_baseline.prepare(ids.contiguous(), sim.contiguous(), S, RHO, scan)[0] for scan in SCANS}
                 fns["numba_baseline"] = lambda: reroute_research_baseline(ids, sim, S, RHO)
                 fns["numba"] = lambda: reroute_numba(ids, sim, S, RHO)
+                for build in ("block", "scatter"):  # the two-launch path at every T, either launch 1
+                    fns[build] = lambda build=build: two_launch(launch_reroute, ids, sim, S, build)
                 cells = []
                 for name, fn in fns.items():
                     got = fn()
