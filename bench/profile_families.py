@@ -79,6 +79,18 @@ def ideal_speedup(stock: dict[str, FamilyTime], expert_ratio: float) -> float:
     return total / (total - experts * (1 - expert_ratio))
 
 
+def expert_cost_split(stock: FamilyTime, sere: FamilyTime, experts_stock: float, experts_sere: float):
+    """(fixed us, us per distinct expert) of one routed-expert kernel launch, from stock's and SERE's
+    routed-expert time at one batch and their distinct experts per layer, assuming time = fixed +
+    per-expert x experts (the shape bench/lab/probe_expert_waves.py measured for vLLM's fused MoE).
+    None when the two points cannot separate them (no launches, or the same expert count)."""
+    if stock.calls <= 0 or sere.calls <= 0 or experts_stock - experts_sere < 1.0:
+        return None
+    per_stock, per_sere = stock.us / stock.calls, sere.us / sere.calls
+    per_expert = (per_stock - per_sere) / (experts_stock - experts_sere)
+    return per_stock - per_expert * experts_stock, per_expert
+
+
 def markdown(per_engine: dict[str, dict[str, FamilyTime]], *, steps: int | None = None) -> str:
     """One table: a row per family (largest first in the first engine), per engine its ms and
     share of that engine's device time; per step when `steps` is given."""

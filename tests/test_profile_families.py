@@ -6,7 +6,8 @@ import pytest
 
 from bench.gpu import profile_decode
 from bench.gpu.profile_decode import counts_ratios, report
-from bench.profile_families import OTHER, family_of, family_times, ideal_speedup, markdown, total_us
+from bench.profile_families import (OTHER, FamilyTime, expert_cost_split, family_of, family_times, ideal_speedup,
+                                     markdown, total_us)
 
 
 @pytest.mark.parametrize("name, family", [
@@ -41,6 +42,15 @@ def test_ideal_speedup_scales_only_the_routed_experts():
         ideal_speedup(fams, 0.0)
 
 
+def test_expert_cost_split_recovers_a_line_and_refuses_one_point():
+    fixed, per_expert = 10.0, 2.0
+    stock = FamilyTime(us=96 * (fixed + per_expert * 80), calls=96)  # 80 distinct experts
+    sere = FamilyTime(us=96 * (fixed + per_expert * 16), calls=96)
+    assert expert_cost_split(stock, sere, 80, 16) == pytest.approx((10.0, 2.0))
+    assert expert_cost_split(stock, sere, 16.5, 16) is None  # the same count: nothing to separate
+    assert expert_cost_split(stock, FamilyTime(), 80, 16) is None  # no launches
+
+
 def test_markdown_and_report_per_step():
     def engine(expert_us):
         return {"rows": [{"batch": 16, "new_tokens": 10, "wall_s": 0.02, "wall_profiled_s": 0.04,
@@ -67,6 +77,9 @@ def test_report_takes_each_batch_ratio_from_the_counts_engine(tmp_path):
     text = report(results, None, counts)
     assert "x 0.250, 20.0 / 80.0 distinct experts, counts engine; the rest unchanged): 2.29x; reached 2.00x, 88 % of it" in text
     assert text.count("ideal for") == 1  # batch 1 has no counts and no ratio was given: no ideal there
+    # per launch (10 launches each): stock 150 us at 80 experts, SERE 50 us at 20 -> 16.7 us + 1.67 us per expert
+    assert "routed-expert kernel per launch = 16.7 us + 1.67 us per distinct expert (stock and sere-s1" in text
+    assert "the fixed part, 33 % of sere-s1's expert time" in text
     # a bad counts file is refused before any engine starts
     bad = tmp_path / "counts.json"
     bad.write_text('{"rows": [{"engine": "sere-s1"}]}')

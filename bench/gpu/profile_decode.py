@@ -15,7 +15,9 @@ upper bound). With --counts (the counts.json of the end-to-end bench's counts en
 model and routing: distinct experts per layer before / after, per batch and SERE setting) or
 --expert-ratio (one ratio for every batch) it adds per batch the ideal speed-up, stock's step with
 the routed-expert time scaled by SERE's expert bytes over stock's, and how much of it each SERE
-engine reached.
+engine reached; with --counts also the routed-expert kernel's time per launch split into a fixed
+part and a part per distinct expert (two points, stock and SERE, on the line that
+bench/lab/probe_expert_waves.py measured): the fixed part is what SERE cannot remove.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import sys
 from pathlib import Path
 
 from bench import vllm_engine as e2e
-from bench.profile_families import family_times, ideal_speedup, markdown, total_us
+from bench.profile_families import FamilyTime, expert_cost_split, family_times, ideal_speedup, markdown, total_us
+
+EXPERTS = "routed experts"  # the family of the fused MoE kernels (bench/profile_families.py)
 
 
 def counts_ratios(counts: dict) -> dict[tuple[str, int], tuple[float, float]]:
@@ -75,6 +79,14 @@ def report(results: dict[str, dict], expert_ratio: float | None,
                 reached = total_us(fams["stock"]) / total_us(fams[e])
                 out.append(f"- ideal for {e} (stock's routed-expert time x {ratio:.3f}, {source}; the rest unchanged): "
                            f"{ideal:.2f}x; reached {reached:.2f}x, {100 * reached / ideal:.0f} % of it in time")
+                split = expert_cost_split(fams["stock"].get(EXPERTS, FamilyTime()), fams[e].get(EXPERTS, FamilyTime()),
+                                          *counts[e, b]) if (e, b) in (counts or {}) else None
+                if split is not None:
+                    fixed, per_expert = split
+                    sere_launch = fams[e][EXPERTS].us / fams[e][EXPERTS].calls
+                    out.append(f"  - routed-expert kernel per launch = {fixed:.1f} us + {per_expert:.2f} us per distinct "
+                               f"expert (stock and {e} at this batch): the fixed part, {100 * fixed / sere_launch:.0f} % of "
+                               f"{e}'s expert time, is what removing experts cannot remove")
     return "\n".join(out)
 
 
