@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
           "floor share | share, N tile halved |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|")
-    fits = []
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
@@ -123,13 +122,11 @@ def main(argv=None) -> int:
                   f"{floor_us / us_half:.2f} |", flush=True)
             if n >= k:
                 series.setdefault(T, []).append((floor_us, us))
-        for T, rows in series.items():
+        for T, rows in series.items():  # printed per model, so a cut-off run keeps what it finished
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
-            fits.append(f"- {model}, T = {T}: {fixed:.1f} us per call + bytes at {bw / slope / 1e9:.0f} GB/s "
-                        f"(largest residual {worst:.1f} us over {len(rows)} rows)")
+            print(f"| {model} | {T} | fit over n >= k: time = {fixed:.1f} us per call + bytes at "
+                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||", flush=True)
         layer = None  # free this model's copies before the next is built
-    print("\nTime = fixed + bytes / rate, fitted over the rows with n >= k:")
-    print("\n".join(fits))
     return 0
 
 
