@@ -68,8 +68,9 @@ def report(results: dict[str, dict], expert_ratio: float | None,
             for e in engines:
                 if e == "stock" or total_us(fams["stock"]) <= 0 or total_us(fams[e]) <= 0:
                     continue
-                if (e, b) in (counts or {}):
-                    before, after = counts[e, b]
+                counted = (counts or {}).get((e, b))  # (distinct experts before, after) or None
+                if counted is not None:
+                    before, after = counted
                     ratio, source = after / before, f"{after:.1f} / {before:.1f} distinct experts, counts engine"
                 elif expert_ratio is not None:
                     ratio, source = expert_ratio, "as given"
@@ -80,7 +81,7 @@ def report(results: dict[str, dict], expert_ratio: float | None,
                 out.append(f"- ideal for {e} (stock's routed-expert time x {ratio:.3f}, {source}; the rest unchanged): "
                            f"{ideal:.2f}x; reached {reached:.2f}x, {100 * reached / ideal:.0f} % of it in time")
                 split = expert_cost_split(fams["stock"].get(EXPERTS, FamilyTime()), fams[e].get(EXPERTS, FamilyTime()),
-                                          *counts[e, b]) if (e, b) in (counts or {}) else None
+                                          *counted) if counted is not None else None
                 if split is not None:
                     fixed, per_expert = split
                     sere_launch = fams[e][EXPERTS].us / fams[e][EXPERTS].calls

@@ -138,8 +138,8 @@ for s in $STEPS; do
         SERE_BENCH_E2E_BATCHES="${E2E_BATCHES:-1,16,64,128,256}" SERE_BENCH_E2E_REPS="${E2E_REPS:-3}" \
         SERE_BENCH_E2E_ROUTING="${E2E_ROUTING:-}" \
         bash -c 'bench_pytest "$@"' _ e2e-pytest bench/test_bench_vllm_decode.py -s ;;
-    # Routed experts alone at fixed T and 1-128 distinct experts (issue 14, target 2: why SERE's
-    # experts read below their floor), printed row by row into waves/probe_expert_waves.md.
+    # Routed experts alone at fixed T and 1-128 distinct experts (issue 14, target 2: the fused-MoE
+    # call's fixed cost and byte rate, fitted per model and T), row by row into waves/probe_expert_waves.md.
     waves) mkdir -p "$WORK/waves"
       step waves 200 bash -c "set -o pipefail; $PY -m bench.lab.probe_expert_waves ${WAVES_ARGS:-} \
         2> $WORK/waves/stderr.log | tee $WORK/waves/probe_expert_waves.md" ;;
