@@ -22,10 +22,10 @@ workspace (no clearing launch needed); launch 2 is the kernel above with P copie
 workspace (E reads per block instead of T*S), and a group reads its slot's flag BEFORE loading
 the row, skipping the row for primary and invalid ids. Same ids, bit for bit. Measured on an
 H100: 13 us at T = 4096 (S = 1, 2) against 22 / 33 us in one launch; the baseline is still
-faster there (7 us): see bench/results/kernel.md. Launch 1 can instead be a zeroing fill plus a
+faster there (7 us): see bench/results/kernel.md. By default launch 1 is a zeroing fill plus a
 thread per head slot over the grid (make_scatter_flags_kernel, numba_launch.FLAGS_BUILD =
-"scatter"), the structure that took 3.9-4.0 us at T = 4096 in CUDA C on the H200; opt-in until
-timed as ours on a GPU.
+"scatter"), the research kernel's structure: 5.4-5.5 us at T = 4096 (S = 1, 2) against 6.4 / 8.0
+with one block building P (flags_build="block"), H100, bench/RESULTS.md section 17.
 Invalid ids (< 0 or >= E) are never primary and pass through; S <= 0, S >= k, or an empty P
 give the input back (the kernel then only copies).
 Measured on an H100 (bench/results/kernel.md): 2.3 - 3.5 us per call in CUDA-graph replay for

@@ -26,11 +26,11 @@ TWO_LAUNCH_MIN_TOKENS = 1024
 # slower: H100, T = 4096, S = 1: 13.1 / 14.8 / 17.3 us at 4 / 16 / 64 blocks per SM
 # (bench/lab/probe_large_grid.py); launch 2 now takes a thread per slot (after_flags_blocks).
 TWO_LAUNCH_BLOCKS_PER_SM = 4
-# How launch 1 builds the primary flags (read at call time): "block", one block walks all T*S head
-# ids and writes every flag (today's path, gated); "scatter", a zeroing fill then a thread per head
-# slot over the grid (the research kernel's structure, faster in the CUDA C stand-in at T = 4096:
-# bench/RESULTS.md section 16). Not yet timed as ours on a GPU, so not the default.
-FLAGS_BUILD = "block"
+# How launch 1 builds the primary flags (read at call time): "scatter", a zeroing fill then a thread
+# per head slot over the grid (the research kernel's structure); "block", one block walks all T*S
+# head ids and writes every flag. Scatter is the default since it was timed side by side (H100,
+# 2026-12-07, bench/RESULTS.md section 17): T = 4096, S = 1 / 2: 5.5 / 5.4 us against 6.4 / 8.0.
+FLAGS_BUILD = "scatter"
 FLAGS_BUILDS = ("block", "scatter")
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

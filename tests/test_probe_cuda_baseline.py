@@ -1,5 +1,5 @@
 """The CUDA C research-structure baseline of bench/lab/probe_cuda_baseline.py, checked on the host:
-its kernels (both scans) compiled as C++ by g++ with one loop standing in for the grid (kernels run one
+its kernels (the three scans) compiled as C++ by g++ with one loop standing in for the grid (kernels run one
 after another, threads one after another, which these kernels allow: no thread reads what another
 thread of the same kernel writes), against the reference on random cases with invalid ids, ties
 and every S. The GPU run checks it again before timing it."""
@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from bench.lab.probe_cuda_baseline import CUDA_SOURCE
+from bench.lab.probe_cuda_baseline import CUDA_SOURCE, SCANS, mask_length
 from sere.kernels.reference import reroute_reference
 
 HOST_PRELUDE = r"""
@@ -18,6 +18,8 @@ struct Dim { int x; };
 static Dim blockIdx, threadIdx, blockDim;
 #define __global__
 #define __device__
+struct uint4 { unsigned int x, y, z, w; };
+static inline int __ffs(unsigned int x) { return __builtin_ffs((int)x); }
 """
 HOST_DRIVER = r"""
 template <class F> static void grid(int n, F f) {
@@ -25,20 +27,21 @@ template <class F> static void grid(int n, F f) {
     for (int b = 0; b < (n + 127) / 128 || b == 0; ++b)
         for (int t = 0; t < 128; ++t) { blockIdx.x = b; threadIdx.x = t; f(); }
 }
-extern "C" void run(const ID_T* ids, signed char* mask, const float* sim, ID_T* out,
-                    int T, int k, int E, int S, float rho, int branchless) {
-    grid(E + 2, [&] { sere_clear(mask, E + 2); });
+extern "C" void run(const ID_T* ids, signed char* mask, int mask_len, const float* sim, ID_T* out,
+                    int T, int k, int E, int S, float rho, int scan) {
+    grid(mask_len, [&] { sere_clear(mask, mask_len); });
     if (S > 0 && S < k) grid(T * S, [&] { sere_scatter(ids, mask, T, k, E, S); });
-    if (branchless) grid(T * k, [&] { sere_scan_branchless(ids, mask, sim, out, T, k, E, S, rho); });
-    else grid(T * k, [&] { sere_scan(ids, mask, sim, out, T, k, E, S, rho); });
+    if (scan == 0) grid(T * k, [&] { sere_scan(ids, mask, sim, out, T, k, E, S, rho); });
+    if (scan == 1) grid(T * k, [&] { sere_scan_branchless(ids, mask, sim, out, T, k, E, S, rho); });
+    if (scan == 2) grid(T * k, [&] { sere_scan_words(ids, mask, sim, out, T, k, E, S, rho); });
 }
 """
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to compile the kernels for the host")
-@pytest.mark.parametrize("branchless", [0, 1], ids=["sere_scan", "sere_scan_branchless"])
+@pytest.mark.parametrize("scan", [0, 1, 2], ids=list(SCANS))
 @pytest.mark.parametrize("id_dtype,c_type", [(np.int64, "long long"), (np.int32, "int")])
-def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type, branchless):
+def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type, scan):
     src = tmp_path / "baseline.cpp"
     src.write_text(HOST_PRELUDE + f"#define ID_T {c_type}\n" + CUDA_SOURCE + HOST_DRIVER)
     lib_path = tmp_path / "baseline.so"
@@ -47,12 +50,12 @@ def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type, b
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     rng = np.random.default_rng(0)
     for trial in range(200):
-        E, k, T = int(rng.integers(1, 40)), int(rng.integers(1, 9)), int(rng.integers(1, 20))
+        E, k, T = int(rng.integers(1, 70)), int(rng.integers(1, 9)), int(rng.integers(1, 20))
         ids = rng.integers(-2, E + 2, size=(T, k)).astype(id_dtype)  # -2, -1 and >= E: invalid
         sim = rng.random((E, E), dtype=np.float32)
         if trial % 3 == 0:
             sim = np.round(sim * 4) / 4  # ties
         S, rho = int(rng.integers(-1, k + 2)), float(rng.choice([0.0, 0.3, 0.7]))
-        out, mask = np.empty_like(ids), np.full(E + 2, 7, np.int8)  # mask dirty: the first kernel clears it
-        lib.run(ptr(ids), ptr(mask), ptr(sim), ptr(out), T, k, E, S, ctypes.c_float(rho), branchless)
+        out, mask = np.empty_like(ids), np.full(mask_length(E), 7, np.int8)  # dirty: the first kernel clears it
+        lib.run(ptr(ids), ptr(mask), len(mask), ptr(sim), ptr(out), T, k, E, S, ctypes.c_float(rho), scan)
         np.testing.assert_array_equal(out, reroute_reference(ids, sim, S, rho), err_msg=f"E={E} k={k} T={T} S={S} rho={rho}")

@@ -7,21 +7,26 @@ generation. If the C version lands near the published times it is the faithful b
 Measured on an H100 (2026-12-06, commit 312dfc9, bench/RESULTS.md section 15): the C version is no
 faster than the Numba one (S = 1: 6.2 / 8.6 / 9.5 / 9.3 us at T = 1 / 16 / 64 / 256, 4.2 at 4096):
 the gap is in the structure as written, most likely the scan, whose loads each wait on a mask
-read; the branch-free scan (sere_scan_branchless) tests that. On the H200 (2026-12-06, commit
-0ef8885, section 16) the same, and at T = 4096 the C stand-in's three launches took 3.9-4.0 us
-where our two took 6.2-8.0: the last two columns time our two-launch path at every T with its
-launch 1 as one block (today's) and as a zeroing fill plus a grid scatter (flags_build="scatter").
+read; the branch-free scan (sere_scan_branchless) tests that: it is slower. On the H200 (2026-12-06,
+commit 0ef8885, section 16) the same, and at T = 4096 the C stand-in's three launches took 3.9-4.0
+us where our two took 6.2-8.0. On the H100 (2026-12-07, section 17) our two-launch path with launch 1
+as a zeroing fill plus a grid scatter took 5.4-5.5 us at T = 4096 against 6.4 / 8.0 with one block
+building the flags, so "scatter" became the default. The scan that reads the mask a 16-byte word
+at a time (sere_scan_words) tests the remaining suspect at T <= 256: a mask read per expert, 128
+in a row per thread. The columns "ours, ..." time our kernel on each path at every T (the shape
+rule takes one launch below T = 1024, two from it).
 
     python -m bench.lab.probe_cuda_baseline        (a CUDA machine with CuPy, from the repo root)
 
 The three kernels, as a C programmer writes the structure (not a copy of the upstream source):
-  clear    one thread per mask entry, mask[E + 2] = 0
+  clear    one thread per mask entry, mask[E + 2, padded to 16-byte words] = 0
   scatter  one thread per head slot (T x S): mask[id] = 1 (invalid ids to the two spare entries,
            as the contract passes them through)
   scan     one thread per slot (T x k): a secondary slot whose expert is valid and not primary
            walks all E columns, reading sim[e, p] where mask[p] is set, keeps the largest
            (smallest p on ties) and takes it when >= rho; sere_scan_branchless reads every entry of
-           the row and selects without a branch
+           the row and selects without a branch; sere_scan_words reads the mask 16 flags per load
+           and loads only the primary experts' similarities
 Ids int64 (torch's topk) or int32, similarity float32. Each case is checked against
 sere.kernels.reference.reroute_reference before it is timed.
 """
@@ -49,22 +54,27 @@ extern "C" __global__ void sere_scatter(const ID_T* ids, signed char* mask, int 
     mask[slot] = 1;
 }
 
-// One slot of the scan kernel. A slot keeps its expert when S leaves nothing to re-route, it is a
-// head slot, its id is invalid or its expert is already primary; else it walks all E columns.
-// BRANCHLESS reads every entry of the row and selects without a branch, so one thread's loads
-// do not wait on its mask reads and can be in flight together; otherwise a load waits on the
-// mask read before it (the plain way to write it).
+// Whether slot i must scan: a slot keeps its expert when S leaves nothing to re-route, it is a head
+// slot, its id is invalid or its expert is already primary (then it is written here).
+__device__ inline bool scan_needed(const ID_T* ids, const signed char* mask, ID_T* out, int i, int k, int E,
+                                   int S) {
+    ID_T e = ids[i];
+    if (S <= 0 || S >= k || i % k < S || e < 0 || e >= E || mask[e]) {
+        out[i] = e;
+        return false;
+    }
+    return true;
+}
+
+// One slot of the scan kernel: walks all E columns. BRANCHLESS reads every entry of the row and
+// selects without a branch, so one thread's loads do not wait on its mask reads and can be in
+// flight together; otherwise a load waits on the mask read before it (the plain way to write it).
 template <bool BRANCHLESS>
 __device__ inline void scan_slot(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
                                  int T, int k, int E, int S, float rho) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= T * k) return;
-    ID_T e = ids[i];
-    if (S <= 0 || S >= k || i % k < S || e < 0 || e >= E || mask[e]) {
-        out[i] = e;
-        return;
-    }
-    const float* row = sim + (long long)e * E;
+    if (i >= T * k || !scan_needed(ids, mask, out, i, k, E, S)) return;
+    const float* row = sim + (long long)ids[i] * E;
     float best = 0.0f;
     int best_p = -1;  // strict comparisons below: the smallest p wins ties
     if (BRANCHLESS) {
@@ -86,7 +96,7 @@ __device__ inline void scan_slot(const ID_T* ids, const signed char* mask, const
             }
         }
     }
-    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : e;
+    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : ids[i];
 }
 
 extern "C" __global__ void sere_scan(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
@@ -98,11 +108,47 @@ extern "C" __global__ void sere_scan_branchless(const ID_T* ids, const signed ch
                                                 ID_T* out, int T, int k, int E, int S, float rho) {
     scan_slot<true>(ids, mask, sim, out, T, k, E, S, rho);
 }
+
+// The mask read a word at a time: one 16-byte load covers 16 experts (the mask is padded to whole
+// words and cleared in full), and only the primary experts' similarities are loaded, in ascending
+// expert order. A flag is 0 or 1, so each set byte holds one set bit.
+extern "C" __global__ void sere_scan_words(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
+                                          int T, int k, int E, int S, float rho) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * k || !scan_needed(ids, mask, out, i, k, E, S)) return;
+    const float* row = sim + (long long)ids[i] * E;
+    const uint4* words = reinterpret_cast<const uint4*>(mask);
+    float best = 0.0f;
+    int best_p = -1;
+#pragma unroll 4
+    for (int c = 0; c * 16 < E; ++c) {
+        uint4 w = words[c];
+        unsigned int parts[4] = {w.x, w.y, w.z, w.w};
+        for (int q = 0; q < 4; ++q) {
+            for (unsigned int bits = parts[q]; bits != 0; bits &= bits - 1) {
+                int p = c * 16 + q * 4 + (__ffs(bits) - 1) / 8;
+                if (p >= E) break;  // the two spare entries for invalid ids, then padding
+                float v = row[p];
+                if (best_p < 0 || v > best) {
+                    best = v;
+                    best_p = p;
+                }
+            }
+        }
+    }
+    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : ids[i];
+}
 """
-SCANS = ("sere_scan", "sere_scan_branchless")
+SCANS = ("sere_scan", "sere_scan_branchless", "sere_scan_words")
 THREADS = 128
-T_VALUES = (1, 16, 64, 256, 4096)
+T_VALUES = (1, 16, 64, 256, 1024, 4096)
 E, K, RHO = 128, 8, 0.0
+
+
+def mask_length(num_experts: int) -> int:
+    """The mask's bytes: a flag per expert, two spare entries (invalid ids), padded to whole
+    16-byte words for sere_scan_words (torch's allocations are 16-byte aligned)."""
+    return -(-(num_experts + 2) // 16) * 16
 
 
 class CudaBaseline:
@@ -126,7 +172,8 @@ class CudaBaseline:
         T, k = ids.shape
         E_ = sim.shape[0]
         out = torch.empty_like(ids)  # T, k
-        mask = torch.empty(E_ + 2, dtype=torch.int8, device=ids.device)  # cleared by the first kernel
+        n_mask = mask_length(E_)
+        mask = torch.empty(n_mask, dtype=torch.int8, device=ids.device)  # cleared by the first kernel
         c_ids, c_sim, c_out, c_mask = (cp.asarray(x) for x in (ids, sim, out, mask))  # zero-copy views
 
         def blocks(n):
@@ -139,7 +186,7 @@ class CudaBaseline:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 stream = cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
             with stream:
-                self.clear(blocks(E_ + 2), (THREADS,), (c_mask, i32(E_ + 2)))
+                self.clear(blocks(n_mask), (THREADS,), (c_mask, i32(n_mask)))
                 if 0 < S < k:
                     self.scatter(blocks(T * S), (THREADS,), (c_ids, c_mask, i32(T), i32(k), i32(E_), i32(S)))
                 scan_fn(blocks(T * k), (THREADS,), (c_ids, c_mask, c_sim, c_out, i32(T), i32(k), i32(E_), i32(S),
@@ -149,16 +196,16 @@ class CudaBaseline:
         return launch, out
 
 
-def two_launch(launch_reroute, ids: torch.Tensor, sim: torch.Tensor, S: int, flags_build: str) -> torch.Tensor:
+def ours(launch_reroute, ids: torch.Tensor, sim: torch.Tensor, S: int, **path) -> torch.Tensor:
     out = torch.empty_like(ids)  # T, k
-    launch_reroute(ids, sim, out, S, RHO, two_launch=True, flags_build=flags_build)
+    launch_reroute(ids, sim, out, S, RHO, **path)
     return out
 
 
 def main() -> int:
     from bench.test_bench_reroute import make_inputs
     from bench.timing import time_graph_replay
-    from sere.kernels.numba_cuda import launch_reroute, reroute_numba
+    from sere.kernels.numba_cuda import launch_reroute
     from sere.kernels.reference import reroute_reference
     from sere.kernels.research_baseline import reroute_research_baseline
 
@@ -169,9 +216,9 @@ def main() -> int:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
-    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | Numba baseline | our Numba kernel (one launch below "
-          "T = 1024, two from it) | ours, two launches, flags by block | ours, fill + scatter + launch 2 |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | CUDA C, mask by 16-byte words | Numba baseline "
+          "| ours, one launch | ours, two launches, flags by block | ours, two launches, fill + scatter |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for id_dtype in (torch.int64, torch.int32):
         c_baseline = CudaBaseline(id_dtype)
         for T in T_VALUES:
@@ -181,9 +228,9 @@ def main() -> int:
                 want = torch.from_numpy(reroute_reference(ids.cpu().numpy(), sim.cpu().numpy(), S, RHO))
                 fns = {scan: c_baseline.prepare(ids.contiguous(), sim.contiguous(), S, RHO, scan)[0] for scan in SCANS}
                 fns["numba_baseline"] = lambda: reroute_research_baseline(ids, sim, S, RHO)
-                fns["numba"] = lambda: reroute_numba(ids, sim, S, RHO)
+                fns["one"] = lambda: ours(launch_reroute, ids, sim, S, two_launch=False)
                 for build in ("block", "scatter"):  # the two-launch path at every T, either launch 1
-                    fns[build] = lambda build=build: two_launch(launch_reroute, ids, sim, S, build)
+                    fns[build] = lambda build=build: ours(launch_reroute, ids, sim, S, two_launch=True, flags_build=build)
                 cells = []
                 for name, fn in fns.items():
                     got = fn()
