@@ -16,7 +16,7 @@ at a time (sere_scan_words) tests the remaining suspect at T <= 256: a mask read
 in a row per thread. The columns "ours, ..." time our kernel on each path at every T (the shape
 rule takes one launch below T = 1024, two from it).
 
-    python -m bench.lab.probe_cuda_baseline        (a CUDA machine with CuPy, from the repo root)
+    python -m bench.lab.probe_cuda_baseline [--ids int64|int32|both]   (a CUDA machine with CuPy, repo root)
 
 The three kernels, as a C programmer writes the structure (not a copy of the upstream source):
   clear    one thread per mask entry, mask[E + 2, padded to 16-byte words] = 0
@@ -202,7 +202,12 @@ def ours(launch_reroute, ids: torch.Tensor, sim: torch.Tensor, S: int, **path) -
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ids", choices=("int64", "int32", "both"), default="both", help="id dtypes to time")
+    args = parser.parse_args(argv)
     from bench.test_bench_reroute import make_inputs
     from bench.timing import time_graph_replay
     from sere.kernels.numba_cuda import launch_reroute
@@ -219,7 +224,7 @@ def main() -> int:
     print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | CUDA C, mask by 16-byte words | Numba baseline "
           "| ours, one launch | ours, two launches, flags by block | ours, two launches, fill + scatter |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for id_dtype in (torch.int64, torch.int32):
+    for id_dtype in {"int64": (torch.int64,), "int32": (torch.int32,), "both": (torch.int64, torch.int32)}[args.ids]:
         c_baseline = CudaBaseline(id_dtype)
         for T in T_VALUES:
             for S in (1, 2):
