@@ -7,14 +7,21 @@ re-routing), and times vLLM's `fused_experts` alone (no router, no shared expert
 GEMMs, activation, sum) by CUDA-graph replay over 8 weight copies (cold L2, as the layer bench).
 Per row: working thread blocks of the two GEMMs per SM, time, byte floor (distinct experts x
 expert bytes / copy rate) and its share, and the share with BLOCK_SIZE_N halved (twice the
-blocks). Per (model, T): a least-squares line through the rows with n >= k,
+blocks), and the time with the GEMMs' grid cut to the M blocks the distinct experts can fill
+(sere.vllm.expert_grid, tight_grid: vLLM launches the blocks of all E experts and the ones past the
+real count exit at once; a SERE batch can promise at most T * S experts). Per (model, T): a
+least-squares line through the rows with n >= k,
 time = fixed + slope x floor, i.e. a cost paid per call whatever the bytes plus the bytes at
 copy rate / slope.
 
 Measured on the H200 (bench/RESULTS.md section 16): at T = 16 the line fits within 2-7 us with
 24-28 us fixed and the bytes at 4.4-4.5 TB/s, for all three shapes; halving the N tile changes
 nothing and a split-K prototype (more, shorter blocks) was slower everywhere. So the low floor
-share of SERE's few experts is this fixed cost, which stock pays too, not a per-byte loss.
+share of SERE's few experts is this fixed cost, not a per-byte loss. But that "fixed" cost is not
+the same for every n: time minus floor falls from ~35 us (Qwen3, T = 16, n = 1) to ~21 us (n = 16)
+and ~2 us (n = 128), as the blocks that exit at once do (2880 of 3072 gate-up blocks at n = 1,
+none at 128). Stock's batch reads ~83 experts and SERE's ~16, so SERE pays more of it: the cut
+column says how much a grid sized to the distinct experts saves (not yet run on a GPU).
 
     python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 16,64]
         (a CUDA machine with vLLM's GPU bundle on PYTHONPATH, from the repo root)
@@ -22,11 +29,14 @@ share of SERE's few experts is this fixed cost, which stock pays too, not a per-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import sys
 
 import torch
+
+from sere.vllm import expert_grid
 
 EXPERT_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -52,6 +62,20 @@ def working_blocks(distinct: int, slots: int, block_m: int, n_size: int, block_n
     BLOCK_SIZE_M; the probe spreads the slots evenly) times the N tiles."""
     rows = math.ceil(slots / distinct)
     return distinct * math.ceil(rows / block_m) * math.ceil(n_size / block_n)
+
+
+@contextlib.contextmanager
+def grid_cut():
+    """vLLM's fused_experts with its aligned lists cut to a noted bound (sere.vllm.expert_grid),
+    restored afterwards."""
+    import vllm.model_executor.layers.fused_moe.fused_moe as fm
+
+    original = getattr(fm, expert_grid.FUNCTION)
+    setattr(fm, expert_grid.FUNCTION, expert_grid.bounded(original))
+    try:
+        yield
+    finally:
+        setattr(fm, expert_grid.FUNCTION, original)
 
 
 def fit_fixed_cost(floor_us: list[float], us: list[float]) -> tuple[float, float, float]:
@@ -82,8 +106,8 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s; fused_experts alone, CUDA-graph replay, "
           f"{fused.COPIES} weight copies cycled")
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
-          "floor share | share, N tile halved |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|")
+          "floor share | share, N tile halved | us, grid cut to the distinct experts | cut saves us |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
@@ -113,19 +137,34 @@ def main(argv=None) -> int:
                 us = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                 with forced_tiles(halved_n(cfg)):
                     us_half = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
+
+                def experts_cut():  # the bound SERE promises, here the routing's own distinct experts
+                    expert_grid.note_bound(ids, distinct)
+                    return experts()
+
+                with grid_cut():
+                    cut_before = expert_grid.trimmed_calls
+                    expert_grid.note_bound(ids, distinct)
+                    got_cut = layer.fused_experts(h, w0.w13, w0.w2, weights, ids, global_num_experts=E).float()
+                    cut_err = fused.rel_err(got_cut, ref)  # a cut that dropped blocks would fail here
+                    us_cut = time_graph_replay(experts_cut, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
+                    was_cut = expert_grid.trimmed_calls > cut_before
             floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
             blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"
+            cut_note = "" if cut_err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {cut_err:.3g})"
+            if not was_cut:
+                cut_note += " (not cut: vLLM's list already that short, or another path)"
             print(f"| {model} | {T} | {distinct}{flag} | {bm}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
-                  f"{floor_us / us_half:.2f} |", flush=True)
+                  f"{floor_us / us_half:.2f} | {us_cut:.1f}{cut_note} | {us - us_cut:.1f} |", flush=True)
             if n >= k:
                 series.setdefault(T, []).append((floor_us, us))
         for T, rows in series.items():  # printed per model, so a cut-off run keeps what it finished
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
             print(f"| {model} | {T} | fit over n >= k: time = {fixed:.1f} us per call + bytes at "
-                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||", flush=True)
+                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||||", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
 
