@@ -7,7 +7,8 @@ few experts the batch reads. Blocks past the real count exit at once, but each i
 and the large-tile configurations fit one block per SM at a time. A stock batch cannot promise
 fewer experts; a SERE batch can: with method "sere", a local P and a threshold no higher than any
 similarity of the layer, every secondary slot lands in P, so at most min(E, T * S) distinct
-experts, and the list needs at most numel + min(E, T * S) * (BLOCK_SIZE_M - 1) rows.
+experts, and the list needs at most numel + (min(E, T * S) + 1) * (BLOCK_SIZE_M - 1) rows (the one
+more for invalid ids, which SERE passes through).
 
 The re-router notes that bound on the ids it returns (`note_bound`); the wrapper installed around
 vLLM's `_prepare_expert_assignment` hands the GEMMs views of the aligned buffers cut to it (the
@@ -77,12 +78,13 @@ def take_bound(ids: torch.Tensor) -> int | None:
 
 def trim_assignment(assignment: tuple, num_slots: int, block_m: int, max_experts: int) -> tuple:
     """(sorted_ids, expert_ids, num_tokens_post_padded) with the first two cut to what at most
-    max_experts experts can fill: num_slots + max_experts * (block_m - 1) rows, whole blocks.
+    max_experts experts can fill: num_slots + (max_experts + 1) * (block_m - 1) rows, whole blocks
+    (the one more: invalid ids, which SERE passes through, may take a bucket of their own).
     vLLM's small-batch path (sorted_ids None) and lists already that short come back unchanged."""
     sorted_ids, expert_ids, post_padded = assignment
     if sorted_ids is None or block_m <= 0:
         return assignment
-    blocks = -(-(num_slots + max_experts * (block_m - 1)) // block_m)
+    blocks = -(-(num_slots + (max_experts + 1) * (block_m - 1)) // block_m)
     rows = blocks * block_m
     if rows >= sorted_ids.shape[0]:
         return assignment
