@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from bench.lab.probe_cuda_baseline import CUDA_SOURCE, SCANS, mask_length
+from bench.lab.probe_cuda_baseline import CUDA_SOURCE, SCANS, WORDS_SOURCE, mask_length
 from sere.kernels.reference import reroute_reference
 
 HOST_PRELUDE = r"""
@@ -43,7 +43,7 @@ extern "C" void run(const ID_T* ids, signed char* mask, int mask_len, const floa
 @pytest.mark.parametrize("id_dtype,c_type", [(np.int64, "long long"), (np.int32, "int")])
 def test_cuda_baseline_source_follows_the_contract(tmp_path, id_dtype, c_type, scan):
     src = tmp_path / "baseline.cpp"
-    src.write_text(HOST_PRELUDE + f"#define ID_T {c_type}\n" + CUDA_SOURCE + HOST_DRIVER)
+    src.write_text(HOST_PRELUDE + f"#define ID_T {c_type}\n" + CUDA_SOURCE + WORDS_SOURCE + HOST_DRIVER)
     lib_path = tmp_path / "baseline.so"
     subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(lib_path), str(src)], check=True)
     lib = ctypes.CDLL(str(lib_path))
