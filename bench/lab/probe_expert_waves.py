@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         s = layer.shapes
         E, k, H, I = s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
         w0 = layer.copies[0]
-        series: dict[int, list[tuple[float, float]]] = {}
+        series: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (T, "full" or "cut") -> (floor, us)
         for T, n in itertools.product((int(t) for t in args.tokens.split(",")), EXPERT_COUNTS):
             if n > E:
                 continue
@@ -160,10 +160,14 @@ def main(argv=None) -> int:
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
                   f"{floor_us / us_half:.2f} | {us_cut:.1f}{cut_note} | {us - us_cut:.1f} |", flush=True)
             if n >= k:
-                series.setdefault(T, []).append((floor_us, us))
-        for T, rows in series.items():  # printed per model, so a cut-off run keeps what it finished
+                series.setdefault((T, "full grid"), []).append((floor_us, us))
+                if was_cut:
+                    series.setdefault((T, "grid cut"), []).append((floor_us, us_cut))
+        for (T, grid), rows in series.items():  # printed per model, so a cut-off run keeps what it finished
+            if len(rows) < 2:
+                continue
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
-            print(f"| {model} | {T} | fit over n >= k: time = {fixed:.1f} us per call + bytes at "
+            print(f"| {model} | {T} | {grid}, fit over n >= k: time = {fixed:.1f} us per call + bytes at "
                   f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||||", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
