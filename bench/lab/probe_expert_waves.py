@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         s = layer.shapes
         E, k, H, I = s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
         w0 = layer.copies[0]
-        series: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (T, "full" or "cut") -> (floor, us)
+        series: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (T, "full grid" or "grid cut") -> (floor, us) rows
         for T, n in itertools.product((int(t) for t in args.tokens.split(",")), EXPERT_COUNTS):
             if n > E:
                 continue
