@@ -132,3 +132,35 @@ def test_rebuild_from_apt_is_byte_for_byte(tmp_path):
     for f in sorted((tmp_path / "repo").rglob("*")):
         if f.is_file():
             assert f.read_bytes() == (ROOT / f.relative_to(tmp_path / "repo")).read_bytes(), f
+
+
+def test_a_missing_pin_refreshes_the_package_lists_once(tmp_path, monkeypatch):
+    # A fresh machine's apt lists can predate the security release a pin names: as root the
+    # download is retried once after `apt-get update`; a second failure is the caller's error.
+    import subprocess
+
+    from sere.harness.zoo import corpus_sources as cs
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[:2])
+        if cmd[1] == "download" and ["apt-get", "update"] not in calls:
+            raise subprocess.CalledProcessError(100, cmd, stderr="E: Version not found")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(cs.subprocess, "run", fake_run)
+    monkeypatch.setattr(cs.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cs, "_lists_updated", False)
+    cs.apt_download("fortunes", "1:1.99.1-7.3", tmp_path)
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    calls.clear()  # lists refreshed already: no second update
+    with pytest.raises(subprocess.CalledProcessError):
+        cs.apt_download("fortunes", "1:1.99.1-7.3", tmp_path)
+    assert calls == [["apt-get", "download"]]
+    monkeypatch.setattr(cs, "_lists_updated", False)
+    monkeypatch.setenv("SERE_APT_UPDATE", "0")
+    calls.clear()
+    with pytest.raises(subprocess.CalledProcessError):
+        cs.apt_download("fortunes", "1:1.99.1-7.3", tmp_path)
+    assert calls == [["apt-get", "download"]]

@@ -2,7 +2,8 @@
 family, each returning whole documents as `Doc(name, text)` in sorted-name order.
 
 Packages are fetched at pinned versions with `apt-get download NAME=VERSION` into a cache
-folder and unpacked with `dpkg-deb -x` (no root, nothing installed); the King James Bible
+folder (as root, stale package lists are refreshed once when a pin is missing) and unpacked with
+`dpkg-deb -x` (nothing installed); the King James Bible
 comes through sere.harness.zoo.data.fetch_kjv. Every text is plain UTF-8, newlines "\\n", each
 document ending in exactly one "\\n". Manual pages are turned from roff into plain text here
 (`roff_to_text`), deterministically and without groff. Licences: tests/zoo/DATA.md.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -57,7 +59,7 @@ def fetch_debs(debs_dir: Path, names=None) -> dict[str, Path]:
             if shutil.which("apt-get") is None:
                 raise RuntimeError("apt-get not found: the corpus comes from Debian packages (tests/zoo/DATA.md)")
             try:
-                subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=debs_dir, check=True, capture_output=True, text=True)
+                apt_download(name, version, debs_dir)
             except subprocess.CalledProcessError as e:
                 raise RuntimeError(
                     f"apt-get download {name}={version} failed (run `apt-get update`; if the mirror no longer has this "
@@ -66,6 +68,28 @@ def fetch_debs(debs_dir: Path, names=None) -> dict[str, Path]:
             found = [p for p in sorted(debs_dir.glob(f"{name}_*.deb")) if deb_field(p, "Version") == version]
         out[name] = found[0]
     return out
+
+
+_lists_updated = False
+
+
+def apt_download(name: str, version: str, debs_dir: Path) -> None:
+    """`apt-get download NAME=VERSION`; when that fails and this process runs as root, the package
+    lists are refreshed once (`apt-get update`: a fresh machine's lists often predate a security
+    release that the pins name) and the download tried again. SERE_APT_UPDATE=0 turns that off."""
+    global _lists_updated
+    cmd = ["apt-get", "download", f"{name}={version}"]
+    try:
+        subprocess.run(cmd, cwd=debs_dir, check=True, capture_output=True, text=True)
+        return
+    except subprocess.CalledProcessError:
+        may_update = (not _lists_updated and os.environ.get("SERE_APT_UPDATE", "1") != "0"
+                      and hasattr(os, "geteuid") and os.geteuid() == 0)
+        if not may_update:
+            raise
+    _lists_updated = True
+    subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, text=True)
+    subprocess.run(cmd, cwd=debs_dir, check=True, capture_output=True, text=True)
 
 
 def deb_field(deb: Path, field: str) -> str:
