@@ -64,6 +64,19 @@ def working_blocks(distinct: int, slots: int, block_m: int, n_size: int, block_n
     return distinct * math.ceil(rows / block_m) * math.ceil(n_size / block_n)
 
 
+def launched_blocks(slots: int, num_experts: int, block_m: int, n_size: int, block_n: int,
+                    bound: int | None = None) -> int:
+    """Thread blocks vLLM launches for one GEMM of the aligned path: its list is sized for any
+    routing (slots + E (BLOCK_SIZE_M - 1) rows; at most slots x BLOCK_SIZE_M where slots < E), or,
+    cut by tight_grid, for `bound` experts (sere.vllm.expert_grid.trim_assignment)."""
+    rows = slots + num_experts * (block_m - 1)
+    if slots < num_experts:
+        rows = min(slots * block_m, rows)
+    if bound is not None:
+        rows = min(rows, expert_grid.cut_rows(slots, block_m, bound))
+    return math.ceil(rows / block_m) * math.ceil(n_size / block_n)
+
+
 @contextlib.contextmanager
 def grid_cut():
     """vLLM's fused_experts with its aligned lists cut to a noted bound (sere.vllm.expert_grid),
@@ -106,8 +119,9 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s; fused_experts alone, CUDA-graph replay, "
           f"{fused.COPIES} weight copies cycled")
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
-          "floor share | share, N tile halved | us, grid cut to the distinct experts | cut saves us |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+          "floor share | share, N tile halved | gate-up blocks launched per SM, full / cut | "
+          "us, grid cut to the distinct experts | cut saves us |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
@@ -152,13 +166,15 @@ def main(argv=None) -> int:
             floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
             blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
+            launched = [launched_blocks(T * k, E, bm, 2 * I, bn, bound) / sms for bound in (None, distinct)]
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"
             cut_note = "" if cut_err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {cut_err:.3g})"
             if not was_cut:
                 cut_note += " (not cut: vLLM's list already that short, or another path)"
             print(f"| {model} | {T} | {distinct}{flag} | {bm}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
-                  f"{floor_us / us_half:.2f} | {us_cut:.1f}{cut_note} | {us - us_cut:.1f} |", flush=True)
+                  f"{floor_us / us_half:.2f} | {launched[0]:.1f} / {launched[1]:.1f} | {us_cut:.1f}{cut_note} | "
+                  f"{us - us_cut:.1f} |", flush=True)
             if n >= k:
                 series.setdefault((T, "full grid"), []).append((floor_us, us))
                 if was_cut:
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
                 continue
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
             print(f"| {model} | {T} | {grid}, fit over n >= k: time = {fixed:.1f} us per call + bytes at "
-                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||||", flush=True)
+                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) ||||||||||", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
 

@@ -76,19 +76,23 @@ def take_bound(ids: torch.Tensor) -> int | None:
     return note.max_experts
 
 
+def cut_rows(num_slots: int, block_m: int, max_experts: int) -> int:
+    """The aligned rows at most max_experts experts can fill, in whole blocks, with one bucket more
+    for invalid ids (which SERE passes through)."""
+    return -(-(num_slots + (max_experts + 1) * (block_m - 1)) // block_m) * block_m
+
+
 def trim_assignment(assignment: tuple, num_slots: int, block_m: int, max_experts: int) -> tuple:
     """(sorted_ids, expert_ids, num_tokens_post_padded) with the first two cut to what at most
-    max_experts experts can fill: num_slots + (max_experts + 1) * (block_m - 1) rows, whole blocks
-    (the one more: invalid ids, which SERE passes through, may take a bucket of their own).
-    vLLM's small-batch path (sorted_ids None) and lists already that short come back unchanged."""
+    max_experts experts can fill (cut_rows). vLLM's small-batch path (sorted_ids None) and lists
+    already that short come back unchanged."""
     sorted_ids, expert_ids, post_padded = assignment
     if sorted_ids is None or block_m <= 0:
         return assignment
-    blocks = -(-(num_slots + (max_experts + 1) * (block_m - 1)) // block_m)
-    rows = blocks * block_m
+    rows = cut_rows(num_slots, block_m, max_experts)
     if rows >= sorted_ids.shape[0]:
         return assignment
-    return sorted_ids[:rows], expert_ids[:blocks], post_padded
+    return sorted_ids[:rows], expert_ids[:rows // block_m], post_padded
 
 
 def bounded(original):
