@@ -3,8 +3,8 @@
 
 vLLM aligns each expert's tokens to BLOCK_SIZE_M rows and launches its fused-MoE GEMMs over every
 M block the aligned list could ever need: topk_ids.numel() + E * (BLOCK_SIZE_M - 1) rows, however
-few experts the batch reads. Blocks past the real count exit at once, but each is still scheduled,
-and the large-tile configurations fit one block per SM at a time. A stock batch cannot promise
+few experts the batch reads. Blocks past the real count exit at once, but each is still scheduled
+(and large tiles probably let only one block per SM run at a time). A stock batch cannot promise
 fewer experts; a SERE batch can: with method "sere", a local P and a threshold no higher than any
 similarity of the layer, every secondary slot lands in P, so at most min(E, T * S) distinct
 experts, and the list needs at most numel + (min(E, T * S) + 1) * (BLOCK_SIZE_M - 1) rows (the one
@@ -20,13 +20,10 @@ Python runs this at eager calls and CUDA-graph captures; replays keep the captur
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # The modules that call _prepare_expert_assignment by a name of their own (vLLM 0.26 and 0.32).
 PATCHED_MODULES = (
