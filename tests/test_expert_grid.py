@@ -158,7 +158,7 @@ def test_the_plugin_rule_says_which_layers_take_it(caplog):
     site = type("Site", (), {"layer": 5})()
     sim = torch.full((8, 8), 0.25)
     off = _tight_grid_rule(SereConfig(threshold=0.0), None, torch.device("cuda"))
-    assert off(site, LayerPlan(5, 1, 0.0, None), sim) is None  # not asked
+    assert off(site, LayerPlan(5, 1, 0.0, None), sim) is None and not getattr(off, "installed", False)  # not asked
     with caplog.at_level(logging.WARNING, logger="vllm.sere"):
         cpu = _tight_grid_rule(SereConfig(threshold=0.0, tight_grid=True), None, torch.device("cpu"))
         assert cpu(site, LayerPlan(5, 1, 0.0, None), sim) is None
@@ -188,6 +188,7 @@ def test_install_wraps_vllms_triton_paths(monkeypatch):
     assert [getattr(m, expert_grid.FUNCTION) for m in modules] == first
     site = type("Site", (), {"layer": 0})()
     rule = _tight_grid_rule(SereConfig(threshold=0.3, tight_grid=True), None, torch.device("cuda"))
+    assert rule.installed
     assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.5)) == 0.5
     assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.2)) is None  # rho above a similarity
 

@@ -213,7 +213,7 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
-    grid_ok = _tight_grid_rule(config, primary_group, device)
+    grid_floor = _tight_grid_rule(config, primary_group, device)
     for s in sites:
         sort_slots = config.sort_slots
         if sort_slots is None:
@@ -223,9 +223,13 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
-        s.router._sere_grid = grid_ok(s, plans[s.layer], sims[s.layer])
+        s.router._sere_grid = grid_floor(s, plans[s.layer], sims[s.layer])
         if device.type == "cuda":
             _warm_up(s)
+    grid_off = [s.layer for s in sites if s.router._sere_grid is None]
+    if getattr(grid_floor, "installed", False) and grid_off:
+        logger.warning("SERE tight_grid: off for %d of %d layers %s: their threshold is above their smallest "
+                       "similarity, so a slot can stay outside P", len(grid_off), len(sites), grid_off)
     logger.info(
         "SERE on %d of %d MoE layers (%s): S=%s, threshold=%s, max_tokens=%s, backend=%s (%s), "
         "sort_slots=%s, similarity=%s", len(sites), len(all_sites), config.source, config.select_top_k,
@@ -237,8 +241,8 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
 
 def _tight_grid_rule(config: SereConfig, primary_group, device: torch.device):
     """(site, plan, sim) -> the layer's smallest similarity where it takes tight_grid, else None;
-    installs the wrapper when asked and logs the layers that cannot take it (sere.vllm.expert_grid
-    says why it is safe)."""
+    installs the wrapper when asked (the rule's `installed` is then True) and logs why when no
+    layer can take it (sere.vllm.expert_grid says why it is safe)."""
     if not config.tight_grid:
         return lambda site, plan, sim: None
     why = None
@@ -256,12 +260,9 @@ def _tight_grid_rule(config: SereConfig, primary_group, device: torch.device):
                 ", ".join(m.rsplit(".", 1)[-1] for m in modules))
 
     def rule(site: MoESite, plan: LayerPlan, sim: torch.Tensor) -> float | None:
-        if expert_grid.guarantees_bound(sim, plan.threshold):
-            return float(sim.min())
-        logger.warning("SERE tight_grid: off for layer %d: threshold %s is above its smallest similarity %.4g, so "
-                       "a slot can stay outside P", site.layer, plan.threshold, float(sim.min()))
-        return None
+        return float(sim.min()) if expert_grid.guarantees_bound(sim, plan.threshold) else None
 
+    rule.installed = True
     return rule
 
 
