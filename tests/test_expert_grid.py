@@ -174,25 +174,6 @@ def test_tight_grid_is_a_bool_setting():
         SereConfig.from_dict({"tight_grid": "yes"})
 
 
-@pytest.mark.vllm
-def test_install_wraps_vllms_triton_paths(monkeypatch):
-    import importlib
-
-    modules = [importlib.import_module(m) for m in expert_grid.PATCHED_MODULES]
-    for m in modules:  # undone after the test
-        monkeypatch.setattr(m, expert_grid.FUNCTION, getattr(m, expert_grid.FUNCTION))
-    assert expert_grid.install() == list(expert_grid.PATCHED_MODULES)
-    first = [getattr(m, expert_grid.FUNCTION) for m in modules]
-    assert all(f._sere_bounded for f in first)
-    expert_grid.install()  # again: not wrapped twice
-    assert [getattr(m, expert_grid.FUNCTION) for m in modules] == first
-    site = type("Site", (), {"layer": 0})()
-    rule = _tight_grid_rule(SereConfig(threshold=0.3, tight_grid=True), None, torch.device("cuda"))
-    assert rule.installed
-    assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.5)) == 0.5
-    assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.2)) is None  # rho above a similarity
-
-
 def test_install_without_vllm_says_so(monkeypatch):
     monkeypatch.setattr(expert_grid, "PATCHED_MODULES", ("sere_no_such_module.fused_moe",))
     with pytest.raises(RuntimeError, match="run without tight_grid"):
