@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -293,3 +294,25 @@ def test_transformers_loads_a_moe_model_from_the_checkout_root():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("Qwen2MoeForCausalLM")
+
+
+# Test modules with vllm-marked tests that the `-m vllm` run (conftest.py: test_vllm* and
+# test_bench_vllm* only) does not collect, and where they run instead.
+VLLM_RUN_ELSEWHERE = {
+    "bench/test_bench_serve.py": ".ci/run names it in the vllm smoke step",
+    "bench/test_bench_fused_moe.py": "GPU only: bench/gpu/run_vllm.sh's fused-pytest step on the device",
+}
+VLLM_MARK = re.compile(r"^\s*(@pytest\.mark\.vllm\b|pytestmark\s*=.*pytest\.mark\.vllm\b)", re.MULTILINE)
+
+
+def test_every_vllm_marked_test_sits_where_a_vllm_run_collects_it():
+    stray = []
+    for path in sorted([*ROOT.glob("tests/test_*.py"), *ROOT.glob("bench/test_*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.name.startswith(("test_vllm", "test_bench_vllm")) or rel in VLLM_RUN_ELSEWHERE:
+            continue
+        if VLLM_MARK.search(path.read_text()):
+            stray.append(rel)
+    assert not stray, f"vllm-marked tests in {stray}: no CI run collects them (move them to a tests/test_vllm_* module)"
+    assert "bench/test_bench_serve.py" in (ROOT / ".ci" / "run").read_text()
+    assert VLLM_MARK.search("@pytest.mark.vllm\ndef test_x(): ...") and not VLLM_MARK.search("x = 'pytest.mark.vllm'")
