@@ -31,3 +31,18 @@ def test_install_wraps_vllms_triton_paths(monkeypatch):
     assert rule.installed
     assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.5)) == 0.5
     assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.2)) is None  # rho above a similarity
+
+
+@pytest.mark.vllm
+def test_the_waves_probe_cuts_every_path_and_restores_them():
+    import importlib
+
+    from bench.lab.probe_expert_waves import grid_cut
+
+    modules = [importlib.import_module(m) for m in expert_grid.PATCHED_MODULES]
+    before = [getattr(m, expert_grid.FUNCTION) for m in modules]
+    with grid_cut():
+        inside = [getattr(m, expert_grid.FUNCTION) for m in modules]
+        assert all(f._sere_bounded for f in inside)
+        assert [f.__wrapped__ for f in inside] == before  # wrapped once, not wrapper over wrapper
+    assert [getattr(m, expert_grid.FUNCTION) for m in modules] == before

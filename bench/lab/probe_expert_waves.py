@@ -79,16 +79,20 @@ def launched_blocks(slots: int, num_experts: int, block_m: int, n_size: int, blo
 
 @contextlib.contextmanager
 def grid_cut():
-    """vLLM's fused_experts with its aligned lists cut to a noted bound (sere.vllm.expert_grid),
-    restored afterwards."""
-    import vllm.model_executor.layers.fused_moe.fused_moe as fm
+    """vLLM's expert paths with their aligned lists cut to a noted bound (sere.vllm.expert_grid's
+    wrapper in every module it patches), restored afterwards."""
+    import importlib
 
-    original = getattr(fm, expert_grid.FUNCTION)
-    setattr(fm, expert_grid.FUNCTION, expert_grid.bounded(original))
+    # All imported before any is patched: triton_moe binds fused_moe's function at its import.
+    modules = [importlib.import_module(name) for name in expert_grid.PATCHED_MODULES]
+    originals = [(module, getattr(module, expert_grid.FUNCTION)) for module in modules]
+    for module, original in originals:
+        setattr(module, expert_grid.FUNCTION, expert_grid.bounded(original))
     try:
         yield
     finally:
-        setattr(fm, expert_grid.FUNCTION, original)
+        for module, original in originals:
+            setattr(module, expert_grid.FUNCTION, original)
 
 
 def fit_fixed_cost(floor_us: list[float], us: list[float]) -> tuple[float, float, float]:
