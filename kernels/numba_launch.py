@@ -86,6 +86,11 @@ def after_flags_blocks(T: int, k: int, S: int, threads: int, max_blocks: int) ->
     return max(1, min(-(-T * (k - S) // threads), max_blocks))
 
 
+def scatter_flags_blocks(T: int, S: int, threads: int) -> int:
+    """Blocks for launch 1 built by the grid scatter: a thread per head slot (T * S)."""
+    return -(-T * S // threads)
+
+
 def launch_reroute(
     topk_ids: torch.Tensor,
     sim: torch.Tensor,
@@ -157,7 +162,7 @@ def launch_reroute(
         if build == "scatter":
             flags = torch.zeros(E, dtype=torch.int32, device=topk_ids.device)  # the fill: the scatter only sets
             scatter_flags_pointer_kernel(id_name, threads).launch(
-                -(-T * S // threads), stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
+                scatter_flags_blocks(T, S, threads), stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)
         else:
             flags = torch.empty(E, dtype=torch.int32, device=topk_ids.device)  # E: every flag gets written
             flags_pointer_kernel(id_name).launch(1, stream_ptr, device_index, (topk_ids.data_ptr(), flags.data_ptr()) + shape)

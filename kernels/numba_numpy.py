@@ -9,7 +9,8 @@ import numpy as np
 
 from sere.kernels.numba_kernels import (COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP, make_flags_kernel, make_kernel,
                                         make_scatter_flags_kernel)
-from sere.kernels.numba_launch import after_flags_blocks, check_flags_build, columns_per_lane, grid_blocks, use_two_launch
+from sere.kernels.numba_launch import (after_flags_blocks, check_flags_build, columns_per_lane, grid_blocks,
+                                       scatter_flags_blocks, use_two_launch)
 from sere.kernels.numba_runtime import NUMBA_ERROR, cuda, simulator_enabled
 
 _NUMPY_SIM_KIND = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -114,7 +115,7 @@ def reroute_numba_numpy(
     if two_launch and 0 < S < k:
         if check_flags_build(flags_build) == "scatter":
             flags = cuda.to_device(np.zeros(E, dtype=np.int32))  # the fill of the GPU path
-            _array_scatter_flags_kernel()[-(-T * S // threads), threads](ids_flat, flags, *shape)
+            _array_scatter_flags_kernel()[scatter_flags_blocks(T, S, threads), threads](ids_flat, flags, *shape)
         else:
             flags = cuda.to_device(np.full(E, -1, dtype=np.int32))  # E: -1 so an unwritten flag shows
             _array_flags_kernel(threads)[1, threads](ids_flat, flags, *shape)
