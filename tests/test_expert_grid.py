@@ -14,7 +14,7 @@ from sere.kernels.reference import reroute_reference
 from sere.rerouter import LayerRerouter
 from sere.transforms import get_transform
 from sere.vllm import expert_grid
-from sere.vllm.router import _tight_grid_rule, sere_class
+from sere.vllm.router import _tight_grid_on, sere_class
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def test_after_sere_the_aligned_list_fits_the_bound(seed):
         ids[rng.random(ids.shape) < 0.2] = -1  # invalid ids pass through SERE
     sim = rng.uniform(0.05, 1.0, size=(E, E)).astype(np.float32)
     rho = float(rng.choice([0.0, sim.min()]))
-    assert expert_grid.guarantees_bound(torch.from_numpy(sim), rho)
+    assert expert_grid.bound_floor(torch.from_numpy(sim), rho) is not None
     new = reroute_reference(ids, sim, S, rho)
     bound = expert_grid.max_experts_after_sere(T, E, S)
     assert len(np.unique(new[new >= 0])) <= bound
@@ -64,8 +64,8 @@ def test_a_threshold_above_some_similarity_gives_no_bound():
     sim = np.array([[1.0, 0.1], [0.1, 1.0]], np.float32)
     new = reroute_reference(np.array([[0, 1]]), sim, 1, 0.5)  # T = 1, S = 1: P = {0}, slot 1 stays
     assert len(np.unique(new)) == 2 > expert_grid.max_experts_after_sere(1, 2, 1)
-    assert not expert_grid.guarantees_bound(torch.from_numpy(sim), 0.5)
-    assert expert_grid.guarantees_bound(torch.from_numpy(sim), 0.1)
+    assert expert_grid.bound_floor(torch.from_numpy(sim), 0.5) is None
+    assert expert_grid.bound_floor(torch.from_numpy(sim), 0.1) == pytest.approx(0.1)
     assert expert_grid.max_experts_after_sere(3, 2, 1) == 2  # never above E
 
 
@@ -154,16 +154,12 @@ def test_the_router_notes_the_bound_on_re_routed_ids_only():
     assert expert_grid._note is None
 
 
-def test_the_plugin_rule_says_which_layers_take_it(caplog):
-    site = type("Site", (), {"layer": 5})()
-    sim = torch.full((8, 8), 0.25)
-    off = _tight_grid_rule(SereConfig(threshold=0.0), None, torch.device("cuda"))
-    assert off(site, LayerPlan(5, 1, 0.0, None), sim) is None and not getattr(off, "installed", False)  # not asked
+def test_the_plugin_says_where_tight_grid_cannot_be_on(caplog):
+    assert _tight_grid_on(SereConfig(threshold=0.0), None, torch.device("cuda")) is False  # not asked
     with caplog.at_level(logging.WARNING, logger="vllm.sere"):
-        cpu = _tight_grid_rule(SereConfig(threshold=0.0, tight_grid=True), None, torch.device("cpu"))
-        assert cpu(site, LayerPlan(5, 1, 0.0, None), sim) is None
-        other = _tight_grid_rule(SereConfig(threshold=0.0, tight_grid=True, method="random"), None, torch.device("cuda"))
-        assert other(site, LayerPlan(5, 1, 0.0, None), sim) is None
+        assert _tight_grid_on(SereConfig(threshold=0.0, tight_grid=True), None, torch.device("cpu")) is False
+        assert _tight_grid_on(SereConfig(threshold=0.0, tight_grid=True, method="random"), None,
+                              torch.device("cuda")) is False
     assert "on cpu" in caplog.text and "method 'random'" in caplog.text
 
 

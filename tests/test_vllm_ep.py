@@ -299,7 +299,7 @@ def test_the_ids_the_experts_kernel_is_handed_carry_the_tight_grid_note(vllm_wor
     router = sites[0].router
     assert router._sere_grid is None  # tight_grid not asked
     router._sere_grid = rho
-    assert expert_grid.guarantees_bound(sims[LAYER], rho)
+    assert expert_grid.bound_floor(sims[LAYER], rho) == rho
     T = 3
     x, logits = inputs(T, seed=7)
     ids = layer.forward(x, logits)["topk_ids"]

@@ -1,6 +1,6 @@
 """tight_grid's wrapper on vLLM itself (marker `vllm`; the CPU parts are tests/test_expert_grid.py):
 sere.vllm.expert_grid.install wraps _prepare_expert_assignment where vLLM's Triton expert paths
-call it, once, and the plugin's rule takes a layer only where rho is at most its smallest similarity.
+call it, once, and a layer keeps a floor only where rho is at most its smallest similarity.
 
     .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_expert_grid.py
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sere.config import LayerPlan, SereConfig
+from sere.config import SereConfig
 from sere.vllm import expert_grid
-from sere.vllm.router import _tight_grid_rule
+from sere.vllm.router import _tight_grid_on
 
 
 @pytest.mark.vllm
@@ -26,11 +26,9 @@ def test_install_wraps_vllms_triton_paths(monkeypatch):
     assert all(f._sere_bounded for f in first)
     expert_grid.install()  # again: not wrapped twice
     assert [getattr(m, expert_grid.FUNCTION) for m in modules] == first
-    site = type("Site", (), {"layer": 0})()
-    rule = _tight_grid_rule(SereConfig(threshold=0.3, tight_grid=True), None, torch.device("cuda"))
-    assert rule.installed
-    assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.5)) == 0.5
-    assert rule(site, LayerPlan(0, 1, 0.3, None), torch.full((4, 4), 0.2)) is None  # rho above a similarity
+    assert _tight_grid_on(SereConfig(threshold=0.3, tight_grid=True), None, torch.device("cuda")) is True
+    assert expert_grid.bound_floor(torch.full((4, 4), 0.5), 0.3) == 0.5
+    assert expert_grid.bound_floor(torch.full((4, 4), 0.2), 0.3) is None  # rho above a similarity
 
 
 @pytest.mark.vllm

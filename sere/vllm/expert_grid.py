@@ -50,10 +50,14 @@ def max_experts_after_sere(num_tokens: int, num_experts: int, select_top_k: int)
     return max(0, min(num_experts, num_tokens * select_top_k))
 
 
-def guarantees_bound(sim: torch.Tensor, threshold: float) -> bool:
-    """Whether every secondary slot moves into P: the threshold is no higher than the smallest
-    similarity of the layer (so whichever P the batch has, the best candidate clears it)."""
-    return bool(sim.numel() > 0 and threshold <= float(sim.min()))
+def bound_floor(sim: torch.Tensor, threshold: float) -> float | None:
+    """The layer's smallest similarity where the threshold is no higher than it, else None. Only
+    then does every secondary slot move into P (whichever P the batch has, the best candidate
+    clears the threshold); a re-router keeps the floor to check its threshold against at each call."""
+    if sim.numel() == 0:
+        return None
+    floor = float(sim.min())
+    return floor if threshold <= floor else None
 
 
 def note_bound(ids: torch.Tensor, max_experts: int) -> None:

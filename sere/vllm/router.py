@@ -52,13 +52,12 @@ from pathlib import Path
 
 import torch
 
-from sere.config import LayerPlan, SereConfig
+from sere.config import SereConfig
 from sere.recorder import ExpertStatsRecorder
 from sere.rerouter import LayerRerouter, StatsObserver, layer_index, router_returns_sorted
 from sere.routing import resolve_backend
 from sere.transforms import get_transform
 from sere.vllm import expert_grid
-from sere.vllm.expert_grid import max_experts_after_sere, note_bound
 
 # A child of vLLM's logger, so that messages appear with vLLM's own (configured) handlers.
 logger = logging.getLogger("vllm.sere")
@@ -152,7 +151,8 @@ def sere_class(cls: type) -> type:
             rerouter, floor = self._sere, self._sere_grid
             if (floor is not None and rerouter.threshold <= floor and ids is not topk_ids
                     and not torch.compiler.is_compiling()):
-                note_bound(ids, max_experts_after_sere(ids.shape[0], rerouter.num_experts, rerouter.select_top_k))
+                expert_grid.note_bound(
+                    ids, expert_grid.max_experts_after_sere(ids.shape[0], rerouter.num_experts, rerouter.select_top_k))
             return topk_weights, ids
 
         members["select_experts"] = select_experts
@@ -213,7 +213,7 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
-    grid_floor = _tight_grid_rule(config, primary_group, device)
+    grid_on = _tight_grid_on(config, primary_group, device)
     for s in sites:
         sort_slots = config.sort_slots
         if sort_slots is None:
@@ -223,11 +223,11 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
-        s.router._sere_grid = grid_floor(s, plans[s.layer], sims[s.layer])
+        s.router._sere_grid = expert_grid.bound_floor(sims[s.layer], plans[s.layer].threshold) if grid_on else None
         if device.type == "cuda":
             _warm_up(s)
     grid_off = [s.layer for s in sites if s.router._sere_grid is None]
-    if getattr(grid_floor, "installed", False) and grid_off:
+    if grid_on and grid_off:
         logger.warning("SERE tight_grid: off for %d of %d layers %s: their threshold is above their smallest "
                        "similarity, so a slot can stay outside P", len(grid_off), len(sites), grid_off)
     logger.info(
@@ -239,12 +239,11 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
     return sites
 
 
-def _tight_grid_rule(config: SereConfig, primary_group, device: torch.device):
-    """(site, plan, sim) -> the layer's smallest similarity where it takes tight_grid, else None;
-    installs the wrapper when asked (the rule's `installed` is then True) and logs why when no
-    layer can take it (sere.vllm.expert_grid says why it is safe)."""
+def _tight_grid_on(config: SereConfig, primary_group, device: torch.device) -> bool:
+    """Whether tight_grid can be on for this model; installs the wrapper when it is, logs why not
+    when it was asked for and cannot be (sere.vllm.expert_grid says why it is safe)."""
     if not config.tight_grid:
-        return lambda site, plan, sim: None
+        return False
     why = None
     if device.type != "cuda":
         why = f"vLLM's Triton expert kernels run on CUDA, this model is on {device.type}"
@@ -254,16 +253,11 @@ def _tight_grid_rule(config: SereConfig, primary_group, device: torch.device):
         why = "a global P can hold more than this batch's T * S experts"
     if why is not None:
         logger.warning("SERE tight_grid: off for every layer: %s", why)
-        return lambda site, plan, sim: None
+        return False
     modules = expert_grid.install()
     logger.info("SERE tight_grid: the Triton expert GEMMs take at most min(E, T * S) experts' blocks (%s wrapped)",
                 ", ".join(m.rsplit(".", 1)[-1] for m in modules))
-
-    def rule(site: MoESite, plan: LayerPlan, sim: torch.Tensor) -> float | None:
-        return float(sim.min()) if expert_grid.guarantees_bound(sim, plan.threshold) else None
-
-    rule.installed = True
-    return rule
+    return True
 
 
 def _primary_group(config: SereConfig):
