@@ -21,7 +21,10 @@ share of SERE's few experts is this fixed cost, not a per-byte loss. But that "f
 the same for every n: time minus floor falls from ~35 us (Qwen3, T = 16, n = 1) to ~21 us (n = 16)
 and ~2 us (n = 128), as the blocks that exit at once do (2880 of 3072 gate-up blocks at n = 1,
 none at 128). Stock's batch reads ~83 experts and SERE's ~16, so SERE pays more of it: the cut
-column says how much a grid sized to the distinct experts saves (not yet run on a GPU).
+column says how much a grid sized to the distinct experts saves (not yet run on a GPU). At T = 1
+SERE sends all k slots of a token to one expert, and vLLM's small-batch path (T k 4 <= E, no align)
+launches a block row per slot, each reading that expert whole: the last column merges each token's
+duplicate slots into one (summed weight; the others id -1, which that path skips).
 
     python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 16,64]
         (a CUDA machine with vLLM's GPU bundle on PYTHONPATH, from the repo root)
@@ -50,6 +53,17 @@ def routing_over(n: int, T: int, k: int, E: int, seed: int = 0) -> tuple[torch.T
     ids = chosen[torch.arange(T * k) % n].view(T, k).to(torch.int32)
     weights = torch.softmax(torch.randn(T, k, generator=gen), dim=-1)
     return ids, weights
+
+
+def merge_duplicate_slots(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's slots with one id merged into its first: that slot takes their summed weight,
+    the others become id -1 with weight 0 (the same output: w1 y + w2 y = (w1 + w2) y). vLLM's
+    kernel writes zeros for id -1 only on its small-batch path (no align, T k 4 <= E)."""
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (T, k, k): slot i and slot j hold one expert
+    earlier = torch.ones_like(same[0]).tril(-1)  # j < i
+    repeat = (same & earlier).any(-1)
+    merged = (same.to(weights.dtype) * weights.unsqueeze(1)).sum(-1)
+    return torch.where(repeat, -1, ids), torch.where(repeat, 0.0, merged).to(weights.dtype)
 
 
 def halved_n(cfg: dict) -> dict:
@@ -124,17 +138,19 @@ def main(argv=None) -> int:
           f"{fused.COPIES} weight copies cycled")
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
           "floor share | share, N tile halved | gate-up blocks launched per SM, full / cut | "
-          "us, grid cut to the distinct experts | cut saves us |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|")
+          "us, grid cut to the distinct experts | cut saves us | us, duplicate slots merged |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
         E, k, H, I = s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
         w0 = layer.copies[0]
+        rows_done: set[tuple[int, int]] = set()
         series: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (T, "full grid" or "grid cut") -> (floor, us) rows
         for T, n in itertools.product((int(t) for t in args.tokens.split(",")), EXPERT_COUNTS):
-            if n > E:
+            if n > E or (T, min(n, T * k)) in rows_done:  # past T k slots more experts change nothing
                 continue
+            rows_done.add((T, min(n, T * k)))
             ids, weights = routing_over(n, T, k, E)
             ids, weights = ids.cuda(), weights.cuda()
             h = torch.randn(T, H, device="cuda", dtype=fused.DTYPE)
@@ -167,6 +183,20 @@ def main(argv=None) -> int:
                     cut_err = fused.rel_err(got_cut, ref)  # a cut that dropped blocks would fail here
                     us_cut = time_graph_replay(experts_cut, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
                     was_cut = expert_grid.trimmed_calls > cut_before
+                # Merged duplicates (id -1): only where vLLM takes its small-batch path, which
+                # writes zeros for -1 (the aligned path would leave those rows unwritten).
+                merged = "n/a"
+                m_ids, m_weights = merge_duplicate_slots(ids, weights)
+                if T * k * 4 <= E and bool((m_ids < 0).any()):
+                    got_m = layer.fused_experts(h, w0.w13, w0.w2, m_weights, m_ids, global_num_experts=E).float()
+                    m_err = fused.rel_err(got_m, ref)
+
+                    def experts_merged():
+                        w = layer.copies[next(turn) % len(layer.copies)]
+                        return layer.fused_experts(h, w.w13, w.w2, m_weights, m_ids, global_num_experts=E)
+
+                    us_m = time_graph_replay(experts_merged, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
+                    merged = f"{us_m:.1f}" + ("" if m_err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {m_err:.3g})")
             floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
             blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
@@ -178,7 +208,7 @@ def main(argv=None) -> int:
             print(f"| {model} | {T} | {distinct}{flag} | {bm}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
                   f"{floor_us / us_half:.2f} | {launched[0]:.1f} / {launched[1]:.1f} | {us_cut:.1f}{cut_note} | "
-                  f"{us - us_cut:.1f} |", flush=True)
+                  f"{us - us_cut:.1f} | {merged} |", flush=True)
             if n >= k:
                 series.setdefault((T, "full grid"), []).append((floor_us, us))
                 if was_cut:
@@ -188,7 +218,7 @@ def main(argv=None) -> int:
                 continue
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
             print(f"| {model} | {T} | {grid}, fit over n >= k: time = {fixed:.1f} us per call + bytes at "
-                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) ||||||||||", flush=True)
+                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||||||", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
 
