@@ -141,7 +141,39 @@ extern "C" __global__ void sere_scan_words(const ID_T* ids, const signed char* m
     out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : ids[i];
 }
 """
-SCANS = ("sere_scan", "sere_scan_branchless", "sere_scan_words")
+# The scan with E fixed when compiled (-DFIXED_E, a multiple of 16): the loop unrolls in full, the
+# mask comes in 16-byte words and the row in float4s, all independent of each other, so a thread's
+# loads are in flight together instead of one L2 round trip per step; the select is branch-free.
+FIXED_SOURCE = r"""
+extern "C" __global__ void sere_scan_fixed(const ID_T* ids, const signed char* mask, const float* sim, ID_T* out,
+                                          int T, int k, int E, int S, float rho) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= T * k || !scan_needed(ids, mask, out, i, k, E, S)) return;
+    const float4* row = reinterpret_cast<const float4*>(sim + (long long)ids[i] * FIXED_E);
+    const uint4* words = reinterpret_cast<const uint4*>(mask);
+    float best = 0.0f;
+    int best_p = -1;
+#pragma unroll
+    for (int c = 0; c < FIXED_E / 16; ++c) {
+        uint4 w = words[c];
+        unsigned int parts[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float4 v4 = row[c * 4 + q];
+            float vals[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                bool take = ((parts[q] >> (8 * b)) & 0xFFu) != 0 && (best_p < 0 || vals[b] > best);
+                best = take ? vals[b] : best;
+                best_p = take ? c * 16 + q * 4 + b : best_p;
+            }
+        }
+    }
+    out[i] = (best_p >= 0 && best >= rho) ? (ID_T)best_p : ids[i];
+}
+"""
+SCANS = ("sere_scan", "sere_scan_branchless", "sere_scan_words", "sere_scan_fixed")
+OPTIONAL_SCANS = {"sere_scan_words": WORDS_SOURCE, "sere_scan_fixed": FIXED_SOURCE}
 THREADS = 128
 T_VALUES = (1, 16, 64, 256, 1024, 4096)
 E, K, RHO = 128, 8, 0.0
@@ -165,18 +197,15 @@ class CudaBaseline:
 
         self.cupy = cupy
         id_c = {torch.int64: "long long", torch.int32: "int"}[id_dtype]
-        options = ("-std=c++17", f"-DID_T={id_c}")
-        try:
-            module = cupy.RawModule(code=CUDA_SOURCE + WORDS_SOURCE, options=options)
-            module.get_function("sere_scan_words")  # compiles here, so a failure is caught here
-            scans = SCANS
-        except Exception as err:  # noqa: BLE001 - NVRTC's error types differ across CuPy versions
-            print(f"probe_cuda_baseline: sere_scan_words left out ({type(err).__name__}: {str(err)[:200]})",
-                  file=sys.stderr)
-            module = cupy.RawModule(code=CUDA_SOURCE, options=options)
-            scans = tuple(s for s in SCANS if s != "sere_scan_words")
+        options = ("-std=c++17", f"-DID_T={id_c}", f"-DFIXED_E={E}")
+        module = cupy.RawModule(code=CUDA_SOURCE, options=options)
         self.clear, self.scatter = module.get_function("sere_clear"), module.get_function("sere_scatter")
-        self.scans = {name: module.get_function(name) for name in scans}
+        self.scans = {name: module.get_function(name) for name in SCANS if name not in OPTIONAL_SCANS}
+        for name, source in OPTIONAL_SCANS.items():  # each in a module of its own: one failing leaves the rest
+            try:
+                self.scans[name] = cupy.RawModule(code=CUDA_SOURCE + source, options=options).get_function(name)
+            except Exception as err:  # noqa: BLE001 - NVRTC's error types differ across CuPy versions
+                print(f"probe_cuda_baseline: {name} left out ({type(err).__name__}: {str(err)[:200]})", file=sys.stderr)
 
     def prepare(self, ids: torch.Tensor, sim: torch.Tensor, S: int, rho: float, scan: str = "sere_scan"):
         cp, i32 = self.cupy, np.int32
@@ -232,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         print("probe_cuda_baseline: needs CuPy (cupy-cuda13x on the device image)", file=sys.stderr)
         return 2
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay (100 calls x 20), E={E} k={K} rho={RHO}")
-    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | CUDA C, mask by 16-byte words | Numba baseline "
-          "| ours, one launch | ours, two launches, flags by block | ours, two launches, fill + scatter |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| T | S | ids | CUDA C baseline | CUDA C, branch-free scan | CUDA C, mask by 16-byte words | "
+          f"CUDA C, E = {E} unrolled | Numba baseline | ours, one launch | ours, two launches, flags by block | "
+          "ours, two launches, fill + scatter |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for id_dtype in {"int64": (torch.int64,), "int32": (torch.int32,), "both": (torch.int64, torch.int32)}[args.ids]:
         c_baseline = CudaBaseline(id_dtype)
         for T in T_VALUES:
