@@ -36,8 +36,6 @@ Engines (GPU memory is freed between them, each being its own process):
       so prefill and start-up cancel; median of --reps; throughput = batch / step time.
   sere-s1-fused (VARIANTS): sere-s1 with fuse_topk (the router's top-k and SERE in one kernel,
       sere.vllm.fused_topk); timed like the others, its result counts the fused layers.
-  sere-s1-grid (VARIANTS): sere-s1 with tight_grid (vLLM's Triton expert GEMMs launched over the M
-      blocks of at most T * S experts, sere.vllm.expert_grid); its result counts the cut calls.
   --quantization (fp8_per_block, fp8_per_tensor, fp8_per_channel: vLLM's online schemes) quantizes
       the dummy weights on the fly, in every engine, each MoE layer's router gate left in bf16.
   counts: an eager in-process engine with SERE statistics on (sere.vllm.router.recorder()),
@@ -65,10 +63,7 @@ from sere.harness.settings import ENGINES, SERE_S1
 SERE_ENGINES = [name for name, s in ENGINES.items() if not s.is_stock]
 # Engines that run a setting with extra SERE options (additional_config keys); timed like the
 # others, never in the counts engine.
-VARIANTS = {  # sere-s1 with one option on
-    "sere-s1-fused": ("sere-s1", {"fuse_topk": True}),  # the router's top-k and SERE in one kernel
-    "sere-s1-grid": ("sere-s1", {"tight_grid": True}),  # expert GEMMs over at most T * S experts' blocks
-}
+VARIANTS = {"sere-s1-fused": ("sere-s1", {"fuse_topk": True})}  # the router's top-k and SERE in one kernel
 TIMED_ENGINES = [*ENGINES, *VARIANTS]
 
 
@@ -440,13 +435,12 @@ def run_timing(name: str, args) -> dict:
     rows = [time_decode(llm, b, args.vocab, args.short, args.long, args.reps) for b in args.batches]
     from sere.harness import vllm_hooks
     from sere.routing import resolve_backend
-    from sere.vllm import expert_grid
 
     active = vllm_hooks.active_rerouters()
     backend = resolve_backend(active[0].backend, active[0].sim.device) if active else None
     return {"engine": name, "model": args.model, "sere": sere, "start_s": start_s, "rows": rows,
             "rerouted_layers": len(active), "fused_topk_layers": len(vllm_hooks.fused_topk_routers()),
-            "tight_grid_calls": expert_grid.trimmed_calls, "backend": backend, "quantization": args.quantization}
+            "backend": backend, "quantization": args.quantization}
 
 
 def run_counts(args) -> dict:

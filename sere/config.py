@@ -21,10 +21,6 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
   fuse_topk                vLLM on CUDA: compute a softmax router's top-k and the re-routing in one
                            kernel instead of re-routing after the router's own top-k (off by default:
                            measured slower than the two kernels on an H100; see sere.vllm.fused_topk)
-  tight_grid               vLLM on CUDA: launch the Triton expert GEMMs over the M blocks that at most
-                           min(E, T * S) experts can fill, where every slot provably lands in P (method
-                           "sere", local P, threshold <= the layer's smallest similarity); off by
-                           default until timed on a GPU (see sere.vllm.expert_grid)
   primary_set              "local" (default): P is this batch's top-S experts; "global": under
                            data-parallel attention, the union over the DP group of every rank's
                            top-S experts, one all-reduce of an E-wide mask per MoE layer call
@@ -78,7 +74,6 @@ class SereConfig:
     record_stats: bool | int = False
     similarity: str | None = None
     fuse_topk: bool = False
-    tight_grid: bool = False
     primary_set: str = "local"
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
@@ -122,8 +117,6 @@ class SereConfig:
             object.__setattr__(self, "similarity", os.fspath(self.similarity))
         if not isinstance(self.fuse_topk, bool):
             raise TypeError(f"fuse_topk must be true or false, got {self.fuse_topk!r}")
-        if not isinstance(self.tight_grid, bool):
-            raise TypeError(f"tight_grid must be true or false, got {self.tight_grid!r}")
         if not isinstance(self.primary_set, str) or self.primary_set not in PRIMARY_SETS:
             choices = ", ".join(map(repr, PRIMARY_SETS))
             raise ValueError(f"primary_set must be one of {choices}, got {self.primary_set!r}")

@@ -158,8 +158,7 @@ def test_import_sere_is_light():
 
 RUNTIME_MODULES = ["sere", "sere.config", "sere.routing", "sere.validation", "sere.artifact", "sere.stats",
                    "sere.recorder", "sere.transforms", "sere.rerouter", "sere.hf", "sere.vllm",
-                   "sere.vllm.plugin", "sere.vllm.settings", "sere.vllm.router", "sere.vllm.fused_topk",
-                   "sere.vllm.expert_grid"]
+                   "sere.vllm.plugin", "sere.vllm.settings", "sere.vllm.router", "sere.vllm.fused_topk"]
 
 
 def test_runtime_modules_load_no_harness_in_a_fresh_interpreter():

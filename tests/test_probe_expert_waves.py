@@ -4,8 +4,8 @@ probe's x axis is what it says, and the fit must recover a known fixed cost and 
 import pytest
 import torch
 
-from bench.lab.probe_expert_waves import (EXPERT_COUNTS, fit_fixed_cost, halved_n, launched_blocks,
-                                          merge_duplicate_slots, routing_over, working_blocks)
+from bench.lab.probe_expert_waves import (EXPERT_COUNTS, fit_fixed_cost, halved_n, merge_duplicate_slots,
+                                          routing_over, working_blocks)
 from sere.stats import distinct_experts
 
 
@@ -37,16 +37,6 @@ def test_fit_recovers_the_fixed_cost_and_the_rate():
     noisy = [t + (1.5 if i % 2 else -1.5) for i, t in enumerate(exact)]
     fixed, slope, worst = fit_fixed_cost(floor, noisy)
     assert abs(fixed - 27.0) < 2.0 and abs(slope - 0.92) < 0.02 and 1.0 < worst <= 3.0
-
-
-def test_launched_blocks_follow_vllms_list_and_the_cut():
-    # Qwen3 at T = 16 (k = 8, E = 128, BLOCK_SIZE_M 16, gate-up N 1536 in tiles of 64): vLLM sizes
-    # the list for any routing, 2048 rows = 128 M blocks x 24 N blocks; cut to 16 experts:
-    # 128 + 17 x 15 = 383 rows -> 24 M blocks.
-    assert launched_blocks(128, 128, 16, 1536, 64) == 128 * 24
-    assert launched_blocks(128, 128, 16, 1536, 64, bound=16) == 24 * 24
-    assert launched_blocks(128, 128, 16, 1536, 64, bound=128) == 128 * 24  # no shorter than it was
-    assert launched_blocks(8, 128, 16, 1536, 64) == 8 * 24  # fewer slots than experts: slots x BLOCK_SIZE_M rows
 
 
 def test_merged_duplicate_slots_give_the_same_mixture():

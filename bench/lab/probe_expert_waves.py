@@ -7,24 +7,22 @@ re-routing), and times vLLM's `fused_experts` alone (no router, no shared expert
 GEMMs, activation, sum) by CUDA-graph replay over 8 weight copies (cold L2, as the layer bench).
 Per row: working thread blocks of the two GEMMs per SM, time, byte floor (distinct experts x
 expert bytes / copy rate) and its share, and the share with BLOCK_SIZE_N halved (twice the
-blocks), and the time with the GEMMs' grid cut to the M blocks the distinct experts can fill
-(sere.vllm.expert_grid, tight_grid: vLLM launches the blocks of all E experts and the ones past the
-real count exit at once; a SERE batch can promise at most T * S experts). Per (model, T): a
-least-squares line through the rows with n >= k,
+blocks). Per (model, T): a least-squares line through the rows with n >= k,
 time = fixed + slope x floor, i.e. a cost paid per call whatever the bytes plus the bytes at
 copy rate / slope.
 
 Measured on the H200 (bench/RESULTS.md section 16): at T = 16 the line fits within 2-7 us with
 24-28 us fixed and the bytes at 4.4-4.5 TB/s, for all three shapes; halving the N tile changes
 nothing and a split-K prototype (more, shorter blocks) was slower everywhere. So the low floor
-share of SERE's few experts is this fixed cost, not a per-byte loss. But that "fixed" cost is not
-the same for every n: time minus floor falls from ~35 us (Qwen3, T = 16, n = 1) to ~21 us (n = 16)
-and ~2 us (n = 128), as the blocks that exit at once do (2880 of 3072 gate-up blocks at n = 1,
-none at 128). Stock's batch reads ~83 experts and SERE's ~16, so SERE pays more of it: the cut
-column says how much a grid sized to the distinct experts saves (not yet run on a GPU). At T = 1
-SERE sends all k slots of a token to one expert, and vLLM's small-batch path (T k 4 <= E, no align)
-launches a block row per slot, each reading that expert whole: the last column merges each token's
-duplicate slots into one (summed weight; the others id -1, which that path skips).
+share of SERE's few experts is this fixed cost, not a per-byte loss. Nor is it the blocks that
+exit at once (vLLM launches its GEMMs over the M blocks of all E experts): a grid cut to the
+distinct experts' blocks saved 0-4 us per call on the H100 (section 18), so that cut (tight_grid)
+was taken out again.
+
+At T = 1 SERE sends all k slots of a token to one expert, and vLLM's small-batch path (T k 4 <= E,
+no align) launches a block row per slot, each reading that expert whole: the last column merges
+each token's duplicate slots into one (summed weight; the others id -1, which that path skips).
+H100, Qwen3 shapes: 24.1 -> 20.6 us per call (section 18).
 
     python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 16,64]
         (a CUDA machine with vLLM's GPU bundle on PYTHONPATH, from the repo root)
@@ -32,14 +30,11 @@ duplicate slots into one (summed weight; the others id -1, which that path skips
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import sys
 
 import torch
-
-from sere.vllm import expert_grid
 
 EXPERT_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
@@ -78,37 +73,6 @@ def working_blocks(distinct: int, slots: int, block_m: int, n_size: int, block_n
     return distinct * math.ceil(rows / block_m) * math.ceil(n_size / block_n)
 
 
-def launched_blocks(slots: int, num_experts: int, block_m: int, n_size: int, block_n: int,
-                    bound: int | None = None) -> int:
-    """Thread blocks vLLM launches for one GEMM of the aligned path: its list is sized for any
-    routing (slots + E (BLOCK_SIZE_M - 1) rows; at most slots x BLOCK_SIZE_M where slots < E), or,
-    cut by tight_grid, for `bound` experts (sere.vllm.expert_grid.trim_assignment)."""
-    rows = slots + num_experts * (block_m - 1)
-    if slots < num_experts:
-        rows = min(slots * block_m, rows)
-    if bound is not None:
-        rows = min(rows, expert_grid.cut_rows(slots, block_m, bound))
-    return math.ceil(rows / block_m) * math.ceil(n_size / block_n)
-
-
-@contextlib.contextmanager
-def grid_cut():
-    """vLLM's expert paths with their aligned lists cut to a noted bound (sere.vllm.expert_grid's
-    wrapper in every module it patches), restored afterwards."""
-    import importlib
-
-    # All imported before any is patched: triton_moe binds fused_moe's function at its import.
-    modules = [importlib.import_module(name) for name in expert_grid.PATCHED_MODULES]
-    originals = [(module, getattr(module, expert_grid.FUNCTION)) for module in modules]
-    for module, original in originals:
-        setattr(module, expert_grid.FUNCTION, expert_grid.bounded(original))
-    try:
-        yield
-    finally:
-        for module, original in originals:
-            setattr(module, expert_grid.FUNCTION, original)
-
-
 def fit_fixed_cost(floor_us: list[float], us: list[float]) -> tuple[float, float, float]:
     """Least squares us = fixed + slope * floor_us: (fixed us, slope, largest residual us)."""
     f, t = torch.tensor(floor_us, dtype=torch.float64), torch.tensor(us, dtype=torch.float64)
@@ -137,16 +101,15 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, copy {bw / 1e9:.0f} GB/s; fused_experts alone, CUDA-graph replay, "
           f"{fused.COPIES} weight copies cycled")
     print("| model | T | distinct experts | vLLM tiles M/N/K | blocks per SM (gate-up, down) | us | floor us | "
-          "floor share | share, N tile halved | gate-up blocks launched per SM, full / cut | "
-          "us, grid cut to the distinct experts | cut saves us | us, duplicate slots merged |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|")
+          "floor share | share, N tile halved | us, duplicate slots merged |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|")
     for model in args.models.split(","):
         layer = fused.build_layer(model, vllm_ops)
         s = layer.shapes
         E, k, H, I = s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
         w0 = layer.copies[0]
         rows_done: set[tuple[int, int]] = set()
-        series: dict[tuple[int, str], list[tuple[float, float]]] = {}  # (T, "full grid" or "grid cut") -> (floor, us) rows
+        series: dict[int, list[tuple[float, float]]] = {}  # T -> (floor, us) rows
         for T, n in itertools.product((int(t) for t in args.tokens.split(",")), EXPERT_COUNTS):
             if n > E or (T, min(n, T * k)) in rows_done:  # past T k slots more experts change nothing
                 continue
@@ -172,17 +135,6 @@ def main(argv=None) -> int:
                 with forced_tiles(halved_n(cfg)):
                     us_half = time_graph_replay(experts, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
 
-                def experts_cut():  # the bound SERE promises, here the routing's own distinct experts
-                    expert_grid.note_bound(ids, distinct)
-                    return experts()
-
-                with grid_cut():
-                    cut_before = expert_grid.trimmed_calls
-                    expert_grid.note_bound(ids, distinct)
-                    got_cut = layer.fused_experts(h, w0.w13, w0.w2, weights, ids, global_num_experts=E).float()
-                    cut_err = fused.rel_err(got_cut, ref)  # a cut that dropped blocks would fail here
-                    us_cut = time_graph_replay(experts_cut, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
-                    was_cut = expert_grid.trimmed_calls > cut_before
                 # Merged duplicates (id -1): only where vLLM takes its small-batch path, which
                 # writes zeros for -1 (the aligned path would leave those rows unwritten).
                 merged = "n/a"
@@ -200,25 +152,18 @@ def main(argv=None) -> int:
             floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
             blocks = [working_blocks(distinct, T * k, bm, size, bn) / sms for size in (2 * I, H)]
-            launched = [launched_blocks(T * k, E, bm, 2 * I, bn, bound) / sms for bound in (None, distinct)]
             flag = "" if err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {err:.3g})"
-            cut_note = "" if cut_err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {cut_err:.3g})"
-            if not was_cut:
-                cut_note += " (not cut: vLLM's list already that short, or another path)"
             print(f"| {model} | {T} | {distinct}{flag} | {bm}/{bn}/{cfg['BLOCK_SIZE_K']} | "
                   f"{blocks[0]:.1f}, {blocks[1]:.1f} | {us:.1f} | {floor_us:.1f} | {floor_us / us:.2f} | "
-                  f"{floor_us / us_half:.2f} | {launched[0]:.1f} / {launched[1]:.1f} | {us_cut:.1f}{cut_note} | "
-                  f"{us - us_cut:.1f} | {merged} |", flush=True)
+                  f"{floor_us / us_half:.2f} | {merged} |", flush=True)
             if n >= k:
-                series.setdefault((T, "full grid"), []).append((floor_us, us))
-                if was_cut:
-                    series.setdefault((T, "grid cut"), []).append((floor_us, us_cut))
-        for (T, grid), rows in series.items():  # printed per model, so a cut-off run keeps what it finished
+                series.setdefault(T, []).append((floor_us, us))
+        for T, rows in series.items():  # printed per model, so a cut-off run keeps what it finished
             if len(rows) < 2:
                 continue
             fixed, slope, worst = fit_fixed_cost(*zip(*rows))
-            print(f"| {model} | {T} | {grid}, fit over n >= k: time = {fixed:.1f} us per call + bytes at "
-                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) |||||||||||", flush=True)
+            print(f"| {model} | {T} | fit over n >= k: time = {fixed:.1f} us per call + bytes at "
+                  f"{bw / slope / 1e9:.0f} GB/s (largest residual {worst:.1f} us, {len(rows)} rows) ||||||||", flush=True)
         layer = None  # free this model's copies before the next is built
     return 0
 

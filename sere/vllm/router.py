@@ -30,11 +30,6 @@ before select_experts (its naive dispatch, MoERunner.do_naive_dispatch_combine),
 already sees every rank's tokens and the local P is the union: the option then only costs the
 all-reduce; it matters for the modular all-to-all kernels, which dispatch after routing.
 
-Expert grid. With tight_grid, a layer whose every slot provably lands in P (method "sere", local P,
-threshold <= its smallest similarity) notes on its re-routed ids that they hold at most
-min(E, T * S) experts, and vLLM's Triton expert GEMMs are launched over that many experts' M
-blocks instead of all E's (sere.vllm.expert_grid).
-
 Statistics. With record_stats (or env SERE_RECORD_STATS=1) every call records one step per
 layer (distinct experts before / after, re-routed and critical slots, tokens) in a ring-buffer
 `sere.recorder.ExpertStatsRecorder`, read with `recorder()` in the engine's process (run the
@@ -57,7 +52,6 @@ from sere.recorder import ExpertStatsRecorder
 from sere.rerouter import LayerRerouter, StatsObserver, layer_index, router_returns_sorted
 from sere.routing import resolve_backend
 from sere.transforms import get_transform
-from sere.vllm import expert_grid
 
 # A child of vLLM's logger, so that messages appear with vLLM's own (configured) handlers.
 logger = logging.getLogger("vllm.sere")
@@ -137,23 +131,13 @@ def sere_class(cls: type) -> type:
     with no slots of its own, so that `router.__class__` can be swapped in place."""
     if cls not in _SERE_CLASSES:
         stock_select = cls.select_experts
-        # _sere_grid: None, or (tight_grid) the layer's smallest similarity, read once at load
-        members = {"_sere_rerouted": True, "_sere_fused": None, "_sere_grid": None, "__module__": __name__}
+        members = {"_sere_rerouted": True, "_sere_fused": None, "__module__": __name__}
 
         def select_experts(self, *args, **kwargs):
             topk_weights, topk_ids = stock_select(self, *args, **kwargs)
             if self._sere_fused is not None:  # _compute_routing re-routed already (or left the call alone by rule)
                 return topk_weights, topk_ids
-            ids = self._sere(topk_ids, topk_weights)
-            # tight_grid: a re-routed call (identity and max_tokens return the input itself) whose
-            # threshold (hooks may change it) is no higher than every similarity promises its experts
-            # a bound; a compiled graph could skip on the device, so no promise there.
-            rerouter, floor = self._sere, self._sere_grid
-            if (floor is not None and rerouter.threshold <= floor and ids is not topk_ids
-                    and not torch.compiler.is_compiling()):
-                expert_grid.note_bound(
-                    ids, expert_grid.max_experts_after_sere(ids.shape[0], rerouter.num_experts, rerouter.select_top_k))
-            return topk_weights, ids
+            return topk_weights, self._sere(topk_ids, topk_weights)
 
         members["select_experts"] = select_experts
         stock_compute = getattr(cls, "_compute_routing", None)
@@ -213,7 +197,6 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
-    grid_on = _tight_grid_on(config, primary_group, device)
     for s in sites:
         sort_slots = config.sort_slots
         if sort_slots is None:
@@ -223,13 +206,8 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
-        s.router._sere_grid = expert_grid.bound_floor(sims[s.layer], plans[s.layer].threshold) if grid_on else None
         if device.type == "cuda":
             _warm_up(s)
-    grid_off = [s.layer for s in sites if s.router._sere_grid is None]
-    if grid_on and grid_off:
-        logger.warning("SERE tight_grid: off for %d of %d layers %s: their threshold is above their smallest "
-                       "similarity, so a slot can stay outside P", len(grid_off), len(sites), grid_off)
     logger.info(
         "SERE on %d of %d MoE layers (%s): S=%s, threshold=%s, max_tokens=%s, backend=%s (%s), "
         "sort_slots=%s, similarity=%s", len(sites), len(all_sites), config.source, config.select_top_k,
@@ -237,27 +215,6 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         artifact.path,
     )
     return sites
-
-
-def _tight_grid_on(config: SereConfig, primary_group, device: torch.device) -> bool:
-    """Whether tight_grid can be on for this model; installs the wrapper when it is, logs why not
-    when it was asked for and cannot be (sere.vllm.expert_grid says why it is safe)."""
-    if not config.tight_grid:
-        return False
-    why = None
-    if device.type != "cuda":
-        why = f"vLLM's Triton expert kernels run on CUDA, this model is on {device.type}"
-    elif config.method != "sere":
-        why = f"method {config.method!r} does not keep every slot in P"
-    elif primary_group is not None:
-        why = "a global P can hold more than this batch's T * S experts"
-    if why is not None:
-        logger.warning("SERE tight_grid: off for every layer: %s", why)
-        return False
-    modules = expert_grid.install()
-    logger.info("SERE tight_grid: the Triton expert GEMMs take at most min(E, T * S) experts' blocks (%s wrapped)",
-                ", ".join(m.rsplit(".", 1)[-1] for m in modules))
-    return True
 
 
 def _primary_group(config: SereConfig):
