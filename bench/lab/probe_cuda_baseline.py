@@ -12,8 +12,10 @@ commit 0ef8885, section 16) the same, and at T = 4096 the C stand-in's three lau
 us where our two took 6.2-8.0. On the H100 (2026-12-07, section 17) our two-launch path with launch 1
 as a zeroing fill plus a grid scatter took 5.4-5.5 us at T = 4096 against 6.4 / 8.0 with one block
 building the flags, so "scatter" became the default. The scan that reads the mask a 16-byte word
-at a time (sere_scan_words) tests the remaining suspect at T <= 256: a mask read per expert, 128
-in a row per thread. The columns "ours, ..." time our kernel on each path at every T (the shape
+at a time (sere_scan_words) tested the remaining suspect at T <= 256, a mask read per expert, 128
+in a row per thread: on the H100 (2026-12-07, section 18) it is the fastest stand-in at T = 1 (4.8
+us) and the slowest from T = 64 on (11-15 us). sere_scan_fixed (E fixed at compile time, unrolled,
+every load independent) is the next guess, untimed. The columns "ours, ..." time our kernel on each path at every T (the shape
 rule takes one launch below T = 1024, two from it).
 
     python -m bench.lab.probe_cuda_baseline [--ids int64|int32|both]   (a CUDA machine with CuPy, repo root)
@@ -26,7 +28,8 @@ The three kernels, as a C programmer writes the structure (not a copy of the ups
            walks all E columns, reading sim[e, p] where mask[p] is set, keeps the largest
            (smallest p on ties) and takes it when >= rho; sere_scan_branchless reads every entry of
            the row and selects without a branch; sere_scan_words reads the mask 16 flags per load
-           and loads only the primary experts' similarities
+           and loads only the primary experts' similarities; sere_scan_fixed is compiled for
+           E = 128 and unrolls the walk in full (the mask in 16-byte words, the row in float4s)
 Ids int64 (torch's topk) or int32, similarity float32. Each case is checked against
 sere.kernels.reference.reroute_reference before it is timed.
 """

@@ -24,7 +24,7 @@ no align) launches a block row per slot, each reading that expert whole: the las
 each token's duplicate slots into one (summed weight; the others id -1, which that path skips).
 H100, Qwen3 shapes: 24.1 -> 20.6 us per call (section 18).
 
-    python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 16,64]
+    python -m bench.lab.probe_expert_waves [--models Qwen3-30B-A3B,...] [--tokens 1,16,64]
         (a CUDA machine with vLLM's GPU bundle on PYTHONPATH, from the repo root)
 """
 from __future__ import annotations
