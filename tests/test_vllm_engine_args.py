@@ -75,7 +75,7 @@ def test_summary_lists_the_fused_engine_with_its_fused_layers():
                           "fused_topk_layers": 48, "backend": "numba", "start_s": 61.0},
     }
     text = vllm_decode.summarize(results)
-    assert "| sere-s1-fused | 16 | 8.000 | 2000 | 2.00x |" in text
+    assert "| sere-s1-fused | 16 | 8.000 |  | 2000 | 2.00x |" in text  # one repetition: no range
     assert "sere-s1-fused: 48 layers re-routed, router top-k fused on 48" in text
     assert "sere-s1: 48 layers re-routed, backend numba" in text  # no fused clause where not asked
 
@@ -93,3 +93,15 @@ def test_vllm_resolves_the_scheme_and_skips_only_the_gates():
     assert should_ignore_layer("model.layers.5.mlp.gate", ignore=args.ignore, fused_mapping=fused)
     for name in ("model.layers.5.mlp.experts", "model.layers.5.mlp.gate_up_proj", "model.layers.5.self_attn.qkv_proj"):
         assert not should_ignore_layer(name, ignore=args.ignore, fused_mapping=fused)
+
+
+def test_summary_gives_the_repetitions_and_says_where_they_overlap_stocks():
+    row = lambda reps: {"rows": [{"batch": 16, "step_ms": sorted(reps)[1], "step_ms_all": reps,  # noqa: E731
+                                  "tokens_per_s": 16 / sorted(reps)[1] * 1e3}],
+                        "sere": e2e.sere_config("sere-s1"), "rerouted_layers": 48, "fused_topk_layers": 0,
+                        "backend": "numba", "start_s": 60.0}
+    results = {"stock": row([10.0, 10.4, 10.2]), "sere-s1": row([6.4, 6.5, 6.45]), "sere-s2": row([9.9, 10.6, 10.1])}
+    text = vllm_decode.summarize(results)
+    assert "| stock | 16 | 10.200 | 10.000-10.400 |" in text
+    assert "| sere-s1 | 16 | 6.450 | 6.400-6.500 | 2481 | 1.58x |" in text  # apart: no mark
+    assert "| sere-s2 | 16 | 10.100 | 9.900-10.600 | 1584 | 1.01x (repetitions overlap) |" in text

@@ -63,7 +63,16 @@ def parent(args) -> int:
     return status
 
 
+def rep_range(row: dict) -> tuple[float, float] | None:
+    """(fastest, slowest) step of a row's repetitions; None where it has fewer than two."""
+    reps = row.get("step_ms_all") or []
+    return (min(reps), max(reps)) if len(reps) > 1 else None
+
+
 def summarize(results: dict) -> str:
+    """The markdown table of every timed engine against stock. The repetitions column gives each
+    row's fastest and slowest step, and a ratio whose repetitions overlap stock's says so: on a
+    noisy card two engines' medians can differ by 10 % while their repetitions overlap."""
     stock = {r["batch"]: r for r in results.get("stock", {}).get("rows", [])}
     counts = {(r["engine"], r["batch"]): r for r in results.get("counts", {}).get("rows", [])}
     rows = []
@@ -75,9 +84,13 @@ def summarize(results: dict) -> str:
             c = counts.get((name, b)) or (counts.get((engine.SERE_ENGINES[0], b)) if name == "stock" else None)
             experts = "" if c is None else (f"{c['experts_before']:.1f}" if name == "stock"
                                             else f"{c['experts_before']:.1f} -> {c['experts_after']:.1f}")
-            rows.append([name, b, f"{r['step_ms']:.3f}", f"{r['tokens_per_s']:.0f}", f"{ratio:.2f}x", experts])
-    lines = markdown_table(["setting", "batch", "step ms", "tokens/s", "vs stock", "experts/layer before -> after"],
-                           "lrrrrl", rows)
+            spread, base = rep_range(r), rep_range(stock[b]) if b in stock else None
+            overlap = name != "stock" and spread and base and spread[0] <= base[1] and base[0] <= spread[1]
+            rows.append([name, b, f"{r['step_ms']:.3f}", f"{spread[0]:.3f}-{spread[1]:.3f}" if spread else "",
+                         f"{r['tokens_per_s']:.0f}", f"{ratio:.2f}x" + (" (repetitions overlap)" if overlap else ""),
+                         experts])
+    lines = markdown_table(["setting", "batch", "step ms", "repetitions ms", "tokens/s", "vs stock",
+                            "experts/layer before -> after"], "lrrrrrl", rows)
     for name in engine.TIMED_ENGINES:
         if name in results and name != "stock":
             r = results[name]
