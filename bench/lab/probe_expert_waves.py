@@ -108,21 +108,24 @@ def main(argv=None) -> int:
         s = layer.shapes
         E, k, H, I = s.num_experts, s.top_k, s.hidden_size, s.moe_intermediate_size
         w0 = layer.copies[0]
-        rows_done: set[tuple[int, int]] = set()
         series: dict[int, list[tuple[float, float]]] = {}  # T -> (floor, us) rows
-        for T, n in itertools.product((int(t) for t in args.tokens.split(",")), EXPERT_COUNTS):
-            if n > E or (T, min(n, T * k)) in rows_done:  # past T k slots more experts change nothing
-                continue
-            rows_done.add((T, min(n, T * k)))
+        tokens = [int(t) for t in args.tokens.split(",")]
+        # past T k slots more experts change nothing: each distinct count once
+        for T, n in ((T, n) for T in tokens for n in sorted({min(c, T * k) for c in EXPERT_COUNTS if c <= E})):
             ids, weights = routing_over(n, T, k, E)
             ids, weights = ids.cuda(), weights.cuda()
             h = torch.randn(T, H, device="cuda", dtype=fused.DTYPE)
             distinct = int(distinct_experts(ids, E))
             turn = itertools.count()
 
-            def experts():
-                w = layer.copies[next(turn) % len(layer.copies)]
-                return layer.fused_experts(h, w.w13, w.w2, weights, ids, global_num_experts=E)
+            def experts_over(slot_ids, slot_weights):
+                """vLLM's fused_experts on these slots, a different weight copy each call (cold L2)."""
+                def run():
+                    w = layer.copies[next(turn) % len(layer.copies)]
+                    return layer.fused_experts(h, w.w13, w.w2, slot_weights, slot_ids, global_num_experts=E)
+                return run
+
+            experts = experts_over(ids, weights)
 
             with torch.no_grad():
                 ref = fused.reference_layer(w0, h, ids, weights)
@@ -142,12 +145,8 @@ def main(argv=None) -> int:
                 if T * k * 4 <= E and bool((m_ids < 0).any()):
                     got_m = layer.fused_experts(h, w0.w13, w0.w2, m_weights, m_ids, global_num_experts=E).float()
                     m_err = fused.rel_err(got_m, ref)
-
-                    def experts_merged():
-                        w = layer.copies[next(turn) % len(layer.copies)]
-                        return layer.fused_experts(h, w.w13, w.w2, m_weights, m_ids, global_num_experts=E)
-
-                    us_m = time_graph_replay(experts_merged, calls=fused.CALLS, repeats=fused.ROUNDS).median_us
+                    us_m = time_graph_replay(experts_over(m_ids, m_weights), calls=fused.CALLS,
+                                             repeats=fused.ROUNDS).median_us
                     merged = f"{us_m:.1f}" + ("" if m_err <= fused.CHECK_TOL else f" (CHECK FAILED: rel err {m_err:.3g})")
             floor_us = fused.experts_floor_s(s, distinct, bw) * 1e6
             bm, bn = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"]
