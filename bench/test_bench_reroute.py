@@ -21,6 +21,8 @@ topk_softmax where vLLM's CUDA build is importable, else torch's softmax + topk 
 Unsorted routers (test_gpu_unsorted: slots shuffled, weights given, as vLLM's grouped top-k
 returns them): the weight-order kernel (one launch) against the path it replaces (argsort,
 gather, the kernel, scatter back), graph replay, ratio in extra_info.
+Merged slots (test_gpu_merged, T = 1 / 4 / 16): the kernel that re-routes and merges each token's
+duplicate slots in one block, against the plain kernel and the plain kernel + torch merge.
 Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
 """
 from __future__ import annotations
@@ -178,6 +180,39 @@ def test_gpu_unsorted(benchmark, backend, T, S):
         benchmark.extra_info["speedup_vs_sort_path"] = round(t_sort.median_us / timing.median_us, 2)
         print(f"\n[unsorted T={T} S={S}] weight-order kernel {timing.median_us:.2f} us, "
               f"sort path {t_sort.median_us:.2f} us ({t_sort.median_us / timing.median_us:.2f}x)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", (1, 4, 16))
+def test_gpu_merged(benchmark, T, S):
+    """The merging kernel (re-route, then one slot per expert per token, one block) at vLLM's
+    small-batch sizes (T k 4 <= E is T <= 4 here; 16 shows the one block's cost past them), against
+    the plain kernel alone and the plain kernel followed by the torch merge."""
+    from sere.kernels.numba_cuda import reroute_numba, reroute_numba_merged
+    from sere.kernels.reference import merge_duplicate_slots_reference
+    from sere.routing import merge_duplicate_slots
+
+    ids, sim = make_inputs(T, "uniform", "cuda")
+    weights = torch.rand(T, K, generator=torch.Generator().manual_seed(T)).sort(dim=1, descending=True).values.cuda()
+    merged = lambda: reroute_numba_merged(ids, weights, sim, S, RHO)  # noqa: E731
+    new_ids, new_w = merged()
+    want_ids, want_w = merge_duplicate_slots_reference(
+        reroute_reference(ids.cpu().numpy(), sim.cpu().numpy(), S, RHO), weights.cpu().numpy(), E)
+    np.testing.assert_array_equal(new_ids.cpu().numpy(), want_ids)
+    np.testing.assert_array_equal(new_w.cpu().numpy(), want_w)
+    timing = benchmark_device(benchmark, merged, method="graph", calls=CALLS, rounds=ROUNDS)
+    record_case(benchmark, T=T, S=S, routing="uniform-merged", backend="numba_merged", method="graph", ids=ids,
+                new_ids=new_ids, timing=timing)
+    benchmark.extra_info["merged_slots"] = int((new_ids == -1).sum())
+    if timing is not None:
+        plain = lambda: reroute_numba(ids, sim, S, RHO)  # noqa: E731
+        torch_merge = lambda: merge_duplicate_slots(plain(), weights, E)  # noqa: E731
+        for name, fn in (("plain_kernel", plain), ("plain_then_torch_merge", torch_merge)):
+            benchmark.extra_info[f"{name}_us_per_call"] = round(time_graph_replay(fn, calls=CALLS, repeats=ROUNDS).median_us, 3)
+        print(f"\n[merged T={T} S={S}] merging kernel {timing.median_us:.2f} us, plain kernel "
+              f"{benchmark.extra_info['plain_kernel_us_per_call']:.2f} us, plain + torch merge "
+              f"{benchmark.extra_info['plain_then_torch_merge_us_per_call']:.2f} us")
 
 
 def vllm_topk():

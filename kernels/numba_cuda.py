@@ -11,10 +11,11 @@ Run its checks: `pytest tests/test_numba_simulator.py` (CPU, CUDA simulator, Num
   how the kernel works is written out there.
 - `numba_pointer`: signatures, kernels compiled for raw pointers, their launch and cache.
 - `numba_launch`: the shape rule (one or two launches, grid, column bucket) and `launch_reroute`.
-- `numba_op`: the torch custom ops `torch.ops.sere.reroute`, `torch.ops.sere.reroute_in_weight_order`
-  and their entries `reroute_numba`, `reroute_numba_in_weight_order` (slots not sorted by weight).
+- `numba_op`: the torch custom ops `torch.ops.sere.reroute`, `torch.ops.sere.reroute_in_weight_order`,
+  `torch.ops.sere.reroute_merged` and their entries `reroute_numba`, `reroute_numba_in_weight_order`
+  (slots not sorted by weight), `reroute_numba_merged` (ids and weights, duplicate slots merged).
 - `numba_numpy`: `reroute_numba_numpy`, the same kernels on NumPy arrays (the simulator tests),
-  and `topk_reroute_numba_numpy` for the fused one.
+  `reroute_merged_numba_numpy` and `topk_reroute_numba_numpy` for the merging and fused ones.
 - `numba_topk`, `numba_topk_op`: the router's softmax top-k and the re-routing fused in one kernel
   (`topk_reroute_numba`, op `torch.ops.sere.topk_reroute`), to replace the router's own top-k.
 
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 from sere.kernels.numba_kernels import MAX_EXPERTS
 from sere.kernels.numba_launch import TWO_LAUNCH_MIN_TOKENS, columns_per_lane, launch_reroute, use_two_launch
-from sere.kernels.numba_numpy import reroute_numba_numpy
-from sere.kernels.numba_op import reroute_numba, reroute_numba_in_weight_order
+from sere.kernels.numba_numpy import reroute_merged_numba_numpy, reroute_numba_numpy
+from sere.kernels.numba_op import reroute_numba, reroute_numba_in_weight_order, reroute_numba_merged
 from sere.kernels.numba_topk_op import topk_reroute_numba
 from sere.kernels.numba_pointer import pointer_kernel
 from sere.kernels.numba_runtime import available, simulator_enabled
@@ -40,7 +41,9 @@ __all__ = [
     "launch_reroute",
     "pointer_kernel",
     "reroute_numba",
+    "reroute_merged_numba_numpy",
     "reroute_numba_in_weight_order",
+    "reroute_numba_merged",
     "reroute_numba_numpy",
     "simulator_enabled",
     "topk_reroute_numba",

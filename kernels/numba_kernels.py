@@ -88,7 +88,7 @@ def make_row_helpers(sim_kind: str, cols: int, lanes: int):
 
 
 def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
-                weight_kind: str | None = None):
+                weight_kind: str | None = None, merge: bool = False):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
     size (`lanes` lanes share one secondary slot: 32 on the GPU, fewer under the simulator,
     where every block barrier is expensive). two_launch=True gives launch 2 of the large-T path
@@ -104,13 +104,23 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     it owns; P comes from a thread per token taking its S heaviest slots. k <= 64; weights must
     be finite.
 
+    merge=True (one-launch only, ONE block: the caller launches a grid of 1) gives the kernel that
+    also merges each token's duplicate slots after re-routing (reference:
+    merge_duplicate_slots_reference): it takes float32 weights [T*k] (with weight_kind, which must
+    then be "float32", the same array orders the slots) and writes weights_out [T*k] float32. After
+    the re-route loop a block barrier makes every new id visible, then a thread per token walks its
+    k slots: a repeat of an earlier slot's expert adds its weight there and becomes id -1, weight 0.
+    Signature: (ids, weights, sim, out, weights_out, T, k, E, S, rho).
+
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
     ids [T*k], weights [T*k], sim [E*E] (bfloat16 as int16 bits), out [T*k], flags [E] int32.
     """
     if lanes < 1 or lanes > WARP or lanes & (lanes - 1) or threads % lanes or threads % WARP:
         raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
-    if weight_kind is not None and two_launch:
-        raise ValueError("the weight-order kernel has one launch only (large T: sort, then the plain kernel)")
+    if (weight_kind is not None or merge) and two_launch:
+        raise ValueError("the weight-order and merging kernels have one launch only (large T: sort, then the plain kernel)")
+    if merge and weight_kind not in (None, "float32"):
+        raise ValueError(f"the merging kernel takes float32 weights, got weight_kind {weight_kind!r}")
     load_w = device.SIM_LOADERS[weight_kind or "float32"]
     weighted = weight_kind is not None
     group_argmax = device.group_argmax
@@ -185,7 +195,31 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                     if (t // threads) % blocks == block:
                         out[t * k + best_j] = h
 
-    def reroute_kernel_body(ids, weights, sim, out, T, k, E, S, rho):
+    if merge:
+        @device_fn
+        def merge_slots(out, weights, weights_out, T, k, E, tid):
+            """A thread per token, after a block barrier: each repeat of an earlier slot's valid
+            expert adds its weight to that (first) slot, in slot order, and becomes id -1, weight 0."""
+            for t in range(tid, T, threads):
+                row0 = t * k
+                for j in range(k):
+                    weights_out[row0 + j] = weights[row0 + j]
+                for j in range(1, k):
+                    e = out[row0 + j]
+                    if e >= 0 and e < E:
+                        for i in range(j):
+                            if out[row0 + i] == e:  # its first slot: a repeat already reads -1
+                                weights_out[row0 + i] += weights_out[row0 + j]
+                                weights_out[row0 + j] = np.float32(0.0)
+                                out[row0 + j] = -1
+                                break
+    else:
+        @device_fn
+        def merge_slots(out, weights, weights_out, T, k, E, tid):
+            """Never called (merge is a compile-time False); out stands in for weights_out there."""
+            return
+
+    def reroute_kernel_body(ids, weights, sim, out, weights_out, T, k, E, S, rho):
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
         scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
         scratch_i = cuda.shared.array(threads, numba.int64)
@@ -198,6 +232,9 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         if S <= 0 or S >= k:  # identity: copy, grid-stride
             for i in range(block * threads + tid, T * k, blocks * threads):
                 out[i] = ids[i]
+            if merge:  # one block: the barrier covers every copied id
+                cuda.syncthreads()
+                merge_slots(out, weights, weights_out, T, k, E, tid)
             return
 
         K2 = k - S
@@ -243,13 +280,20 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             if e >= 0 and e < E:
                 load_row(row, sim, e, E, lane)
 
+        if merge:  # 4. one block: after the barrier every new id of every token is in out
+            cuda.syncthreads()
+            merge_slots(out, weights, weights_out, T, k, E, tid)
+
     body = device_fn(reroute_kernel_body)
 
     def reroute_kernel(ids, sim, out, T, k, E, S, rho):
-        body(ids, ids, sim, out, T, k, E, S, rho)  # the ids stand in for the unused weights
+        body(ids, ids, sim, out, out, T, k, E, S, rho)  # ids and out stand in for the unused weights
 
     def reroute_weighted_kernel(ids, weights, sim, out, T, k, E, S, rho):
-        body(ids, weights, sim, out, T, k, E, S, rho)
+        body(ids, weights, sim, out, out, T, k, E, S, rho)
+
+    def reroute_merge_kernel(ids, weights, sim, out, weights_out, T, k, E, S, rho):
+        body(ids, weights, sim, out, weights_out, T, k, E, S, rho)
 
     def reroute_after_flags_kernel(ids, sim, flags, out, T, k, E, S, rho):
         """Launch 2 of the two-launch path: P comes from flags [E] (written by launch 1). A thread
@@ -324,6 +368,8 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
 
     if two_launch:
         return reroute_after_flags_kernel
+    if merge:
+        return reroute_merge_kernel
     return reroute_weighted_kernel if weighted else reroute_kernel
 
 

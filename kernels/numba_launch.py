@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP
-from sere.kernels.numba_pointer import (after_flags_pointer_kernel, flags_pointer_kernel, pointer_kernel,
-                                        scatter_flags_pointer_kernel)
+from sere.kernels.numba_pointer import (after_flags_pointer_kernel, flags_pointer_kernel, merge_pointer_kernel,
+                                        pointer_kernel, scatter_flags_pointer_kernel)
 
 BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
@@ -32,6 +32,10 @@ TWO_LAUNCH_BLOCKS_PER_SM = 4
 # 2026-12-07, bench/RESULTS.md section 17): T = 4096, S = 1 / 2: 5.5 / 5.4 us against 6.4 / 8.0.
 FLAGS_BUILD = "scatter"
 FLAGS_BUILDS = ("block", "scatter")
+# The merging kernel runs as ONE block (its last step needs every new id of every token): a wider
+# block covers more secondary slots per round. At vLLM's small-batch path (T k 4 <= E) there are
+# at most E / 4 secondary slots: 32 for E = 128, 16 warps take them in two rounds.
+MERGE_THREADS = 512
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -173,3 +177,43 @@ def launch_reroute(
     kern = pointer_kernel(id_name, sim_kind, cols, threads, lanes)
     args = (topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr()) + shape + (np.float32(threshold),)
     kern.launch(blocks, stream_ptr, device_index, args)
+
+
+def launch_reroute_merged(
+    topk_ids: torch.Tensor,
+    weights: torch.Tensor,
+    sim: torch.Tensor,
+    out: torch.Tensor,
+    weights_out: torch.Tensor,
+    select_top_k: int,
+    threshold: float,
+    *,
+    in_weight_order: bool = False,
+    threads: int = MERGE_THREADS,
+    lanes: int = WARP,
+) -> None:
+    """Re-route and merge each token's duplicate slots in one launch of ONE block (see
+    numba_kernels.make_kernel, merge=True): new ids into `out`, merged weights into `weights_out`.
+
+    topk_ids [T, k] int32/int64, weights and weights_out [T, k] float32, sim [E, E]
+    float32/float16/bfloat16, all contiguous. in_weight_order: the slots are not sorted by weight
+    (the contract in each token's weight order, as launch_reroute with weights). One block at any
+    T: meant for small batches (vLLM's small-batch path has T k 4 <= E), slow at large T.
+    """
+    T, k = topk_ids.shape
+    E = sim.shape[0]
+    if T * k == 0:
+        return
+    if in_weight_order and k > MAX_WEIGHTED_K:
+        raise ValueError(f"the weight-order kernel takes k <= {MAX_WEIGHTED_K} slots per token, got k={k}")
+    cols = columns_per_lane(E, lanes)
+    sim_kind = TORCH_SIM_KIND[sim.dtype]
+    if sim_kind == "bfloat16":
+        sim = sim.view(torch.int16)
+    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
+    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    S = max(-1, min(int(select_top_k), k))
+    kern = merge_pointer_kernel(id_name, sim_kind, cols, threads, lanes, in_weight_order)
+    args = (topk_ids.data_ptr(), weights.data_ptr(), sim.data_ptr(), out.data_ptr(), weights_out.data_ptr(),
+            np.int32(T), np.int32(k), np.int32(E), np.int32(S), np.float32(threshold))
+    kern.launch(1, torch.cuda.current_stream(device_index).cuda_stream, device_index, args)

@@ -23,6 +23,12 @@ def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch
 
 
 @lru_cache(maxsize=None)
+def _array_merge_kernel(sim_kind: str, cols: int, threads: int, lanes: int, in_weight_order: bool):
+    return cuda.jit(make_kernel(sim_kind, cols, threads, lanes, weight_kind="float32" if in_weight_order else None,
+                                merge=True))
+
+
+@lru_cache(maxsize=None)
 def _array_flags_kernel(threads: int):
     return cuda.jit(make_flags_kernel(threads))
 
@@ -125,6 +131,39 @@ def reroute_numba_numpy(
     kernel = _array_kernel(sim_kind, cols, threads, lanes)
     kernel[blocks, threads](ids_flat, sim_flat, out_flat, *shape, np.float32(threshold))
     return out
+
+
+def reroute_merged_numba_numpy(ids: np.ndarray, weights: np.ndarray, sim: np.ndarray, select_top_k: int,
+                               threshold: float, *, in_weight_order: bool = False, threads: int | None = None,
+                               lanes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The merging kernel (re-route, then one slot per expert per token; one block) on NumPy arrays:
+    (ids of the input's dtype, weights float32). ids [T, k] int32/int64, weights [T, k] float32,
+    sim [E, E] float32/float16. in_weight_order: the slots are not sorted by weight. Simulator
+    defaults as reroute_numba_numpy's (32 threads, groups of 4 lanes)."""
+    if cuda is None:
+        raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
+    ids, weights, sim = np.asarray(ids), np.asarray(weights), np.asarray(sim)
+    if ids.ndim != 2 or ids.dtype not in (np.int32, np.int64):
+        raise TypeError(f"ids must be a 2-D int32/int64 array, got {ids.dtype} shape {ids.shape}")
+    if weights.shape != ids.shape or weights.dtype != np.float32:
+        raise TypeError(f"weights must be float32 of the ids' shape {ids.shape}, got {weights.dtype} shape {weights.shape}")
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.dtype not in _NUMPY_SIM_KIND:
+        raise TypeError(f"sim must be float32/float16 [E, E], got {sim.dtype} shape {sim.shape}")
+    T, k = ids.shape
+    E = sim.shape[0]
+    out, weights_out = np.empty_like(ids), np.empty_like(weights)
+    if T * k == 0:
+        return out, weights_out
+    sim_mode = simulator_enabled()
+    threads = threads or (WARP if sim_mode else DEFAULT_THREADS)
+    if lanes is None:
+        lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
+    kernel = _array_merge_kernel(_NUMPY_SIM_KIND[sim.dtype], columns_per_lane(E, lanes), threads, lanes, in_weight_order)
+    S = max(-1, min(int(select_top_k), k))
+    kernel[1, threads](np.ascontiguousarray(ids).reshape(-1), np.ascontiguousarray(weights).reshape(-1),
+                       np.ascontiguousarray(sim).reshape(-1), out.reshape(-1), weights_out.reshape(-1),
+                       np.int32(T), np.int32(k), np.int32(E), np.int32(S), np.float32(threshold))
+    return out, weights_out
 
 
 @lru_cache(maxsize=None)

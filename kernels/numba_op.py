@@ -1,13 +1,14 @@
 """The reroute kernels as the torch custom ops `torch.ops.sere.reroute` and
 `torch.ops.sere.reroute_in_weight_order` (routers whose slots are not sorted by weight), and
 `reroute_numba` / `reroute_numba_in_weight_order`, the entries that skip the dispatcher on
-plain eager tensors.
+plain eager tensors; `torch.ops.sere.reroute_merged` / `reroute_numba_merged`: re-routing and the
+merge of each token's duplicate slots (new ids and weights) in one launch.
 """
 from __future__ import annotations
 
 import torch
 
-from sere.kernels.numba_launch import TORCH_SIM_KIND, launch_reroute
+from sere.kernels.numba_launch import TORCH_SIM_KIND, launch_reroute, launch_reroute_merged
 
 _TORCH_ID_TYPES = (torch.int32, torch.int64)
 
@@ -102,3 +103,51 @@ def reroute_numba_in_weight_order(topk_ids: torch.Tensor, topk_weights: torch.Te
             and not torch.compiler.is_compiling()):
         return _reroute_in_weight_order_eager(topk_ids, topk_weights, sim, select_top_k, threshold)
     return torch.ops.sere.reroute_in_weight_order(topk_ids, topk_weights, sim, select_top_k, threshold)
+
+
+def _check_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    if topk_weights.shape != topk_ids.shape or topk_weights.device != topk_ids.device:
+        raise ValueError(f"topk_weights must match topk_ids' shape {tuple(topk_ids.shape)} and device "
+                         f"{topk_ids.device}, got {tuple(topk_weights.shape)} on {topk_weights.device}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating, got {topk_weights.dtype}")
+
+
+def _reroute_merged_eager(topk_ids, topk_weights, sim, select_top_k, threshold, in_weight_order):
+    _check_torch_inputs(topk_ids, sim)
+    _check_weights(topk_ids, topk_weights)
+    ids = topk_ids.contiguous()  # T, k
+    weights = topk_weights.float().contiguous()  # T, k (float32 sums; a copy only for other dtypes)
+    if sim.dtype not in TORCH_SIM_KIND:
+        sim = sim.float()
+    sim = sim.contiguous()  # E, E
+    out = torch.empty_like(ids)  # T, k
+    weights_out = torch.empty_like(weights)  # T, k float32
+    launch_reroute_merged(ids, weights, sim, out, weights_out, select_top_k, threshold, in_weight_order=in_weight_order)
+    return out, weights_out.to(topk_weights.dtype)
+
+
+@torch.library.custom_op("sere::reroute_merged", mutates_args=())
+def reroute_merged_op(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
+                      threshold: float, in_weight_order: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.sere.reroute_merged: the merging kernel as an opaque op."""
+    return _reroute_merged_eager(topk_ids, topk_weights, sim, select_top_k, threshold, in_weight_order)
+
+
+@reroute_merged_op.register_fake
+def _reroute_merged_fake(topk_ids, topk_weights, sim, select_top_k, threshold, in_weight_order):
+    return (torch.empty_like(topk_ids, memory_format=torch.contiguous_format),
+            torch.empty_like(topk_weights, memory_format=torch.contiguous_format))
+
+
+def reroute_numba_merged(topk_ids: torch.Tensor, topk_weights: torch.Tensor, sim: torch.Tensor, select_top_k: int,
+                         threshold: float, in_weight_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, weights): the contract (in each token's weight order when in_weight_order), then each
+    token's slots that hold one expert merged into the first of them (summed weight in float32,
+    the others id -1 and weight 0; sere.routing.merge_duplicate_slots), in ONE launch of one block.
+    For small batches: vLLM's small-batch MoE path (T k 4 <= E) answers id -1 with zeros, so the
+    expert's weights are streamed once instead of once per slot. Weights come back in their dtype."""
+    if (type(topk_ids) is torch.Tensor and type(topk_weights) is torch.Tensor and type(sim) is torch.Tensor
+            and not torch.compiler.is_compiling()):
+        return _reroute_merged_eager(topk_ids, topk_weights, sim, select_top_k, threshold, in_weight_order)
+    return torch.ops.sere.reroute_merged(topk_ids, topk_weights, sim, select_top_k, threshold, in_weight_order)

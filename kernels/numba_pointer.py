@@ -36,6 +36,17 @@ def pointer_signature(id_name: str, sim_kind: str, weight_kind: str | None = Non
     )
 
 
+def merge_signature(id_name: str, sim_kind: str):
+    """void(ids*, weights*, sim*, out*, weights_out*, T, k, E, S, rho): the merging kernel
+    (weights float32, in and out)."""
+    types = numba.types
+    idt, f32 = numba_type(id_name), types.CPointer(types.float32)
+    return types.void(
+        types.CPointer(idt), f32, types.CPointer(numba_type(sim_kind)), types.CPointer(idt), f32,
+        types.int32, types.int32, types.int32, types.int32, types.float32,
+    )
+
+
 def after_flags_signature(id_name: str, sim_kind: str):
     """void(ids*, sim*, flags*, out*, T, k, E, S, rho): launch 2 of the two-launch path."""
     types = numba.types
@@ -133,6 +144,17 @@ def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAUL
         ("reroute", id_name, sim_kind, cols, threads, lanes, weight_kind),
         lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes, weight_kind=weight_kind),
                               pointer_signature(id_name, sim_kind, weight_kind), threads),
+    )
+
+
+def merge_pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int, lanes: int = WARP,
+                         in_weight_order: bool = False) -> PointerKernel:
+    """The compiled merging kernel (one block; slots in weight order when in_weight_order)."""
+    weight_kind = "float32" if in_weight_order else None
+    return cached_pointer_kernel(
+        ("merge", id_name, sim_kind, cols, threads, lanes, in_weight_order),
+        lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes, weight_kind=weight_kind, merge=True),
+                              merge_signature(id_name, sim_kind), threads),
     )
 
 

@@ -108,3 +108,28 @@ def topk_reroute_reference(router_logits, top_k: int, renormalize: bool, sim, se
         ids[t] = order
         weights[t] = picked
     return weights, reroute_reference(ids, sim, select_top_k, threshold)
+
+
+def merge_duplicate_slots_reference(topk_ids, topk_weights, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """One slot per expert per token (what `merge_slots` does after re-routing): where a token
+    holds a valid expert (0 <= id < E) in several slots, its first (lowest) slot keeps the id and
+    takes the weights of all of them, added one by one in slot order in float32; the others become
+    id -1 with weight 0. Invalid ids are left alone. Returns (ids of the input's dtype, weights in
+    the input's dtype). The MoE output is unchanged up to rounding (w1 y + w2 y = (w1 + w2) y)
+    wherever the expert kernel answers id -1 with zeros (vLLM's small-batch path)."""
+    ids = np.array(topk_ids, copy=True)  # T, k
+    weights = np.asarray(topk_weights)
+    merged = weights.astype(np.float32)  # T, k (a copy)
+    T, k = ids.shape
+    for t in range(T):
+        for j in range(1, k):
+            e = int(ids[t, j])
+            if not 0 <= e < num_experts:
+                continue
+            for i in range(j):
+                if ids[t, i] == e:  # the first slot of e (a repeat was set to -1 already)
+                    merged[t, i] = np.float32(merged[t, i] + merged[t, j])
+                    merged[t, j] = np.float32(0.0)
+                    ids[t, j] = -1
+                    break
+    return ids, merged.astype(weights.dtype)

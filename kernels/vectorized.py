@@ -69,3 +69,27 @@ def reroute_torch_with_primary(
     out = topk_ids.clone()
     out[:, S:] = torch.where(move, target, sec)
     return out
+
+
+def merge_duplicate_slots_torch(topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                                num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sere.kernels.reference.merge_duplicate_slots_reference, vectorised over tokens (equal bit
+    for bit: each repeat's weight is added to its first slot in slot order, in float32). k small
+    launches on the GPU; the numba kernel merges inside the re-route launch instead."""
+    T, k = topk_ids.shape
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)  # T, k
+    same = (topk_ids.unsqueeze(2) == topk_ids.unsqueeze(1)) & valid.unsqueeze(2)  # T, k (slot j), k (slot i)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_ids.device).tril(-1)  # i < j
+    dup = same & earlier  # T, k, k
+    repeat = dup.any(-1)  # T, k: slot j holds an expert that an earlier slot holds
+    first = dup.to(torch.int8).argmax(-1, keepdim=True)  # T, k, 1: that earlier slot (the first True)
+    weights = topk_weights.float()  # T, k
+    merged = weights.clone()
+    for j in range(1, k):  # in slot order, as the reference adds
+        target = first[:, j]  # T, 1
+        current = merged.gather(1, target)  # T, 1
+        summed = torch.where(repeat[:, j:j + 1], current + weights[:, j:j + 1], current)
+        merged.scatter_(1, target, summed)
+    merged = torch.where(repeat, torch.zeros_like(merged), merged)
+    ids = torch.where(repeat, torch.full_like(topk_ids, -1), topk_ids)
+    return ids, merged.to(topk_weights.dtype)

@@ -38,7 +38,7 @@ import torch
 
 from sere.config import LayerPlan
 from sere.recorder import ExpertStatsRecorder
-from sere.routing import global_primary_mask, route_with_primary_unchecked
+from sere.routing import global_primary_mask, merge_duplicate_slots_unchecked, route_with_primary_unchecked
 from sere.stats import reroute_stats
 
 # The layer-index rule of every integration: module names hold `layers.N`.
@@ -125,10 +125,13 @@ class LayerRerouter:
     primary_group: for a plan with primary_set "global", the data-parallel group that P is the
     union over (a torch.distributed ProcessGroup or vLLM's GroupCoordinator, see
     sere.routing.all_reduce_sum); required there, refused for a "local" plan.
+    merge_tokens: `route_merged` merges each token's duplicate slots in calls of at most this many
+    tokens (None: never); the integration sets it where its expert kernel answers id -1 with zeros.
     """
 
     def __init__(self, plan: LayerPlan, sim: torch.Tensor, transform, *, sort_slots: bool,
-                 backend: str = "auto", observers: list | None = None, primary_group=None):
+                 backend: str = "auto", observers: list | None = None, primary_group=None,
+                 merge_tokens: int | None = None):
         if plan.primary_set == "global" and primary_group is None:
             raise ValueError(f"layer {plan.layer}: primary_set 'global' needs the data-parallel group to take the "
                              "union over (primary_group=); the vLLM plugin passes vLLM's DP group, sere.hf has none")
@@ -147,6 +150,10 @@ class LayerRerouter:
         self.observers: list = list(observers or [])
         self.primary_group = primary_group
         self.last_primary: torch.Tensor | None = None  # E bool: the global P of the call in progress
+        if merge_tokens is not None and (isinstance(merge_tokens, bool) or not isinstance(merge_tokens, int)
+                                         or merge_tokens < 1):
+            raise ValueError(f"merge_tokens must be a positive int or None, got {merge_tokens!r}")
+        self.merge_tokens = merge_tokens
 
     def _apply(self, ids: torch.Tensor) -> torch.Tensor:
         if self.primary_group is None:
@@ -203,6 +210,29 @@ class LayerRerouter:
         self._notify(ids_in, new_in, topk_weights, skip)
         return new_ids
 
+    def route_merged(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids), the router's order: the new ids as `__call__` gives them, and in calls of
+        at most merge_tokens tokens each token's duplicate slots merged into one
+        (sere.routing.merge_duplicate_slots: summed weight, the others id -1 / weight 0). The numba
+        transform does both in one launch where no observer needs the ids between the two steps.
+        A shape test: fine eagerly and under CUDA graphs; a compiled graph (one for every batch
+        size) never merges."""
+        T, k = topk_ids.shape
+        S = self.select_top_k
+        merging = (self.merge_tokens is not None and T <= self.merge_tokens and not torch.compiler.is_compiling()
+                   and 0 < S < k and (self.max_tokens is None or T <= self.max_tokens))
+        if not merging:
+            return topk_weights, self(topk_ids, topk_weights)
+        fused = getattr(self.transform, "merged", None)
+        if fused is not None and not self.observers and self.primary_group is None:
+            self.last_primary = None
+            new_ids, new_weights = fused(topk_ids, topk_weights, self.sim, S, self.threshold, self.sort_slots)
+            return new_weights, new_ids
+        new_ids = self(topk_ids, topk_weights)
+        backend = "reference" if self.backend == "reference" else "torch"
+        merged_ids, merged_weights = merge_duplicate_slots_unchecked(new_ids, topk_weights, self.num_experts, backend)
+        return merged_weights, merged_ids
+
     def _notify(self, ids_in, new_in, topk_weights, skipped) -> None:
         if not self.observers:
             return
@@ -215,6 +245,7 @@ class LayerRerouter:
 
     def __repr__(self) -> str:
         global_note = ", primary_set='global'" if self.primary_group is not None else ""
+        merge_note = f", merge_tokens={self.merge_tokens}" if self.merge_tokens is not None else ""
         return (f"LayerRerouter(layer={self.layer}, E={self.num_experts}, S={self.select_top_k}, "
                 f"rho={self.threshold}, max_tokens={self.max_tokens}, sort_slots={self.sort_slots}, "
-                f"backend={self.backend!r}{global_note})")
+                f"backend={self.backend!r}{global_note}{merge_note})")

@@ -8,7 +8,8 @@ The contract (every backend agrees on it bit for bit), for one MoE layer and a b
   2. For every valid id e in slots S..k-1: if e is in P it stays. Otherwise p* = argmax over
      p in P of sim[e, p] (ties: smallest p). If sim[e, p*] >= rho, e becomes p*; else e stays
      (a critical expert). Comparisons are in float32 (float32(sim) >= float32(rho)).
-  3. Weights are not changed; a token may hold one expert in two slots (fused MoE sums them).
+  3. Weights are not changed; a token may hold one expert in two slots (fused MoE sums them;
+     `merge_duplicate_slots` makes them one slot where the expert kernel allows id -1).
   4. S <= 0, S >= k, or an empty P: output == input.
 Output: new ids, same shape and dtype. No host sync, no data-dependent shapes.
 
@@ -32,7 +33,8 @@ from functools import lru_cache
 import torch
 
 from sere.config import BACKENDS
-from sere.kernels.vectorized import primary_mask as batch_primary_mask, reroute_torch, reroute_torch_with_primary
+from sere.kernels.vectorized import (merge_duplicate_slots_torch, primary_mask as batch_primary_mask, reroute_torch,
+                                     reroute_torch_with_primary)
 from sere.validation import check_reroute_args, check_similarity_values
 
 @lru_cache(maxsize=None)
@@ -153,6 +155,45 @@ def route_with_primary_unchecked(
                                              select_top_k, threshold, primary_mask.cpu().numpy())
         return torch.from_numpy(out).to(topk_ids.device)
     return reroute_torch_with_primary(topk_ids, similarity, select_top_k, threshold, primary_mask)
+
+
+def merge_duplicate_slots(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, *,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot per expert per token, after re-routing (rule 3 lets a token hold one expert in
+    several slots): the first slot of each valid expert keeps the id and takes the weights of all
+    its slots, added in slot order in float32; the others become id -1 with weight 0. Returns
+    (ids, weights), new tensors of the inputs' dtypes. The MoE output is the same up to rounding
+    wherever the expert kernel answers id -1 with zeros (vLLM's fused MoE on its small-batch path,
+    T k 4 <= E with no expert map), and the expert is computed once instead of once per slot.
+    backend: "reference" (loops), "torch" or "auto" (= torch); the numba kernel merges inside the
+    re-route launch (sere.kernels.numba_cuda.reroute_numba_merged)."""
+    if not isinstance(topk_ids, torch.Tensor) or not isinstance(topk_weights, torch.Tensor):
+        raise TypeError("topk_ids and topk_weights must be torch tensors")
+    if topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids and topk_weights must be [tokens, k] of one shape, got {tuple(topk_ids.shape)} "
+                         f"and {tuple(topk_weights.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating, got {topk_weights.dtype}")
+    if topk_ids.device != topk_weights.device:
+        raise ValueError(f"topk_ids and topk_weights are on different devices: {topk_ids.device}, {topk_weights.device}")
+    if backend not in ("auto", "reference", "torch"):
+        raise ValueError(f"merge_duplicate_slots runs on backend 'reference' or 'torch' (or 'auto'), not {backend!r}")
+    return merge_duplicate_slots_unchecked(topk_ids, topk_weights, int(num_experts), backend)
+
+
+def merge_duplicate_slots_unchecked(topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_duplicate_slots` without input checks (the re-routers' per-call path)."""
+    if backend == "reference":
+        from sere.kernels.reference import merge_duplicate_slots_reference
+
+        ids, weights = merge_duplicate_slots_reference(topk_ids.cpu().numpy(), topk_weights.float().cpu().numpy(),
+                                                       num_experts)
+        return (torch.from_numpy(ids).to(topk_ids.device),
+                torch.from_numpy(weights).to(device=topk_weights.device, dtype=topk_weights.dtype))
+    return merge_duplicate_slots_torch(topk_ids, topk_weights, num_experts)
 
 
 # 0/1 per rank, summed: exact in float32 up to 2**24 ranks. Floating because vLLM's fastest

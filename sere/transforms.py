@@ -73,7 +73,9 @@ def _no_options(name: str, options: dict) -> None:
 def _sere_factory(*, backend: str = "auto", **options) -> RoutingTransform:
     """The contract on `backend`. On the numba backend the transform also carries
     `in_weight_order(ids, weights, sim, S, rho)`: the same contract for slots that are not sorted
-    by weight, in one kernel (no argsort/gather/scatter); re-routers use it where present."""
+    by weight, in one kernel (no argsort/gather/scatter), and `merged(ids, weights, sim, S, rho,
+    in_weight_order)`: the contract then sere.routing.merge_duplicate_slots, in one kernel
+    returning (ids, weights); re-routers use them where present."""
     from sere.routing import route_unchecked
 
     _no_options("sere", options)
@@ -82,9 +84,10 @@ def _sere_factory(*, backend: str = "auto", **options) -> RoutingTransform:
         return route_unchecked(ids, sim, S, rho, backend)
 
     if backend == "numba":
-        from sere.kernels.numba_cuda import reroute_numba_in_weight_order
+        from sere.kernels.numba_cuda import reroute_numba_in_weight_order, reroute_numba_merged
 
         sere_transform.in_weight_order = reroute_numba_in_weight_order
+        sere_transform.merged = reroute_numba_merged
     return sere_transform
 
 

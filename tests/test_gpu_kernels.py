@@ -344,6 +344,87 @@ def test_layer_rerouter_fused_path_equals_the_sorting_path_on_the_gpu():
     assert_ids_equal(fused(ids, weights), sorting(ids, weights).cpu(), "rerouter")
 
 
+# ---- the merging kernel: re-route, then one slot per expert per token, one launch of one block ---
+
+
+def expect_merged(ids, weights, sim32, S, rho, in_weight_order):
+    from sere.kernels.reference import merge_duplicate_slots_reference
+
+    E = sim32.shape[0]
+    new = (expect_in_weight_order(ids, weights, sim32, S, rho) if in_weight_order else expect(ids, sim32, S, rho))
+    m_ids, m_w = merge_duplicate_slots_reference(new.numpy(), weights.float().cpu().numpy(), E)
+    return torch.from_numpy(m_ids), torch.from_numpy(m_w).to(weights.dtype)
+
+
+def assert_weights_equal(got, want, context):
+    assert got.dtype == want.dtype and got.shape == want.shape, context
+    bits = torch.int32 if got.dtype == torch.float32 else torch.int16
+    assert torch.equal(got.cpu().view(bits), want.view(bits)), f"{context}: weights differ"
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (4, 128, 8), (3, 60, 4), (2, 64, 6), (33, 64, 6), (256, 128, 8),
+                                   (16, 1024, 8), (1, 8, 1)])
+@pytest.mark.parametrize("in_weight_order", [False, True], ids=["sorted", "weight-order"])
+def test_merging_kernel_matches_reroute_then_merge(T, E, k, in_weight_order):
+    """Every S, ids / weights / similarity dtypes rotating: ids and weights bit for bit against the
+    reference re-routing followed by the reference merge (one block at every T)."""
+    from sere.kernels.numba_cuda import reroute_numba_merged
+
+    gen = np.random.default_rng([T, E, k, 9, int(in_weight_order)])
+    for S in range(k + 1):
+        for r, rho in enumerate(THRESHOLDS):
+            ids, sim, sim32 = random_case(gen, T, E, k, ID_DTYPES[(S + r) % 2], SIM_DTYPES[(S + r) % 3], grid=r % 2 == 0)
+            weights = random_weights(gen, T, k, WEIGHT_DTYPES[(S + 2 * r) % 3], ties=(S + r) % 2 == 0)
+            if not in_weight_order:
+                weights = weights.sort(dim=1, descending=True, stable=True).values
+            got_ids, got_w = reroute_numba_merged(ids, weights, sim, S, rho, in_weight_order)
+            want_ids, want_w = expect_merged(ids, weights, sim32, S, rho, in_weight_order)
+            assert_ids_equal(got_ids, want_ids, (T, E, k, S, rho))
+            assert_weights_equal(got_w, want_w, (T, E, k, S, rho))
+
+
+def test_merging_kernel_in_graph_replay_compiled_and_through_the_rerouter():
+    from sere.config import LayerPlan
+    from sere.kernels.numba_cuda import reroute_numba_merged
+    from sere.rerouter import LayerRerouter
+    from sere.transforms import get_transform
+
+    T, E, k, S, rho = 4, 128, 8, 1, 0.0
+    gen = np.random.default_rng(29)
+    ids, sim, _ = random_case(gen, T, E, k, torch.int32, torch.bfloat16, grid=False)
+    weights = random_weights(gen, T, k, torch.float32, ties=False).sort(dim=1, descending=True).values
+    static = (ids.clone(), weights.clone(), sim.clone())
+    reroute_numba_merged(*static, S, rho)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_ids, out_w = reroute_numba_merged(*static, S, rho)
+    for round_ in range(3):
+        ids, sim, sim32 = random_case(gen, T, E, k, torch.int32, torch.bfloat16, grid=round_ % 2 == 0)
+        weights = random_weights(gen, T, k, torch.float32, ties=False).sort(dim=1, descending=True).values
+        for dst, src in zip(static, (ids, weights, sim)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_ids, want_w = expect_merged(ids, weights, sim32, S, rho, False)
+        assert_ids_equal(out_ids, want_ids, ("graph", round_))
+        assert_weights_equal(out_w, want_w, ("graph", round_))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, w, s: reroute_numba_merged(i, w, s, S, rho), fullgraph=True)
+    got_ids, got_w = compiled(ids, weights, sim)
+    assert_ids_equal(got_ids, want_ids, "compiled")
+    torch.library.opcheck(torch.ops.sere.reroute_merged.default, (ids, weights, sim, S, rho, False))
+    plan = LayerPlan(0, S, rho, None)
+    on_numba = LayerRerouter(plan, sim.float(), get_transform("sere", backend="numba"), sort_slots=False,
+                             backend="numba", merge_tokens=4)
+    on_torch = LayerRerouter(plan, sim.float(), get_transform("sere", backend="torch"), sort_slots=False,
+                             backend="torch", merge_tokens=4)
+    (w_n, i_n), (w_t, i_t) = on_numba.route_merged(ids, weights), on_torch.route_merged(ids, weights)
+    assert_ids_equal(i_n, i_t.cpu(), "rerouter")
+    assert_weights_equal(w_n, w_t.cpu(), "rerouter")
+    assert bool((i_n == -1).any())  # S = 1, rho = 0 at T = 4 of E = 128: slots pile up
+
+
 # ---- the fused router top-k + re-route kernel ---------------------------------------------------
 
 

@@ -303,3 +303,52 @@ def test_fused_topk_rejects_bad_input():
         topk_reroute_numba_numpy(np.zeros((2, 8), np.float32), 2, False, np.eye(4, dtype=np.float32), 1, 0.0)
     with pytest.raises(TypeError, match="router_logits"):
         topk_reroute_numba_numpy(np.zeros((2, 8), np.int32), 2, False, sim, 1, 0.0)
+
+
+# The merging kernel (re-route, then one slot per expert per token, one block): ids and weights
+# bit for bit against the reference re-routing followed by the reference merge.
+MERGE_SHAPES = [(1, 8, 4), (1, 60, 8), (3, 60, 8), (9, 8, 4)]
+
+
+def merged_reference(ids, weights, sim, S, rho, in_weight_order):
+    from sere.kernels.reference import merge_duplicate_slots_reference
+
+    E = sim.shape[0]
+    new = (reroute_reference_in_weight_order(ids, weights, sim, S, rho) if in_weight_order
+           else reroute_reference(ids, sim, S, rho))
+    return merge_duplicate_slots_reference(new, weights, E)
+
+
+@pytest.mark.parametrize("T,E,k", MERGE_SHAPES)
+@pytest.mark.parametrize("in_weight_order", [False, True], ids=["sorted", "weight-order"])
+def test_merging_kernel_matches_reroute_then_merge(T, E, k, in_weight_order):
+    rng = np.random.default_rng([T, E, k, int(in_weight_order), 5])
+    merged_any = 0
+    for S in (0, 1, k // 2, k):
+        for rho in (0.0, 0.5):
+            ids, sim = random_case(rng, T, E, k, ID_DTYPES[S % 2], SIM_DTYPES[(S // 2) % 2])
+            weights = rng.random((T, k)).astype(np.float32)
+            if not in_weight_order:
+                weights = -np.sort(-weights, axis=1)
+            want_ids, want_w = merged_reference(ids, weights, sim, S, rho, in_weight_order)
+            got_ids, got_w = numba_numpy.reroute_merged_numba_numpy(ids, weights, sim, S, rho,
+                                                                    in_weight_order=in_weight_order)
+            context = (T, E, k, S, rho, in_weight_order)
+            assert_same_ids(got_ids, want_ids, context)
+            assert got_w.dtype == np.float32
+            np.testing.assert_array_equal(got_w.view(np.int32), want_w.view(np.int32), err_msg=str(context))
+            merged_any += int((got_ids == -1).sum() - (ids == -1).sum() > 0)
+    assert merged_any > 0  # some case had duplicate slots to merge
+
+
+def test_merging_kernel_sends_a_batch_of_one_to_one_slot():
+    """T = 1, S = 1, rho = 0: every secondary slot moves to the one primary expert, so the token
+    keeps one slot holding the sum of its k weights (added in slot order), the rest -1 / 0."""
+    E, k = 16, 4
+    sim = np.full((E, E), 0.25, dtype=np.float32)
+    ids = np.array([[5, 9, 2, 11]], dtype=np.int32)
+    weights = np.array([[0.4, 0.3, 0.2, 0.1]], dtype=np.float32)
+    got_ids, got_w = numba_numpy.reroute_merged_numba_numpy(ids, weights, sim, 1, 0.0)
+    assert got_ids.tolist() == [[5, -1, -1, -1]]
+    total = ((np.float32(0.4) + np.float32(0.3)) + np.float32(0.2)) + np.float32(0.1)
+    assert got_w[0, 0] == total and got_w[0, 1:].tolist() == [0.0, 0.0, 0.0]

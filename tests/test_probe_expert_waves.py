@@ -4,7 +4,7 @@ probe's x axis is what it says, and the fit must recover a known fixed cost and 
 import pytest
 import torch
 
-from bench.lab.probe_expert_waves import (EXPERT_COUNTS, fit_fixed_cost, halved_n, merge_duplicate_slots,
+from bench.lab.probe_expert_waves import (EXPERT_COUNTS, fit_fixed_cost, halved_n,
                                           routing_over, working_blocks)
 from sere.stats import distinct_experts
 
@@ -39,19 +39,3 @@ def test_fit_recovers_the_fixed_cost_and_the_rate():
     assert abs(fixed - 27.0) < 2.0 and abs(slope - 0.92) < 0.02 and 1.0 < worst <= 3.0
 
 
-def test_merged_duplicate_slots_give_the_same_mixture():
-    """Merging a token's slots that share an expert (summed weight, the rest id -1 that a kernel
-    skips) keeps sum_i w_i y(e_i); distinct slots stay as they were."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.tensor([[3, 3, 5, 3], [1, 2, 1, 2], [0, 1, 2, 4]], dtype=torch.int32)
-    weights = torch.rand(3, 4, generator=gen)
-    y = torch.randn(6, 5, generator=gen)  # each expert's output for the token, a stand-in
-
-    def mixture(i, w):
-        keep = i >= 0
-        return (w.unsqueeze(-1) * y[i.clamp(min=0).long()] * keep.unsqueeze(-1)).sum(1)
-
-    m_ids, m_w = merge_duplicate_slots(ids, weights)
-    assert m_ids.tolist() == [[3, -1, 5, -1], [1, 2, -1, -1], [0, 1, 2, 4]]
-    assert (m_w[m_ids < 0] == 0).all() and torch.equal(m_w[2], weights[2])
-    torch.testing.assert_close(mixture(m_ids, m_w), mixture(ids, weights))

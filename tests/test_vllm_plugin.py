@@ -275,6 +275,14 @@ def test_missing_artifact_fails_at_load(slot, tmp_path):
         slot.start(model=str(bare), enforce_eager=True, **sere_kwargs("qwen3_moe", 1, 0.1))
 
 
+def test_merge_slots_fails_at_load_off_cuda(slot, models):
+    """Merged slots (id -1) are exact only in vLLM's CUDA Triton fused MoE: the CPU engine refuses."""
+    slot.close()
+    with pytest.raises(ValueError, match="merge_slots needs vLLM's Triton fused MoE on CUDA"):
+        slot.start(model=str(models["qwen3_moe"]), enforce_eager=True,
+                   **sere_kwargs("qwen3_moe", 1, 0.1, merge_slots=True))
+
+
 def test_unknown_architecture_name_fails_at_load(slot, models):
     slot.close()
     with pytest.raises(Exception, match=r"MixtralForCausalLMSERE.*not supported"):

@@ -9,7 +9,8 @@
 #      harmlessly) and racecheck over the kernels' edge shapes (python -m bench.gpu.sanitize_kernel);
 #   3. the kernel bench at graph replay, uniform routing: numba, the research-structure baseline
 #      and torch side by side, the weight-order kernel against the sort path, and the fused router
-#      top-k + re-route kernel against top-k then re-route (JSON + tables);
+#      top-k + re-route kernel against top-k then re-route, the merging kernel against the plain one
+#      (JSON + tables);
 #   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`; SKIP_GPU_TESTS=1 leaves them out).
 # From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
 # $OUT (default /tmp/sere_kgate_out) gets: kgate.log (all printed), summary.md, bench_kernel.json,
@@ -60,7 +61,7 @@ SAN=(compute-sanitizer --print-limit 20)
 TAIL=4 step memcheck 200 "$ROOT" "${SAN[@]}" --tool memcheck --report-api-errors no $PY -m bench.gpu.sanitize_kernel
 TAIL=4 step racecheck 200 "$ROOT" "${SAN[@]}" --tool racecheck --racecheck-report hazard $PY -m bench.gpu.sanitize_kernel --quick
 
-TAIL=3 step bench 200 "$ROOT" $PY -m pytest bench/test_bench_reroute.py -k "gpu and uniform and graph or gpu_unsorted or gpu_fused_topk" -q -s \
+TAIL=3 step bench 200 "$ROOT" $PY -m pytest bench/test_bench_reroute.py -k "gpu and uniform and graph or gpu_unsorted or gpu_fused_topk or gpu_merged" -q -s \
   -p no:cacheprovider --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=median --benchmark-sort=name
 $PY -m bench.gpu.summarize_kernel "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 && cat "$OUT/summary.md"
 

@@ -26,7 +26,7 @@
 # default fp8_per_block, vLLM's online scheme with the published checkpoint's 128 x 128 blocks,
 # router gates in bf16; the counts engine shows the routing did not collapse), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
-# the fused top-k variant), FUSED_K (a -k expression narrowing fused-pytest).
+# the fused top-k variant, sere-s1-merge the merged-slots one), FUSED_K (a -k expression narrowing fused-pytest).
 # Measured on the H100 (2026-11-23): an engine takes 100-145 s from process start to its
 # last number (the first engine of a model ~25 s more: vLLM inspects the architecture in a
 # subprocess once), so one model's three engines need ~330-400 s.

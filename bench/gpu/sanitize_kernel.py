@@ -9,8 +9,9 @@ Every case runs on the GPU and is checked against the plain-loop reference (a wr
 so the sanitizer sees each kernel path with valid and invalid inputs: T = 1, odd E, E = 1024,
 -1 / >= E ids, S = 0 / k, the two-launch path (T >= the shape rule's threshold and forced),
 int32 and int64 ids, float32 / float16 / bfloat16 similarities, the weight-order kernel
-(unsorted slots), the fused router top-k + re-route kernel (its ids from float32 / float16 /
-bfloat16 logits with ties), and the research-structure baseline.
+(unsorted slots), the merging kernel (one block: re-route, then duplicate slots merged, sorted and
+unsorted slots; ids and weights), the fused router top-k + re-route kernel (its ids from float32 /
+float16 / bfloat16 logits with ties), and the research-structure baseline.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import sys
 import numpy as np
 import torch
 
-from sere.kernels.numba_cuda import launch_reroute, reroute_numba, reroute_numba_in_weight_order, topk_reroute_numba
-from sere.kernels.reference import reroute_reference, reroute_reference_in_weight_order, topk_reroute_reference
+from sere.kernels.numba_cuda import (launch_reroute, reroute_numba, reroute_numba_in_weight_order, reroute_numba_merged,
+                                     topk_reroute_numba)
+from sere.kernels.reference import (merge_duplicate_slots_reference, reroute_reference, reroute_reference_in_weight_order,
+                                    topk_reroute_reference)
 from sere.kernels.research_baseline import reroute_research_baseline
 
 # (T, E, k, S): T = 1, odd E, the largest E, S out of range, large T (two launches).
@@ -63,6 +66,14 @@ def run(cases) -> int:
         ok = np.array_equal(got_w.cpu().numpy(), want_w)
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {'weight-order':30s} T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
+        for in_order, want_ids in ((False, want), (True, want_w)):
+            m_ids, m_w = reroute_numba_merged(ids, weights, sim, S, 0.1, in_order)
+            torch.cuda.synchronize()
+            r_ids, r_w = merge_duplicate_slots_reference(want_ids, weights.cpu().numpy(), E)
+            ok = np.array_equal(m_ids.cpu().numpy(), r_ids) and np.array_equal(m_w.cpu().numpy(), r_w)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {'merged' + (' weight-order' if in_order else ''):30s} "
+                  f"T={T} E={E} k={k} S={S} {ids.dtype} {sim.dtype}")
         failures += run_fused_topk(gen, T, E, k, S, ids.dtype, sim, SIM_DTYPES[(n + 1) % 3])
     return failures
 

@@ -24,7 +24,8 @@ def main(path: str) -> None:
     print(f"Source: {path}; {data.get('datetime', '')}; host {machine.get('node', '')}")
     unsorted = sorted(k for k in rows if k[1].endswith("-unsorted"))
     fused_topk = sorted(k for k in rows if k[1] == "router-logits")
-    own_table = set(unsorted) | set(fused_topk)
+    merged = sorted(k for k in rows if k[1] == "uniform-merged")
+    own_table = set(unsorted) | set(fused_topk) | set(merged)
     for method in ("graph", "events", "host"):
         keys = sorted(k for k in rows if k[0] == method and k not in own_table)
         if not keys:
@@ -68,6 +69,16 @@ def main(path: str) -> None:
                           f"{two / f['us_per_call']:.2f}x" if two and f.get("us_per_call") else "-"])
         print("\n".join(markdown_table(["T", "S", "fused kernel", "top-k then re-route", "stock top-k alone",
                                          "fused minus stock top-k", "fused speed-up"], "rrrrrrr", cells)))
+
+    if merged:
+        print("\n### merged slots: the merging kernel (one block) vs the plain kernel, and plain + torch merge, graph replay, us\n")
+        cells = []
+        for key in merged:
+            m = rows[key].get("numba_merged", {})
+            cells.append([key[2], key[3], m.get("us_per_call", "-"), m.get("plain_kernel_us_per_call", "-"),
+                          m.get("plain_then_torch_merge_us_per_call", "-"), m.get("merged_slots", "-")])
+        print("\n".join(markdown_table(["T", "S", "merging kernel", "plain kernel", "plain + torch merge",
+                                         "slots merged away"], "rrrrrr", cells)))
 
 
 if __name__ == "__main__":

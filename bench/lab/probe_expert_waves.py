@@ -36,6 +36,8 @@ import sys
 
 import torch
 
+from sere.routing import merge_duplicate_slots
+
 EXPERT_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -48,17 +50,6 @@ def routing_over(n: int, T: int, k: int, E: int, seed: int = 0) -> tuple[torch.T
     ids = chosen[torch.arange(T * k) % n].view(T, k).to(torch.int32)
     weights = torch.softmax(torch.randn(T, k, generator=gen), dim=-1)
     return ids, weights
-
-
-def merge_duplicate_slots(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's slots with one id merged into its first: that slot takes their summed weight,
-    the others become id -1 with weight 0 (the same output: w1 y + w2 y = (w1 + w2) y). vLLM's
-    kernel writes zeros for id -1 only on its small-batch path (no align, T k 4 <= E)."""
-    same = ids.unsqueeze(2) == ids.unsqueeze(1)  # (T, k, k): slot i and slot j hold one expert
-    earlier = torch.ones_like(same[0]).tril(-1)  # j < i
-    repeat = (same & earlier).any(-1)
-    merged = (same.to(weights.dtype) * weights.unsqueeze(1)).sum(-1)
-    return torch.where(repeat, -1, ids), torch.where(repeat, 0.0, merged).to(weights.dtype)
 
 
 def halved_n(cfg: dict) -> dict:
@@ -141,7 +132,7 @@ def main(argv=None) -> int:
                 # Merged duplicates (id -1): only where vLLM takes its small-batch path, which
                 # writes zeros for -1 (the aligned path would leave those rows unwritten).
                 merged = "n/a"
-                m_ids, m_weights = merge_duplicate_slots(ids, weights)
+                m_ids, m_weights = merge_duplicate_slots(ids, weights, E)
                 if T * k * 4 <= E and bool((m_ids < 0).any()):
                     got_m = layer.fused_experts(h, w0.w13, w0.w2, m_weights, m_ids, global_num_experts=E).float()
                     m_err = fused.rel_err(got_m, ref)

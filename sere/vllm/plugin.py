@@ -109,7 +109,7 @@ def _artifact_name() -> str:
 
 
 def _after_load(model, vllm_config, model_config) -> None:
-    from sere.vllm.router import apply_sere, check_routed_through_router
+    from sere.vllm.router import apply_sere, check_merge_supported, check_routed_through_router
     from sere.vllm.settings import read_settings
 
     if model_config is not getattr(vllm_config, "model_config", model_config):
@@ -118,4 +118,6 @@ def _after_load(model, vllm_config, model_config) -> None:
     if settings is None:
         return
     # The SERE model classes have wrapped their routers already; apply_sere then returns them.
-    check_routed_through_router(apply_sere(model, vllm_config, settings))
+    sites = apply_sere(model, vllm_config, settings)
+    check_routed_through_router(sites)
+    check_merge_supported(sites)

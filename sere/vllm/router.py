@@ -137,6 +137,8 @@ def sere_class(cls: type) -> type:
             topk_weights, topk_ids = stock_select(self, *args, **kwargs)
             if self._sere_fused is not None:  # _compute_routing re-routed already (or left the call alone by rule)
                 return topk_weights, topk_ids
+            if self._sere.merge_tokens is not None:  # small calls: duplicate slots merged (new weights)
+                return self._sere.route_merged(topk_ids, topk_weights)
             return topk_weights, self._sere(topk_ids, topk_weights)
 
         members["select_experts"] = select_experts
@@ -197,12 +199,16 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
+    if config.merge_slots and device.type != "cuda":
+        raise ValueError(f"SERE merge_slots needs vLLM's Triton fused MoE on CUDA (its small-batch path answers "
+                         f"id -1 with zeros); this engine runs on {device.type}")
     for s in sites:
         sort_slots = config.sort_slots
         if sort_slots is None:
             sort_slots = not router_returns_sorted(s.router, device)
         s.router._sere = LayerRerouter(plans[s.layer], sims[s.layer], transform, sort_slots=sort_slots,
-                                       backend=config.backend, observers=observers, primary_group=primary_group)
+                                       backend=config.backend, observers=observers, primary_group=primary_group,
+                                       merge_tokens=merge_tokens(s) if config.merge_slots else None)
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
@@ -215,6 +221,24 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         artifact.path,
     )
     return sites
+
+
+# vLLM's fused MoE skips its token alignment and gives each slot its own block when
+# T * k * SPARSITY_FACTOR <= E (fused_moe._prepare_expert_assignment, vLLM 0.26 and 0.32): the path
+# that answers id -1 with zeros, where merging duplicate slots is exact.
+SMALL_BATCH_SPARSITY = 4
+
+
+def merge_tokens(site: MoESite) -> int | None:
+    """The largest call (in tokens) that vLLM's small-batch path takes for this layer; None (and a
+    warning) where not even one token fits (E < 4 k)."""
+    tokens = site.num_experts // (SMALL_BATCH_SPARSITY * site.top_k)
+    if tokens < 1:
+        logger.warning("SERE merge_slots: layer %d (E=%d, k=%d) never takes vLLM's small-batch path "
+                       "(T k %d <= E); its slots are not merged", site.layer, site.num_experts, site.top_k,
+                       SMALL_BATCH_SPARSITY)
+        return None
+    return tokens
 
 
 def _primary_group(config: SereConfig):
@@ -273,6 +297,30 @@ def check_routed_through_router(sites: list[MoESite]) -> None:
                 "inside the kernel, without select_experts), so SERE cannot re-route it; choose a "
                 "modular MoE backend (e.g. the Triton one)"
             )
+
+
+def check_merge_supported(sites: list[MoESite]) -> None:
+    """After weight loading: merged slots (id -1) are exact only in vLLM's Triton expert kernel
+    without an expert map; refuse a layer that runs anything else with merge_slots on."""
+    for s in sites:
+        rerouter = getattr(s.router, "_sere", None)
+        if getattr(rerouter, "merge_tokens", None) is None:
+            continue
+        quant_method = getattr(getattr(s.module, "routed_experts", None), "quant_method", None)
+        experts = getattr(quant_method, "experts_cls", None)
+        names = [c.__name__ for c in getattr(experts, "__mro__", ())]
+        if "TritonExperts" not in names or "TritonWNA16Experts" in names:
+            raise ValueError(
+                f"layer {s.layer}: merge_slots needs vLLM's Triton fused MoE (TritonExperts), whose small-batch "
+                f"path answers id -1 with zeros; this layer runs {getattr(experts, '__name__', experts)!r} "
+                f"({type(quant_method).__name__}); turn merge_slots off")
+        try:
+            expert_map = getattr(s.module, "expert_map", None)
+        except Exception:  # noqa: BLE001 - a runner without routed experts yet: no map to speak of
+            expert_map = None
+        if expert_map is not None:
+            raise ValueError(f"layer {s.layer}: merge_slots needs a layer without an expert map (expert parallelism "
+                             "sends id -1 to the aligned path); turn merge_slots off")
 
 
 def _model_device(vllm_config, model) -> torch.device:

@@ -1,0 +1,207 @@
+"""Merging each token's duplicate slots after re-routing (sere.routing.merge_duplicate_slots, the
+re-router's route_merged, the merge_slots setting) on the CPU: the torch implementation equals the
+plain-loop reference bit for bit, the MoE mixture is unchanged, and the re-router merges exactly
+in the calls it should. The numba kernel that merges inside the re-route launch is checked in
+tests/test_numba_simulator.py (simulator) and tests/test_gpu_kernels.py (GPU).
+Index letters: T = tokens, k = experts per token, E = experts, S = primary slots.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sere.config import LayerPlan, SereConfig
+from sere.kernels.reference import merge_duplicate_slots_reference
+from sere.rerouter import LayerRerouter
+from sere.routing import merge_duplicate_slots, reroute
+from sere.transforms import get_transform
+from tests.helpers import random_similarity, random_topk_ids
+
+
+def duplicated_ids(rng, T, E, k, dtype=torch.int64):
+    """Ids as re-routing leaves them: few experts, so a token often holds one in several slots,
+    with -1 and >= E (invalid, never merged) sprinkled in."""
+    ids = torch.from_numpy(rng.integers(0, min(E, 3), size=(T, k)))
+    hit = torch.from_numpy(rng.random((T, k)) < 0.1)
+    ids = torch.where(hit, torch.from_numpy(rng.choice([-1, E, E + 2], size=(T, k))), ids)
+    return ids.to(dtype)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 1), (1, 8, 4), (7, 16, 8), (33, 60, 6)])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_equals_reference_bit_for_bit(T, E, k, w_dtype):
+    rng = np.random.default_rng([T, E, k])
+    ids = duplicated_ids(rng, T, E, k, dtype=torch.int32 if k % 2 else torch.int64)
+    weights = torch.from_numpy(rng.random((T, k)).astype(np.float32)).to(w_dtype)
+    got_ids, got_w = merge_duplicate_slots(ids, weights, E)
+    want_ids, want_w = merge_duplicate_slots(ids, weights, E, backend="reference")
+    assert got_ids.dtype == ids.dtype and got_w.dtype == w_dtype
+    assert torch.equal(got_ids, want_ids)
+    assert torch.equal(got_w.view(torch.int16 if w_dtype != torch.float32 else torch.int32),
+                       want_w.view(torch.int16 if w_dtype != torch.float32 else torch.int32))
+    if k > 1:
+        assert bool((got_ids == -1).sum() > (ids == -1).sum())  # something was merged
+
+
+def test_hand_case_and_the_mixture_is_unchanged():
+    """[3, 3, 5, 3] -> [3, -1, 5, -1] with w0 + w1 + w3 (added in slot order) in slot 0; invalid
+    ids (-1, 9 >= E) stay; sum_i w_i y(e_i) is the same before and after."""
+    ids = torch.tensor([[3, 3, 5, 3], [1, 2, 1, 2], [0, 9, 9, -1], [0, 1, 2, 4]], dtype=torch.int32)
+    weights = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.5, 0.2, 0.2, 0.1], [0.25] * 4])
+    m_ids, m_w = merge_duplicate_slots(ids, weights, 6)
+    assert m_ids.tolist() == [[3, -1, 5, -1], [1, 2, -1, -1], [0, 9, 9, -1], [0, 1, 2, 4]]
+    assert m_w[0, 0].item() == ((torch.tensor(0.4) + 0.3) + 0.1).item()
+    assert (m_w[m_ids == -1][:4] == 0).all() and torch.equal(m_w[2:], weights[2:])
+    y = torch.randn(10, 5, generator=torch.Generator().manual_seed(0))  # each expert's output, a stand-in
+
+    def mixture(i, w):
+        keep = (i >= 0) & (i < 6)
+        return (w.unsqueeze(-1) * y[i.clamp(0, 9).long()] * keep.unsqueeze(-1)).sum(1)
+
+    torch.testing.assert_close(mixture(m_ids, m_w), mixture(ids, weights))
+
+
+def test_inputs_are_not_modified_and_errors_are_one_line():
+    ids = torch.tensor([[1, 1]])
+    weights = torch.tensor([[0.5, 0.5]])
+    merge_duplicate_slots(ids, weights, 4)
+    assert ids.tolist() == [[1, 1]] and weights.tolist() == [[0.5, 0.5]]
+    with pytest.raises(ValueError, match="one shape"):
+        merge_duplicate_slots(ids, weights[:, :1], 4)
+    with pytest.raises(TypeError, match="floating"):
+        merge_duplicate_slots(ids, ids, 4)
+    with pytest.raises(TypeError, match="integer"):
+        merge_duplicate_slots(weights, weights, 4)
+    with pytest.raises(ValueError, match="backend"):
+        merge_duplicate_slots(ids, weights, 4, backend="numba")
+    assert merge_duplicate_slots(ids[:0], weights[:0], 4)[0].shape == (0, 2)
+
+
+def rerouter(sim, S, *, merge_tokens, max_tokens=None, sort_slots=False, observers=None):
+    return LayerRerouter(LayerPlan(0, S, 0.0, max_tokens), sim, get_transform("sere", backend="torch"),
+                         sort_slots=sort_slots, backend="torch", merge_tokens=merge_tokens, observers=observers)
+
+
+@pytest.mark.parametrize("sort_slots", [False, True])
+def test_route_merged_is_reroute_then_merge_up_to_merge_tokens(sort_slots):
+    rng = np.random.default_rng(3)
+    E, k = 16, 4
+    sim = random_similarity(rng, E)
+    layer = rerouter(sim, 1, merge_tokens=2, sort_slots=sort_slots)
+    for T in (1, 2, 3):
+        ids = random_topk_ids(rng, T, E, k)
+        weights = torch.from_numpy(rng.random((T, k)).astype(np.float32))
+        if not sort_slots:
+            weights = weights.sort(dim=1, descending=True).values
+        got_w, got_ids = layer.route_merged(ids, weights)
+        new_ids = layer(ids, weights)
+        if T <= 2:
+            want_ids, want_w = merge_duplicate_slots(new_ids, weights, E)
+            assert bool((got_ids == -1).any())  # S = 1, rho = 0 at T <= 2: slots pile on 1-2 experts
+        else:
+            want_ids, want_w = new_ids, weights
+            assert got_w is weights  # untouched past merge_tokens
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+
+
+def test_route_merged_leaves_identity_off_and_max_tokens_calls_alone():
+    rng = np.random.default_rng(4)
+    sim = random_similarity(rng, 8)
+    ids = random_topk_ids(rng, 2, 8, 4)
+    weights = torch.full((2, 4), 0.25)
+    for layer in (rerouter(sim, 0, merge_tokens=4), rerouter(sim, 4, merge_tokens=4),  # identity settings
+                  rerouter(sim, 1, merge_tokens=None),  # merging off
+                  rerouter(sim, 1, merge_tokens=4, max_tokens=1)):  # T = 2 > max_tokens: left alone
+        w, new = layer.route_merged(ids, weights)
+        assert w is weights and torch.equal(new, layer(ids, weights)), layer
+        assert not bool((new == -1).any())
+    with pytest.raises(ValueError, match="merge_tokens"):
+        rerouter(sim, 1, merge_tokens=0)
+
+
+def test_route_merged_with_an_observer_sees_the_unmerged_ids():
+    seen = []
+
+    class Spy:
+        needs_weights = False
+
+        def on_route(self, rerouter, ids_in, new_in, weights_in, skipped):
+            seen.append(new_in.clone())
+
+    sim = torch.full((8, 8), 0.5)
+    layer = rerouter(sim, 1, merge_tokens=2, observers=[Spy()])
+    ids = torch.tensor([[2, 5, 6]])
+    w, new = layer.route_merged(ids, torch.tensor([[0.5, 0.3, 0.2]]))
+    assert seen[0].tolist() == [[2, 2, 2]] and new.tolist() == [[2, -1, -1]]
+    assert torch.equal(reroute(ids, sim, 1, 0.0), seen[0])
+
+
+def test_config_merge_slots():
+    assert SereConfig.from_dict({"merge_slots": True}).merge_slots is True
+    assert SereConfig().merge_slots is False
+    with pytest.raises(TypeError, match="merge_slots"):
+        SereConfig(merge_slots="yes")
+    with pytest.raises(ValueError, match="fuse_topk"):
+        SereConfig(merge_slots=True, fuse_topk=True)
+
+
+def test_reference_adds_in_slot_order():
+    """Three slots on one expert: ((w0 + w1) + w2) in float32, as the kernel adds."""
+    w = np.array([[1e8, 1.0, -1e8]], dtype=np.float32)
+    _, merged = merge_duplicate_slots_reference(np.array([[2, 2, 2]]), w, 4)
+    assert merged[0, 0] == np.float32(np.float32(1e8 + 1.0) - np.float32(1e8))
+
+
+# ---------------------------------------------------------------------------- the vLLM wrapper
+
+class StandInRouter:
+    """vLLM's router as the plugin's wrapper sees it: select_experts -> (weights, ids)."""
+
+    top_k = 4
+
+    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, **kwargs):
+        w, ids = torch.softmax(router_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        return w, ids.to(torch.int32)
+
+
+def test_the_vllm_wrapper_returns_merged_weights_and_ids_in_small_calls():
+    from sere.vllm.router import sere_class
+
+    E = 16
+    sim = torch.full((E, E), 0.5)
+    router = StandInRouter()
+    router._sere = rerouter(sim, 1, merge_tokens=1)
+    router.__class__ = sere_class(StandInRouter)
+    logits = torch.randn(2, E, generator=torch.Generator().manual_seed(0))
+    w1, ids1 = router.select_experts(None, logits[:1])
+    stock_w, stock_ids = StandInRouter().select_experts(None, logits[:1])
+    assert ids1.tolist() == [[stock_ids[0, 0].item(), -1, -1, -1]]
+    assert torch.allclose(w1.sum(), stock_w.sum()) and w1[0, 1:].eq(0).all()
+    w2, ids2 = router.select_experts(None, logits)  # 2 tokens > merge_tokens: re-routed, not merged
+    assert not bool((ids2 == -1).any()) and torch.equal(w2, StandInRouter().select_experts(None, logits)[0])
+
+
+def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kernel():
+    from types import SimpleNamespace
+
+    from sere.vllm.router import MoESite, check_merge_supported, merge_tokens
+
+    def site(E, k, experts_cls, expert_map=None, merge=2):
+        quant = SimpleNamespace(experts_cls=experts_cls)
+        module = SimpleNamespace(routed_experts=SimpleNamespace(quant_method=quant), expert_map=expert_map)
+        router = SimpleNamespace(_sere=SimpleNamespace(merge_tokens=merge))
+        return MoESite("model.layers.0.mlp.experts", 0, module, router, E, k)
+
+    triton = type("TritonExperts", (), {})
+    assert merge_tokens(site(128, 8, triton)) == 4  # Qwen3-30B-A3B: T k 4 <= E up to T = 4
+    assert merge_tokens(site(60, 4, triton)) == 3 and merge_tokens(site(64, 6, triton)) == 2
+    assert merge_tokens(site(16, 8, triton)) is None  # never the small-batch path
+    check_merge_supported([site(128, 8, type("FP8Triton", (triton,), {}))])  # a subclass is fine
+    check_merge_supported([site(128, 8, type("CutlassExperts", (), {}), merge=None)])  # merging off: not checked
+    with pytest.raises(ValueError, match="layer 0: merge_slots needs vLLM's Triton fused MoE.*CutlassExperts"):
+        check_merge_supported([site(128, 8, type("CutlassExperts", (), {}))])
+    with pytest.raises(ValueError, match="TritonWNA16Experts"):
+        check_merge_supported([site(128, 8, type("TritonWNA16Experts", (triton,), {}))])
+    with pytest.raises(ValueError, match="expert map"):
+        check_merge_supported([site(128, 8, triton, expert_map=torch.arange(128))])
