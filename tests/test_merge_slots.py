@@ -205,3 +205,30 @@ def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kern
         check_merge_supported([site(128, 8, type("TritonWNA16Experts", (triton,), {}))])
     with pytest.raises(ValueError, match="expert map"):
         check_merge_supported([site(128, 8, triton, expert_map=torch.arange(128))])
+
+
+# ---------------------------------------------------------------------------- vLLM's kernel, on the GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,k", [(60, 4), (64, 6), (128, 8)])  # Qwen1.5, DeepSeek-V2-Lite, Qwen3 routing shapes
+def test_vllms_small_batch_path_gives_the_same_output_for_merged_slots(E, k):
+    """What merge_slots relies on: vLLM's Triton fused_experts on its small-batch path (T k 4 <= E)
+    answers id -1 with zeros, so the merged routing gives the unmerged output up to bf16 rounding,
+    at every T the plugin merges (sere.vllm.router.merge_tokens)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    fused_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe", reason="needs vLLM's CUDA build")
+    H, inter = 256, 128
+    gen = torch.Generator(device="cuda").manual_seed(E)
+    w13 = torch.randn(E, 2 * inter, H, device="cuda", generator=gen).bfloat16() / H ** 0.5
+    w2 = torch.randn(E, H, inter, device="cuda", generator=gen).bfloat16() / inter ** 0.5
+    sim = torch.rand(E, E, device="cuda", generator=gen)
+    for T in range(1, E // (4 * k) + 1):
+        h = torch.randn(T, H, device="cuda", generator=gen).bfloat16()
+        weights, ids = torch.rand(T, E, device="cuda", generator=gen).softmax(-1).topk(k, dim=-1)
+        ids = reroute(ids.to(torch.int32), sim, 1, 0.0)  # S = 1, rho = 0: slots pile onto few experts
+        m_ids, m_w = merge_duplicate_slots(ids, weights, E)
+        assert bool((m_ids == -1).any())
+        plain = fused_moe.fused_experts(h, w13, w2, weights, ids, global_num_experts=E).float()
+        merged = fused_moe.fused_experts(h, w13, w2, m_w, m_ids, global_num_experts=E).float()
+        torch.testing.assert_close(merged, plain, rtol=2e-2, atol=2e-3)
