@@ -34,8 +34,11 @@ FLAGS_BUILD = "scatter"
 FLAGS_BUILDS = ("block", "scatter")
 # The merging kernel runs as ONE block (its last step needs every new id of every token): a wider
 # block covers more secondary slots per round. At vLLM's small-batch path (T k 4 <= E) there are
-# at most E / 4 secondary slots: 32 for E = 128, 16 warps take them in two rounds.
+# at most E / 4 secondary slots: 32 for E = 128, 16 warps take them in two rounds. Wider rows hold
+# more registers per thread: from 16 columns per lane (E > 256) 512 threads do not launch (H100,
+# CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES at E = 1024), so those take the plain kernel's 256.
 MERGE_THREADS = 512
+MERGE_THREADS_WIDE_ROWS = DEFAULT_THREADS
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
 TORCH_SIM_KIND = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -189,7 +192,7 @@ def launch_reroute_merged(
     threshold: float,
     *,
     in_weight_order: bool = False,
-    threads: int = MERGE_THREADS,
+    threads: int | None = None,
     lanes: int = WARP,
 ) -> None:
     """Re-route and merge each token's duplicate slots in one launch of ONE block (see
@@ -207,6 +210,8 @@ def launch_reroute_merged(
     if in_weight_order and k > MAX_WEIGHTED_K:
         raise ValueError(f"the weight-order kernel takes k <= {MAX_WEIGHTED_K} slots per token, got k={k}")
     cols = columns_per_lane(E, lanes)
+    if threads is None:
+        threads = MERGE_THREADS if cols <= 8 else MERGE_THREADS_WIDE_ROWS
     sim_kind = TORCH_SIM_KIND[sim.dtype]
     if sim_kind == "bfloat16":
         sim = sim.view(torch.int16)

@@ -232,3 +232,16 @@ def test_vllms_small_batch_path_gives_the_same_output_for_merged_slots(E, k):
         plain = fused_moe.fused_experts(h, w13, w2, weights, ids, global_num_experts=E).float()
         merged = fused_moe.fused_experts(h, w13, w2, m_w, m_ids, global_num_experts=E).float()
         torch.testing.assert_close(merged, plain, rtol=2e-2, atol=2e-3)
+
+
+def test_the_log_line_says_which_calls_merge():
+    from types import SimpleNamespace
+
+    from sere.vllm.router import _merge_note
+
+    def site(limit):
+        return SimpleNamespace(router=SimpleNamespace(_sere=SimpleNamespace(merge_tokens=limit)))
+
+    assert _merge_note([site(None), site(None)]) == "off"
+    assert _merge_note([site(3), site(3)]) == "T <= 3"
+    assert _merge_note([site(4), site(None), site(2)]) == "T <= 2/4"

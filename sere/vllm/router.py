@@ -216,11 +216,17 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
             _warm_up(s)
     logger.info(
         "SERE on %d of %d MoE layers (%s): S=%s, threshold=%s, max_tokens=%s, backend=%s (%s), "
-        "sort_slots=%s, similarity=%s", len(sites), len(all_sites), config.source, config.select_top_k,
-        config.threshold, config.max_tokens, config.backend, resolved, sites[0].router._sere.sort_slots,
-        artifact.path,
+        "sort_slots=%s, merge_slots=%s, similarity=%s", len(sites), len(all_sites), config.source,
+        config.select_top_k, config.threshold, config.max_tokens, config.backend, resolved,
+        sites[0].router._sere.sort_slots, _merge_note(sites), artifact.path,
     )
     return sites
+
+
+def _merge_note(sites: list[MoESite]) -> str:
+    """For the log: "off", or the calls merged ("T <= 4"; several limits if the layers differ)."""
+    limits = sorted({s.router._sere.merge_tokens for s in sites if s.router._sere.merge_tokens is not None})
+    return "off" if not limits else "T <= " + "/".join(map(str, limits))
 
 
 # vLLM's fused MoE skips its token alignment and gives each slot its own block when
