@@ -245,3 +245,18 @@ def test_the_log_line_says_which_calls_merge():
     assert _merge_note([site(None), site(None)]) == "off"
     assert _merge_note([site(3), site(3)]) == "T <= 3"
     assert _merge_note([site(4), site(None), site(2)]) == "T <= 2/4"
+
+
+def test_the_warm_up_before_graph_capture_runs_the_merging_path(monkeypatch):
+    """On CUDA the plugin calls each layer once before vLLM captures graphs, so that no kernel is
+    compiled during a capture: with merge_slots that call includes route_merged."""
+    from types import SimpleNamespace
+
+    from sere.vllm.router import MoESite, _warm_up
+
+    layer = rerouter(torch.full((16, 16), 0.5), 1, merge_tokens=1)
+    calls = []
+    monkeypatch.setattr(layer, "route_merged", lambda ids, w: calls.append((tuple(ids.shape), w.dtype)))
+    site = MoESite("model.layers.0.mlp.experts", 0, None, SimpleNamespace(_sere=layer, _sere_fused=None), 16, 4)
+    _warm_up(site)
+    assert calls == [((1, 4), torch.float32)]
