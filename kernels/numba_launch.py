@@ -98,6 +98,17 @@ def scatter_flags_blocks(T: int, S: int, threads: int) -> int:
     return -(-T * S // threads)
 
 
+def pointer_inputs(topk_ids: torch.Tensor, sim: torch.Tensor) -> tuple[torch.Tensor, str, str, int]:
+    """What every pointer launch derives from its tensors: (sim as the kernel reads it, bfloat16
+    viewed as int16 bits; its kind; the id type name; the CUDA device index)."""
+    sim_kind = TORCH_SIM_KIND[sim.dtype]
+    if sim_kind == "bfloat16":
+        sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
+    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
+    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    return sim, sim_kind, id_name, device_index
+
+
 def launch_reroute(
     topk_ids: torch.Tensor,
     sim: torch.Tensor,
@@ -134,11 +145,7 @@ def launch_reroute(
         return
     cols = columns_per_lane(E, lanes)
     sim_given = sim
-    sim_kind = TORCH_SIM_KIND[sim.dtype]
-    if sim_kind == "bfloat16":
-        sim = sim.view(torch.int16)  # no __cuda_array_interface__ needed: raw pointer
-    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
-    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    sim, sim_kind, id_name, device_index = pointer_inputs(topk_ids, sim)
     if max_blocks is None:
         max_blocks = max_blocks_for(device_index)
     S = max(-1, min(int(select_top_k), k))  # keep it in int32; any S <= 0 or >= k is identity
@@ -212,11 +219,7 @@ def launch_reroute_merged(
     cols = columns_per_lane(E, lanes)
     if threads is None:
         threads = MERGE_THREADS if cols <= 8 else MERGE_THREADS_WIDE_ROWS
-    sim_kind = TORCH_SIM_KIND[sim.dtype]
-    if sim_kind == "bfloat16":
-        sim = sim.view(torch.int16)
-    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
-    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    sim, sim_kind, id_name, device_index = pointer_inputs(topk_ids, sim)
     S = max(-1, min(int(select_top_k), k))
     kern = merge_pointer_kernel(id_name, sim_kind, cols, threads, lanes, in_weight_order)
     args = (topk_ids.data_ptr(), weights.data_ptr(), sim.data_ptr(), out.data_ptr(), weights_out.data_ptr(),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sere.kernels import numba_device
-from sere.kernels.numba_launch import TORCH_SIM_KIND
+from sere.kernels.numba_launch import TORCH_SIM_KIND, pointer_inputs
 from sere.kernels.numba_pointer import PointerKernel, cached_pointer_kernel, numba_type
 # The kernel body refers to `cuda` by this global name (the simulator swaps it per thread).
 from sere.kernels.numba_runtime import cuda, numba
@@ -150,11 +150,7 @@ def reroute_research_baseline(
     if T * k == 0:
         return out
     mask = torch.empty(E + 2, dtype=torch.int8, device=ids.device)  # E + 2: cleared by launch 1
-    sim_kind = TORCH_SIM_KIND[sim.dtype]
-    if sim_kind == "bfloat16":
-        sim = sim.view(torch.int16)
-    id_name = "int32" if ids.dtype == torch.int32 else "int64"
-    device_index = ids.device.index if ids.device.index is not None else torch.cuda.current_device()
+    sim, sim_kind, id_name, device_index = pointer_inputs(ids, sim)
     stream = torch.cuda.current_stream(device_index).cuda_stream
     clear = cached_pointer_kernel(("research_clear",), lambda: PointerKernel(_make_clear_kernel(), _clear_signature(),
                                                                              THREADS))
