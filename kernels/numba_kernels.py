@@ -198,21 +198,34 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     if merge:
         @device_fn
         def merge_slots(out, weights, weights_out, T, k, E, tid):
-            """A thread per token, after a block barrier: each repeat of an earlier slot's valid
-            expert adds its weight to that (first) slot, in slot order, and becomes id -1, weight 0."""
-            for t in range(tid, T, threads):
-                row0 = t * k
-                for j in range(k):
-                    weights_out[row0 + j] = weights[row0 + j]
-                for j in range(1, k):
-                    e = out[row0 + j]
+            """After a block barrier, a thread per slot in rounds of `threads` slots: a slot whose
+            valid expert sits in an earlier slot of its token becomes id -1, weight 0; the first slot
+            of each expert takes its own weight plus its repeats' weights, added in slot order.
+            Every load of a round comes before its barrier and its stores after, so the loads are
+            independent (no store between them) and need no ordering. Only repeats change, and a
+            repeat is recognised through its expert's first slot, which never changes: a later round
+            reads what it needs."""
+            n = T * k
+            for base in range(0, n, threads):  # a uniform trip count: every thread meets the barriers
+                s = base + tid
+                repeat = False
+                if s < n:
+                    row0 = (s // k) * k
+                    j = s - row0
+                    e = out[s]
+                    acc = weights[s]
                     if e >= 0 and e < E:
-                        for i in range(j):
-                            if out[row0 + i] == e:  # its first slot: a repeat already reads -1
-                                weights_out[row0 + i] += weights_out[row0 + j]
-                                weights_out[row0 + j] = np.float32(0.0)
-                                out[row0 + j] = -1
-                                break
+                        for i in range(k):
+                            if i != j and out[row0 + i] == e:
+                                if i < j:
+                                    repeat = True
+                                else:
+                                    acc += weights[row0 + i]
+                    weights_out[s] = np.float32(0.0) if repeat else acc
+                cuda.syncthreads()
+                if repeat:
+                    out[s] = -1
+                cuda.syncthreads()
     else:
         @device_fn
         def merge_slots(out, weights, weights_out, T, k, E, tid):

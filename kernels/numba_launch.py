@@ -15,6 +15,7 @@ import torch
 from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP
 from sere.kernels.numba_pointer import (after_flags_pointer_kernel, flags_pointer_kernel, merge_pointer_kernel,
                                         pointer_kernel, scatter_flags_pointer_kernel)
+from sere.kernels.reference import SMALL_BATCH_SPARSITY
 
 BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
@@ -33,10 +34,9 @@ TWO_LAUNCH_BLOCKS_PER_SM = 4
 FLAGS_BUILD = "scatter"
 FLAGS_BUILDS = ("block", "scatter")
 # The merging kernel runs as ONE block (its last step needs every new id of every token): a wider
-# block covers more secondary slots per round. At vLLM's small-batch path (T k 4 <= E) there are
-# at most E / 4 secondary slots: 32 for E = 128, 16 warps take them in two rounds. Wider rows hold
-# more registers per thread: from 16 columns per lane (E > 256) 512 threads do not launch (H100,
-# CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES at E = 1024), so those take the plain kernel's 256.
+# block covers more secondary slots per round. Wider rows hold more registers per thread: from 16
+# columns per lane (E > 256) 512 threads do not launch (H100, CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES at
+# E = 1024), so those take the plain kernel's 256. See merge_geometry for the group width.
 MERGE_THREADS = 512
 MERGE_THREADS_WIDE_ROWS = DEFAULT_THREADS
 MAX_WEIGHTED_K = 64  # the weight-order kernel marks a token's taken slots in one int64
@@ -189,6 +189,26 @@ def launch_reroute(
     kern.launch(blocks, stream_ptr, device_index, args)
 
 
+def merge_geometry(num_experts: int, top_k: int) -> tuple[int, int]:
+    """(threads, lanes per secondary slot) of the merging kernel for a layer. It depends on the
+    layer only, so a warm-up at any T compiles the kernel every later call uses. The block takes
+    its secondary slots in rounds of threads / lanes; a second round costs a row load after a
+    barrier (H100, 2026-12-07, E = 128, k = 8: 7.3 us at T = 4 against 4.9 at T = 1, where the
+    plain kernel spreads over blocks and takes 2.6). So where the largest small-batch call
+    (T = E // (4k)) has more secondary slots (at most k - 1 per token) than 32-lane groups, half
+    groups take them in one round, if the row still fits 8 columns per lane: Qwen3-30B-A3B's
+    E = 128, k = 8 has 28 such slots, 16 groups of 32 or 32 of 16."""
+    cols = columns_per_lane(num_experts, WARP)
+    if cols > 8:
+        return MERGE_THREADS_WIDE_ROWS, WARP
+    largest_call = max(1, num_experts // (SMALL_BATCH_SPARSITY * top_k))
+    secondary = largest_call * max(0, top_k - 1)
+    half = WARP // 2
+    if secondary > MERGE_THREADS // WARP and num_experts <= half * 8:
+        return MERGE_THREADS, half
+    return MERGE_THREADS, WARP
+
+
 def launch_reroute_merged(
     topk_ids: torch.Tensor,
     weights: torch.Tensor,
@@ -200,7 +220,7 @@ def launch_reroute_merged(
     *,
     in_weight_order: bool = False,
     threads: int | None = None,
-    lanes: int = WARP,
+    lanes: int | None = None,
 ) -> None:
     """Re-route and merge each token's duplicate slots in one launch of ONE block (see
     numba_kernels.make_kernel, merge=True): new ids into `out`, merged weights into `weights_out`.
@@ -216,9 +236,10 @@ def launch_reroute_merged(
         return
     if in_weight_order and k > MAX_WEIGHTED_K:
         raise ValueError(f"the weight-order kernel takes k <= {MAX_WEIGHTED_K} slots per token, got k={k}")
+    if threads is None or lanes is None:
+        geometry = merge_geometry(E, k)
+        threads, lanes = threads or geometry[0], lanes or geometry[1]
     cols = columns_per_lane(E, lanes)
-    if threads is None:
-        threads = MERGE_THREADS if cols <= 8 else MERGE_THREADS_WIDE_ROWS
     sim, sim_kind, id_name, device_index = pointer_inputs(topk_ids, sim)
     S = max(-1, min(int(select_top_k), k))
     kern = merge_pointer_kernel(id_name, sim_kind, cols, threads, lanes, in_weight_order)

@@ -110,6 +110,12 @@ def topk_reroute_reference(router_logits, top_k: int, renormalize: bool, sim, se
     return weights, reroute_reference(ids, sim, select_top_k, threshold)
 
 
+# vLLM's fused MoE skips its token alignment and gives each slot its own block when
+# T * k * SMALL_BATCH_SPARSITY <= E (fused_moe._prepare_expert_assignment, vLLM 0.26 and 0.32): the
+# path that answers id -1 with zeros, where merging duplicate slots is exact.
+SMALL_BATCH_SPARSITY = 4
+
+
 def merge_duplicate_slots_reference(topk_ids, topk_weights, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
     """One slot per expert per token (what `merge_slots` does after re-routing): where a token
     holds a valid expert (0 <= id < E) in several slots, its first (lowest) slot keeps the id and

@@ -207,6 +207,21 @@ def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kern
         check_merge_supported([site(128, 8, triton, expert_map=torch.arange(128))])
 
 
+def test_the_merging_kernels_geometry_depends_on_the_layer_only():
+    """One (threads, lanes) per layer, so a warm-up at any T compiles what every call uses; half-warp
+    groups where the largest small-batch call has more secondary slots than 32-lane groups."""
+    from sere.kernels.numba_launch import MERGE_THREADS, MERGE_THREADS_WIDE_ROWS, merge_geometry
+
+    assert merge_geometry(128, 8) == (MERGE_THREADS, 16)  # Qwen3: 4 tokens x 7 slots > 16 groups
+    assert merge_geometry(60, 4) == (MERGE_THREADS, 32)  # Qwen1.5: 3 x 3
+    assert merge_geometry(64, 6) == (MERGE_THREADS, 32)  # DeepSeek-V2-Lite: 2 x 5
+    assert merge_geometry(256, 8) == (MERGE_THREADS, 32)  # 56 slots, but 16 columns per half-warp lane
+    assert merge_geometry(1024, 8) == (MERGE_THREADS_WIDE_ROWS, 32)
+    assert merge_geometry(8, 1) == (MERGE_THREADS, 32)
+    with pytest.raises(ValueError, match="at most"):
+        merge_geometry(4096, 8)
+
+
 # ---------------------------------------------------------------------------- vLLM's kernel, on the GPU
 
 @pytest.mark.gpu

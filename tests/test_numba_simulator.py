@@ -307,7 +307,8 @@ def test_fused_topk_rejects_bad_input():
 
 # The merging kernel (re-route, then one slot per expert per token, one block): ids and weights
 # bit for bit against the reference re-routing followed by the reference merge.
-MERGE_SHAPES = [(1, 8, 4), (1, 60, 8), (3, 60, 8), (9, 8, 4)]
+MERGE_SHAPES = [(1, 8, 4), (1, 60, 8), (3, 60, 8), (9, 8, 4), (2, 48, 40)]  # the last two: several rounds of 32 slots,
+# a token's slots in two rounds
 
 
 def merged_reference(ids, weights, sim, S, rho, in_weight_order):

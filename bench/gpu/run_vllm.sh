@@ -19,7 +19,7 @@
 # `pytest -m gpu tests`; waves runs bench/lab/probe_expert_waves.py (WAVES_ARGS, e.g.
 # "--tokens 16"); tune runs bench/gpu/tune_fused_moe.py for TUNE_MODELS (default
 # Qwen1.5-MoE-A2.7B) at TUNE_BATCHES (default 1,16,64,256) in TUNE_S seconds (default 300);
-# e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64); profile runs
+# e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64), E2E_REPS times each; profile runs
 # bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64, with the
 # ideal per batch where an earlier e2e step ran the model's counts engine (e.g. ENGINES=stock,sere-s1,counts); fp8 runs
 # Qwen3-30B-A3B's stock, sere-s1 and counts engines with FP8 weights at batches 1,16,64: FP8_SCHEME,
@@ -90,7 +90,7 @@ e2e() {  # model, seconds, min seconds per engine, batches, engines
   local limit=$(( want < $(left) ? want : $(left) ))
   step "e2e $model" "$limit" $PY -m bench.gpu.vllm_decode --model "$model" --out "$WORK/e2e-$model" \
     --batches "$batches" --only "$engines" --deadline $((limit - 10)) --min-left "$min_left" --engine-timeout 170 \
-    ${E2E_ROUTING:+--routing "$E2E_ROUTING"}
+    ${E2E_ROUTING:+--routing "$E2E_ROUTING"} ${E2E_REPS:+--reps "$E2E_REPS"}
 }
 
 ENGINES=${ENGINES:-stock,sere-s1,sere-s2,counts}

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from sere.config import SereConfig
+from sere.kernels.reference import SMALL_BATCH_SPARSITY
 from sere.recorder import ExpertStatsRecorder
 from sere.rerouter import LayerRerouter, StatsObserver, layer_index, router_returns_sorted
 from sere.routing import resolve_backend
@@ -227,12 +228,6 @@ def _merge_note(sites: list[MoESite]) -> str:
     """For the log: "off", or the calls merged ("T <= 4"; several limits if the layers differ)."""
     limits = sorted({s.router._sere.merge_tokens for s in sites if s.router._sere.merge_tokens is not None})
     return "off" if not limits else "T <= " + "/".join(map(str, limits))
-
-
-# vLLM's fused MoE skips its token alignment and gives each slot its own block when
-# T * k * SPARSITY_FACTOR <= E (fused_moe._prepare_expert_assignment, vLLM 0.26 and 0.32): the path
-# that answers id -1 with zeros, where merging duplicate slots is exact.
-SMALL_BATCH_SPARSITY = 4
 
 
 def merge_tokens(site: MoESite) -> int | None:
