@@ -36,9 +36,11 @@ Engines (GPU memory is freed between them, each being its own process):
       so prefill and start-up cancel; median of --reps; throughput = batch / step time.
   sere-s1-fused (VARIANTS): sere-s1 with fuse_topk (the router's top-k and SERE in one kernel,
       sere.vllm.fused_topk); timed like the others, its result counts the fused layers.
-  sere-s1-merge (VARIANTS): sere-s1 with merge_slots (CUDA only: at batch sizes on vLLM's
+  sere-s1-merge (VARIANTS): sere-s1 with merge_slots on (CUDA only: at batch sizes on vLLM's
       small-batch MoE path, T k 4 <= E, each token's duplicate slots become one, so the expert's
-      weights are read once; the re-route kernel does it in its own launch).
+      weights are read once; the re-route kernel does it in its own launch). merge_slots unset
+      (auto) merges wherever the numba kernel can, so on the GPU sere-s1 merges as well;
+      sere-s1-nomerge turns it off (sere-s1 as measured before 2026-12-07).
   --quantization (fp8_per_block, fp8_per_tensor, fp8_per_channel: vLLM's online schemes) quantizes
       the dummy weights on the fly, in every engine, each MoE layer's router gate left in bf16.
   counts: an eager in-process engine with SERE statistics on (sere.vllm.router.recorder()),
@@ -67,7 +69,8 @@ SERE_ENGINES = [name for name, s in ENGINES.items() if not s.is_stock]
 # Engines that run a setting with extra SERE options (additional_config keys); timed like the
 # others, never in the counts engine.
 VARIANTS = {"sere-s1-fused": ("sere-s1", {"fuse_topk": True}),  # the router's top-k and SERE in one kernel
-            "sere-s1-merge": ("sere-s1", {"merge_slots": True})}  # small batches: one slot per expert per token
+            "sere-s1-merge": ("sere-s1", {"merge_slots": True}),  # small batches: one slot per expert per token
+            "sere-s1-nomerge": ("sere-s1", {"merge_slots": False})}  # sere-s1 as before merging was the default
 TIMED_ENGINES = [*ENGINES, *VARIANTS]
 
 

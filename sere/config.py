@@ -26,7 +26,10 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            one expert become one slot with their summed weight (the others id -1,
                            weight 0, which that path answers with zeros), so the expert's weights are
                            read once, not once per slot; the re-route kernel does it in its own launch
-                           (sere.routing.merge_duplicate_slots). Off by default; not with fuse_topk
+                           (sere.routing.merge_duplicate_slots). None (default, "auto"): on wherever it
+                           is exact and has the one-launch kernel (CUDA, the numba backend, Triton
+                           experts without an expert map, no fuse_topk, record_stats or global primary
+                           set), off elsewhere; True: on, and an error where it cannot be; False: off
   primary_set              "local" (default): P is this batch's top-S experts; "global": under
                            data-parallel attention, the union over the DP group of every rank's
                            top-S experts, one all-reduce of an E-wide mask per MoE layer call
@@ -80,7 +83,7 @@ class SereConfig:
     record_stats: bool | int = False
     similarity: str | None = None
     fuse_topk: bool = False
-    merge_slots: bool = False
+    merge_slots: bool | None = None
     primary_set: str = "local"
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
     source: str = field(default="", compare=False)  # where the settings came from, for messages
@@ -124,9 +127,9 @@ class SereConfig:
             object.__setattr__(self, "similarity", os.fspath(self.similarity))
         if not isinstance(self.fuse_topk, bool):
             raise TypeError(f"fuse_topk must be true or false, got {self.fuse_topk!r}")
-        if not isinstance(self.merge_slots, bool):
-            raise TypeError(f"merge_slots must be true or false, got {self.merge_slots!r}")
-        if self.merge_slots and self.fuse_topk:
+        if self.merge_slots is not None and not isinstance(self.merge_slots, bool):
+            raise TypeError(f"merge_slots must be true, false or null (auto), got {self.merge_slots!r}")
+        if self.merge_slots is True and self.fuse_topk:
             raise ValueError("merge_slots and fuse_topk cannot both be on: the fused top-k kernel does not merge slots")
         if not isinstance(self.primary_set, str) or self.primary_set not in PRIMARY_SETS:
             choices = ", ".join(map(repr, PRIMARY_SETS))

@@ -139,7 +139,9 @@ def test_route_merged_with_an_observer_sees_the_unmerged_ids():
 
 def test_config_merge_slots():
     assert SereConfig.from_dict({"merge_slots": True}).merge_slots is True
-    assert SereConfig().merge_slots is False
+    assert SereConfig().merge_slots is None  # auto: on where the kernel merges (sere.vllm.router)
+    assert SereConfig.from_dict({"merge_slots": False}).merge_slots is False
+    assert SereConfig(merge_slots=None, fuse_topk=True).fuse_topk  # auto gives way to fuse_topk
     with pytest.raises(TypeError, match="merge_slots"):
         SereConfig(merge_slots="yes")
     with pytest.raises(ValueError, match="fuse_topk"):
@@ -185,26 +187,72 @@ def test_the_vllm_wrapper_returns_merged_weights_and_ids_in_small_calls():
 def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kernel():
     from types import SimpleNamespace
 
-    from sere.vllm.router import MoESite, check_merge_supported, merge_tokens
+    from sere.vllm.router import MoESite, merge_tokens, resolve_merge_support
 
-    def site(E, k, experts_cls, expert_map=None, merge=2):
+    def site(E, k, experts_cls, expert_map=None, merge=2, layer=0):
         quant = SimpleNamespace(experts_cls=experts_cls)
         module = SimpleNamespace(routed_experts=SimpleNamespace(quant_method=quant), expert_map=expert_map)
         router = SimpleNamespace(_sere=SimpleNamespace(merge_tokens=merge))
-        return MoESite("model.layers.0.mlp.experts", 0, module, router, E, k)
+        return MoESite(f"model.layers.{layer}.mlp.experts", layer, module, router, E, k)
 
     triton = type("TritonExperts", (), {})
     assert merge_tokens(site(128, 8, triton)) == 4  # Qwen3-30B-A3B: T k 4 <= E up to T = 4
     assert merge_tokens(site(60, 4, triton)) == 3 and merge_tokens(site(64, 6, triton)) == 2
     assert merge_tokens(site(16, 8, triton)) is None  # never the small-batch path
-    check_merge_supported([site(128, 8, type("FP8Triton", (triton,), {}))])  # a subclass is fine
-    check_merge_supported([site(128, 8, type("CutlassExperts", (), {}), merge=None)])  # merging off: not checked
+    fine = site(128, 8, type("FP8Triton", (triton,), {}))  # a subclass is fine
+    resolve_merge_support([fine], required=True)
+    assert fine.router._sere.merge_tokens == 2
+    resolve_merge_support([site(128, 8, type("CutlassExperts", (), {}), merge=None)], required=True)  # off: not checked
     with pytest.raises(ValueError, match="layer 0: merge_slots needs vLLM's Triton fused MoE.*CutlassExperts"):
-        check_merge_supported([site(128, 8, type("CutlassExperts", (), {}))])
+        resolve_merge_support([site(128, 8, type("CutlassExperts", (), {}))], required=True)
     with pytest.raises(ValueError, match="TritonWNA16Experts"):
-        check_merge_supported([site(128, 8, type("TritonWNA16Experts", (triton,), {}))])
+        resolve_merge_support([site(128, 8, type("TritonWNA16Experts", (triton,), {}))], required=True)
     with pytest.raises(ValueError, match="expert map"):
-        check_merge_supported([site(128, 8, triton, expert_map=torch.arange(128))])
+        resolve_merge_support([site(128, 8, triton, expert_map=torch.arange(128))], required=True)
+
+
+def test_merge_slots_unset_stops_merging_where_the_expert_kernel_cannot_take_it(caplog):
+    """merge_slots unset (auto): a layer whose expert kernel cannot take merged slots stops merging
+    (no error), one log line per reason names the layers; the others keep merging."""
+    from types import SimpleNamespace
+
+    from sere.vllm.router import MoESite, resolve_merge_support
+
+    def site(layer, experts_cls, expert_map=None):
+        quant = SimpleNamespace(experts_cls=experts_cls)
+        module = SimpleNamespace(routed_experts=SimpleNamespace(quant_method=quant), expert_map=expert_map)
+        return MoESite(f"model.layers.{layer}.mlp.experts", layer, module,
+                       SimpleNamespace(_sere=SimpleNamespace(merge_tokens=4)), 128, 8)
+
+    triton, cutlass = type("TritonExperts", (), {}), type("CutlassExperts", (), {})
+    sites = [site(0, triton), site(1, cutlass), site(2, cutlass), site(3, triton, expert_map=torch.arange(128))]
+    import logging
+
+    logger = logging.getLogger("vllm.sere")  # vLLM's logging may not propagate to the root
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="vllm.sere"):
+            resolve_merge_support(sites, required=False)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert [s.router._sere.merge_tokens for s in sites] == [4, None, None, None]
+    lines = list(dict.fromkeys(r.getMessage() for r in caplog.records if "merge_slots (auto)" in r.getMessage()))
+    assert len(lines) == 2 and "2 layer(s) (1,2)" in lines[0] and "CutlassExperts" in lines[0]
+    assert "1 layer(s) (3)" in lines[1] and "expert map" in lines[1]
+
+
+def test_merge_slots_unset_merges_only_where_the_kernel_merges_in_its_own_launch():
+    from sere.vllm.router import _merge_by_default
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    auto = SereConfig(select_top_k=1, threshold=0.0)
+    assert _merge_by_default(auto, cuda, "numba", recording=False, global_primary=False)
+    assert not _merge_by_default(auto, cpu, "torch", recording=False, global_primary=False)
+    assert not _merge_by_default(auto, cuda, "torch", recording=False, global_primary=False)  # a torch merge: slower
+    assert not _merge_by_default(auto, cuda, "numba", recording=True, global_primary=False)
+    assert not _merge_by_default(auto, cuda, "numba", recording=False, global_primary=True)
+    fused = SereConfig(select_top_k=1, threshold=0.0, fuse_topk=True)
+    assert not _merge_by_default(fused, cuda, "numba", recording=False, global_primary=False)
 
 
 def test_the_merging_kernels_geometry_depends_on_the_layer_only():

@@ -16,7 +16,8 @@ def test_every_engine_has_its_settings():
     assert e2e.sere_config("sere-s1") == {"select_top_k": 1, "threshold": 0.0}
     assert e2e.sere_config("sere-s1-fused") == {"select_top_k": 1, "threshold": 0.0, "fuse_topk": True}
     assert e2e.sere_config("sere-s1-merge") == {"select_top_k": 1, "threshold": 0.0, "merge_slots": True}
-    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused", "sere-s1-merge"]
+    assert e2e.sere_config("sere-s1-nomerge") == {"select_top_k": 1, "threshold": 0.0, "merge_slots": False}
+    assert e2e.TIMED_ENGINES == ["stock", "sere-s1", "sere-s2", "sere-s1-fused", "sere-s1-merge", "sere-s1-nomerge"]
     with pytest.raises(ValueError, match="unknown engine 'sere-s3'.*sere-s1-fused"):
         e2e.sere_config("sere-s3")
 

@@ -109,7 +109,7 @@ def _artifact_name() -> str:
 
 
 def _after_load(model, vllm_config, model_config) -> None:
-    from sere.vllm.router import apply_sere, check_merge_supported, check_routed_through_router
+    from sere.vllm.router import apply_sere, check_routed_through_router, resolve_merge_support
     from sere.vllm.settings import read_settings
 
     if model_config is not getattr(vllm_config, "model_config", model_config):
@@ -120,4 +120,4 @@ def _after_load(model, vllm_config, model_config) -> None:
     # The SERE model classes have wrapped their routers already; apply_sere then returns them.
     sites = apply_sere(model, vllm_config, settings)
     check_routed_through_router(sites)
-    check_merge_supported(sites)
+    resolve_merge_support(sites, required=settings.merge_slots is True)

@@ -200,16 +200,18 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         plans = {i: dataclasses.replace(p, primary_set="local") for i, p in plans.items()}
     _APPLIED = AppliedSere(config, stats, [weakref.ref(s.router) for s in sites])
 
-    if config.merge_slots and device.type != "cuda":
+    if config.merge_slots is True and device.type != "cuda":
         raise ValueError(f"SERE merge_slots needs vLLM's Triton fused MoE on CUDA (its small-batch path answers "
                          f"id -1 with zeros); this engine runs on {device.type}")
+    merging = config.merge_slots is True or (config.merge_slots is None and _merge_by_default(
+        config, device, resolved, recording=capacity is not None, global_primary=primary_group is not None))
     for s in sites:
         sort_slots = config.sort_slots
         if sort_slots is None:
             sort_slots = not router_returns_sorted(s.router, device)
         s.router._sere = LayerRerouter(plans[s.layer], sims[s.layer], transform, sort_slots=sort_slots,
                                        backend=config.backend, observers=observers, primary_group=primary_group,
-                                       merge_tokens=merge_tokens(s) if config.merge_slots else None)
+                                       merge_tokens=merge_tokens(s, warn=config.merge_slots is True) if merging else None)
         fused = _fused_topk(s, resolved, config) if config.fuse_topk else None
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
@@ -219,7 +221,8 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         "SERE on %d of %d MoE layers (%s): S=%s, threshold=%s, max_tokens=%s, backend=%s (%s), "
         "sort_slots=%s, merge_slots=%s, similarity=%s", len(sites), len(all_sites), config.source,
         config.select_top_k, config.threshold, config.max_tokens, config.backend, resolved,
-        sites[0].router._sere.sort_slots, _merge_note(sites), artifact.path,
+        sites[0].router._sere.sort_slots, _merge_note(sites) + (" (auto)" if config.merge_slots is None else ""),
+        artifact.path,
     )
     return sites
 
@@ -230,14 +233,25 @@ def _merge_note(sites: list[MoESite]) -> str:
     return "off" if not limits else "T <= " + "/".join(map(str, limits))
 
 
-def merge_tokens(site: MoESite) -> int | None:
+def _merge_by_default(config: SereConfig, device: torch.device, backend: str, *, recording: bool,
+                      global_primary: bool) -> bool:
+    """merge_slots unset (auto): merge where the re-route kernel merges in its own launch. Anywhere
+    else the merge is a chain of torch ops per layer call (about 60 us against the kernel's 2-5 on an
+    H100), more than the bytes it saves. The expert kernel is checked after loading
+    (resolve_merge_support)."""
+    return (device.type == "cuda" and backend == "numba" and not config.fuse_topk and not recording
+            and not global_primary)
+
+
+def merge_tokens(site: MoESite, warn: bool = True) -> int | None:
     """The largest call (in tokens) that vLLM's small-batch path takes for this layer; None (and a
-    warning) where not even one token fits (E < 4 k)."""
+    warning, where asked for) where not even one token fits (E < 4 k)."""
     tokens = site.num_experts // (SMALL_BATCH_SPARSITY * site.top_k)
     if tokens < 1:
-        logger.warning("SERE merge_slots: layer %d (E=%d, k=%d) never takes vLLM's small-batch path "
-                       "(T k %d <= E); its slots are not merged", site.layer, site.num_experts, site.top_k,
-                       SMALL_BATCH_SPARSITY)
+        if warn:
+            logger.warning("SERE merge_slots: layer %d (E=%d, k=%d) never takes vLLM's small-batch path "
+                           "(T k %d <= E); its slots are not merged", site.layer, site.num_experts, site.top_k,
+                           SMALL_BATCH_SPARSITY)
         return None
     return tokens
 
@@ -302,28 +316,43 @@ def check_routed_through_router(sites: list[MoESite]) -> None:
             )
 
 
-def check_merge_supported(sites: list[MoESite]) -> None:
-    """After weight loading: merged slots (id -1) are exact only in vLLM's Triton expert kernel
-    without an expert map; refuse a layer that runs anything else with merge_slots on."""
+def resolve_merge_support(sites: list[MoESite], required: bool) -> None:
+    """After weight loading (the expert kernel is known only then): merged slots (id -1) are exact
+    only in vLLM's Triton expert kernel without an expert map. With merge_slots on (`required`) a
+    layer that runs anything else is refused; with merge_slots unset (auto) it stops merging, and
+    one log line says where and why."""
+    dropped: dict[str, list[int]] = {}
     for s in sites:
         rerouter = getattr(s.router, "_sere", None)
         if getattr(rerouter, "merge_tokens", None) is None:
             continue
-        quant_method = getattr(getattr(s.module, "routed_experts", None), "quant_method", None)
-        experts = getattr(quant_method, "experts_cls", None)
-        names = [c.__name__ for c in getattr(experts, "__mro__", ())]
-        if "TritonExperts" not in names or "TritonWNA16Experts" in names:
-            raise ValueError(
-                f"layer {s.layer}: merge_slots needs vLLM's Triton fused MoE (TritonExperts), whose small-batch "
-                f"path answers id -1 with zeros; this layer runs {getattr(experts, '__name__', experts)!r} "
-                f"({type(quant_method).__name__}); turn merge_slots off")
-        try:
-            expert_map = getattr(s.module, "expert_map", None)
-        except Exception:  # noqa: BLE001 - a runner without routed experts yet: no map to speak of
-            expert_map = None
-        if expert_map is not None:
-            raise ValueError(f"layer {s.layer}: merge_slots needs a layer without an expert map (expert parallelism "
-                             "sends id -1 to the aligned path); turn merge_slots off")
+        reason = _merge_unsupported(s)
+        if reason is None:
+            continue
+        if required:
+            raise ValueError(f"layer {s.layer}: merge_slots needs {reason}; turn merge_slots off")
+        rerouter.merge_tokens = None
+        dropped.setdefault(reason, []).append(s.layer)
+    for reason, layers in dropped.items():
+        logger.info("SERE merge_slots (auto) off on %d layer(s) (%s): it needs %s", len(layers),
+                    ",".join(map(str, layers)), reason)
+
+
+def _merge_unsupported(site: MoESite) -> str | None:
+    """Why this layer's expert kernel cannot take merged slots, or None where it can."""
+    quant_method = getattr(getattr(site.module, "routed_experts", None), "quant_method", None)
+    experts = getattr(quant_method, "experts_cls", None)
+    names = [c.__name__ for c in getattr(experts, "__mro__", ())]
+    if "TritonExperts" not in names or "TritonWNA16Experts" in names:
+        return (f"vLLM's Triton fused MoE (TritonExperts), whose small-batch path answers id -1 with zeros; "
+                f"this layer runs {getattr(experts, '__name__', experts)!r} ({type(quant_method).__name__})")
+    try:
+        expert_map = getattr(site.module, "expert_map", None)
+    except Exception:  # noqa: BLE001 - a runner without routed experts yet: no map to speak of
+        expert_map = None
+    if expert_map is not None:
+        return "a layer without an expert map (expert parallelism sends id -1 to the aligned path)"
+    return None
 
 
 def _model_device(vllm_config, model) -> torch.device:
