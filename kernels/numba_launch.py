@@ -193,11 +193,12 @@ def merge_geometry(num_experts: int, top_k: int) -> tuple[int, int]:
     """(threads, lanes per secondary slot) of the merging kernel for a layer. It depends on the
     layer only, so a warm-up at any T compiles the kernel every later call uses. The block takes
     its secondary slots in rounds of threads / lanes; a second round costs a row load after a
-    barrier (H100, 2026-12-07, E = 128, k = 8: 7.3 us at T = 4 against 4.9 at T = 1, where the
-    plain kernel spreads over blocks and takes 2.6). So where the largest small-batch call
-    (T = E // (4k)) has more secondary slots (at most k - 1 per token) than 32-lane groups, half
-    groups take them in one round, if the row still fits 8 columns per lane: Qwen3-30B-A3B's
-    E = 128, k = 8 has 28 such slots, 16 groups of 32 or 32 of 16."""
+    barrier. So where the largest small-batch call (T = E // (4k)) has more secondary slots (at
+    most k - 1 per token) than 32-lane groups, half groups take them in one round, if the row still
+    fits 8 columns per lane: Qwen3-30B-A3B's E = 128, k = 8 has 28 such slots, 16 groups of 32 or
+    32 of 16. Measured (bench/lab/probe_merge_geometry.py, H100, bench/RESULTS.md section 20): at
+    T = 3 / 4 half groups take 5.0 / 5.1 us against 5.5 / 5.7; at T = 1 / 2 they are 0.3-0.4 us
+    slower, the price of one kernel per layer."""
     cols = columns_per_lane(num_experts, WARP)
     if cols > 8:
         return MERGE_THREADS_WIDE_ROWS, WARP
