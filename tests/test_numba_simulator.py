@@ -345,9 +345,9 @@ def test_merging_kernel_matches_reroute_then_merge(T, E, k, in_weight_order):
 def test_merging_kernel_sends_a_batch_of_one_to_one_slot():
     """T = 1, S = 1, rho = 0: every secondary slot moves to the one primary expert, so the token
     keeps one slot holding the sum of its k weights (added in slot order), the rest -1 / 0."""
-    E, k = 16, 4
+    E = 16
     sim = np.full((E, E), 0.25, dtype=np.float32)
-    ids = np.array([[5, 9, 2, 11]], dtype=np.int32)
+    ids = np.array([[5, 9, 2, 11]], dtype=np.int32)  # k = 4
     weights = np.array([[0.4, 0.3, 0.2, 0.1]], dtype=np.float32)
     got_ids, got_w = numba_numpy.reroute_merged_numba_numpy(ids, weights, sim, 1, 0.0)
     assert got_ids.tolist() == [[5, -1, -1, -1]]

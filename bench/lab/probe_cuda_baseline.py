@@ -15,7 +15,8 @@ building the flags, so "scatter" became the default. The scan that reads the mas
 at a time (sere_scan_words) tested the remaining suspect at T <= 256, a mask read per expert, 128
 in a row per thread: on the H100 (2026-12-07, section 18) it is the fastest stand-in at T = 1 (4.8
 us) and the slowest from T = 64 on (11-15 us). sere_scan_fixed (E fixed at compile time, unrolled,
-every load independent) is the next guess, untimed. The columns "ours, ..." time our kernel on each path at every T (the shape
+every load independent; H100, 2026-12-07, section 20) is the fastest stand-in from T = 16 on (5.2-5.7
+us at T <= 256) and still about 1.5x the published 3.6-4.0 us. The columns "ours, ..." time our kernel on each path at every T (the shape
 rule takes one launch below T = 1024, two from it).
 
     python -m bench.lab.probe_cuda_baseline [--ids int64|int32|both]   (a CUDA machine with CuPy, repo root)
