@@ -218,6 +218,8 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
     want_layers = 0 if setting.is_stock else counted.moe_layers
     assert result["rerouted_layers"] == want_layers, (
         f"{model} {engine}: SERE wrapped {result['rerouted_layers']} MoE layers, expected {want_layers}")
+    if SMOKE:  # merge_slots unset merges only on CUDA (vLLM's Triton small-batch path)
+        assert result["merged_layers"] == 0, f"{model} {engine}: slots merged on {result['merged_layers']} layers on the CPU"
     if "strategy" in result:  # a sere_* routing: the engine's routers must have asked it
         assert result["strategy"]["calls"] > 0, f"{model} {engine}: routing {result['routing_label']} was never called"
     counts = engine_runs.result(model, "counts", optional=True) if WITH_COUNTS else None
@@ -247,6 +249,7 @@ def test_vllm_decode_step(benchmark, copy_bandwidth, stock_times, engine_runs, m
         similarity=result["similarity"],
         compiled="eager (smoke)" if SMOKE else "torch.compile + CUDA graphs",
         sere_backend=result.get("backend"), rerouted_layers=result["rerouted_layers"],
+        merged_layers=result["merged_layers"], merge_tokens=result["merge_tokens"],
         engine_start_s=round(result["start_s"], 1), step_ms=round(seconds * 1e3, 3),
         step_ms_all=[round(s * 1e3, 3) for s in samples], tokens_per_s=round(batch / seconds, 1),
         experts_before=before, experts_after=after, moe_layers=counted.moe_layers, E=counted.shapes.num_experts,

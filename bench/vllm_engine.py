@@ -445,8 +445,10 @@ def run_timing(name: str, args) -> dict:
 
     active = vllm_hooks.active_rerouters()
     backend = resolve_backend(active[0].backend, active[0].sim.device) if active else None
+    merging = [r.merge_tokens for r in active if r.merge_tokens is not None]  # merge_slots, as resolved
     return {"engine": name, "model": args.model, "sere": sere, "start_s": start_s, "rows": rows,
             "rerouted_layers": len(active), "fused_topk_layers": len(vllm_hooks.fused_topk_routers()),
+            "merged_layers": len(merging), "merge_tokens": max(merging, default=None),
             "backend": backend, "quantization": args.quantization}
 
 

@@ -75,11 +75,19 @@ def test_summary_lists_the_fused_engine_with_its_fused_layers():
                     "fused_topk_layers": 0, "backend": "numba", "start_s": 60.0},
         "sere-s1-fused": {"rows": rows(8.0), "sere": e2e.sere_config("sere-s1-fused"), "rerouted_layers": 48,
                           "fused_topk_layers": 48, "backend": "numba", "start_s": 61.0},
+        "sere-s1-merge": {"rows": rows(6.3), "sere": e2e.sere_config("sere-s1-merge"), "rerouted_layers": 48,
+                          "fused_topk_layers": 0, "merged_layers": 48, "merge_tokens": 4, "backend": "numba",
+                          "start_s": 60.0},
+        "sere-s1-nomerge": {"rows": rows(6.4), "sere": e2e.sere_config("sere-s1-nomerge"), "rerouted_layers": 48,
+                            "fused_topk_layers": 0, "merged_layers": 0, "merge_tokens": None, "backend": "numba",
+                            "start_s": 60.0},
     }
     text = vllm_decode.summarize(results)
     assert "| sere-s1-fused | 16 | 8.000 |  | 2000 | 2.00x |" in text  # one repetition: no range
     assert "sere-s1-fused: 48 layers re-routed, router top-k fused on 48" in text
     assert "sere-s1: 48 layers re-routed, backend numba" in text  # no fused clause where not asked
+    assert "sere-s1-merge: 48 layers re-routed, slots merged on 48 in calls of T <= 4, backend numba" in text
+    assert "sere-s1-nomerge: 48 layers re-routed, slots not merged, backend numba" in text
 
 
 @pytest.mark.vllm

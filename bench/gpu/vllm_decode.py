@@ -96,7 +96,9 @@ def summarize(results: dict) -> str:
         if name in results and name != "stock":
             r = results[name]
             fused = f", router top-k fused on {r['fused_topk_layers']}" if r.get("sere", {}).get("fuse_topk") else ""
-            lines.append(f"{name}: {r['rerouted_layers']} layers re-routed{fused}, backend {r['backend']}, "
+            merged = (f", slots merged on {r['merged_layers']} in calls of T <= {r['merge_tokens']}"
+                      if r.get("merged_layers") else ", slots not merged" if "merged_layers" in r else "")
+            lines.append(f"{name}: {r['rerouted_layers']} layers re-routed{fused}{merged}, backend {r['backend']}, "
                          f"engine start {r['start_s']:.0f} s")
     if "counts" in results:
         lines.append(f"counts engine: backend {results['counts']['backend']}, trace check {results['counts']['trace_check']}")
