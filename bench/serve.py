@@ -52,6 +52,7 @@ HOST = "127.0.0.1"
 SERVED_NAME = "sere-bench"
 STOP_GRACE_S = 15.0  # vLLM shuts its engine down in a few seconds on SIGTERM
 SERE_LOG_LINE = re.compile(r"SERE on (\d+) of (\d+) MoE layers")  # sere/vllm/router.py logs it once per worker
+SERE_MERGE = re.compile(r"SERE on .*?merge_slots=([^,]+),")  # the same line: "T <= 4 (auto)", "off", ...
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -262,6 +263,13 @@ def sere_layers(log_text: str) -> tuple[int, int] | None:
     """(re-routed MoE layers, MoE layers) from the server log's SERE line; None: SERE not applied."""
     m = SERE_LOG_LINE.search(log_text)
     return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def sere_merge(log_text: str) -> str | None:
+    """merge_slots as the server resolved it, from the same line ("T <= 4 (auto)", "off (auto)",
+    "T <= 4", "off"); None: no SERE line."""
+    m = SERE_MERGE.search(log_text)
+    return m.group(1).strip() if m else None
 
 
 # --- clients --------------------------------------------------------------------------
@@ -498,6 +506,7 @@ def run_server(config: ServerConfig, workload: Workload, out: Path, name: str, *
         for c in workload.concurrency:
             result["levels"].append(run_level(server, workload, c, graph_max))
             (out / f"{name}.json").write_text(json.dumps(result, indent=1))  # a cut-off run keeps what it finished
-    result["sere_layers"] = sere_layers(server.log_path.read_text(errors="replace"))
+    log_text = server.log_path.read_text(errors="replace")
+    result["sere_layers"], result["sere_merge"] = sere_layers(log_text), sere_merge(log_text)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     return result

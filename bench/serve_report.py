@@ -98,7 +98,8 @@ def summary_lines(results: dict[str, dict], heading: list[str]) -> list[str]:
          "failed / incomplete", "engine steps", "steps > graph", "tok/s vs stock"], "lrrrrrrrrr", rows), ""]
     for name, r in results.items():
         layers = r.get("sere_layers")
+        merge = f", merge_slots={r['sere_merge']}" if r.get("sere_merge") else ""
         lines.append(f"{name}: /health after {r['start_s']} s; SERE on "
-                     f"{'no' if layers is None else f'{layers[0]} of {layers[1]}'} MoE layers")
+                     f"{'no' if layers is None else f'{layers[0]} of {layers[1]}'} MoE layers{merge}")
         lines += [f"- {diagnose(lv)}" for lv in r["levels"]] + [f"- {x}" for x in level_ratios(r)]
     return lines + ["", WHY_C16_VS_C64]

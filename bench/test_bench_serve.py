@@ -236,6 +236,8 @@ def test_serve(benchmark, stock_times, server_runs, server, concurrency):
         assert layers is not None and layers[0] == layers[1] > 0, (
             f"{server}: SERE re-routed {'no' if layers is None else f'{layers[0]} of {layers[1]}'} MoE layers "
             f"(log: {server_runs.root / (server + '.log')})")
+        if SMOKE:  # merge_slots unset merges only on CUDA
+            assert result["sere_merge"] == "off (auto)", f"{server}: merge_slots={result['sere_merge']} on the CPU"
 
     samples = [ms * 1e-3 for ms in level["tpot_ms_all"]]
     benchmark_samples(benchmark, samples, what=f"client clock: TPOT of each of the level's {len(samples)} requests")
@@ -255,7 +257,8 @@ def test_serve(benchmark, stock_times, server_runs, server, concurrency):
         engine=server, setting=setting.label, S=setting.S, rho=setting.rho, tokens=concurrency,
         routing=ROUTING, routing_description=ROUTING_DESCRIPTION, similarity=SIMILARITY,
         compiled="eager (smoke)" if SMOKE else f"torch.compile + CUDA graphs up to {GRAPH_MAX}",
-        experts_before=None, experts_after=None, sere_layers=layers, server_start_s=result["start_s"],
+        experts_before=None, experts_after=None, sere_layers=layers, sere_merge=result.get("sere_merge"),
+        server_start_s=result["start_s"],
         prompt_tokens=WORKLOAD.prompt_tokens, new_tokens=WORKLOAD.new_tokens,
         **{k: v for k, v in level.items() if k not in ("tpot_ms_all", "first_problem")},
         time_us=round(tpot_s * 1e6, 2), speedup_vs_stock=speedup, **ratios, diagnosis=serve_report.diagnose(level),
