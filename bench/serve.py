@@ -54,6 +54,11 @@ STOP_GRACE_S = 15.0  # vLLM shuts its engine down in a few seconds on SIGTERM
 SERE_LOG_LINE = re.compile(r"SERE on (\d+) of (\d+) MoE layers")  # sere/vllm/router.py logs it once per worker
 SERE_MERGE = re.compile(r"SERE on .*?merge_slots=([^,]+),")  # the same line: "T <= 4 (auto)", "off", ...
 ROUTING_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
+# The server closes a connection idle for this long (vLLM's default 5 s). The clients share one
+# aiohttp pool per level, so a connection freed early in a long level can be taken again after 5 s
+# just as the server closes it: a ServerDisconnectedError that says nothing about the server (seen
+# once in a CPU smoke run whose c=64 level stalled to 5.8 s). Longer than any level.
+KEEP_ALIVE_S = 900
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
@@ -153,7 +158,7 @@ class Server:
         self._old_sigterm = None
 
     def __enter__(self) -> "Server":
-        env = dict(os.environ, VLLM_HOST_IP=HOST, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, VLLM_HOST_IP=HOST, PYTHONUNBUFFERED="1", VLLM_HTTP_TIMEOUT_KEEP_ALIVE=str(KEEP_ALIVE_S))
         env.pop(ROUTING_ENV, None)  # the model's own router, never the routing simulator
         # cwd and PYTHONPATH leave the checkout out: the server runs the installed sere, as a
         # user's would, and the checkout's kernels/ folder cannot stand in for the PyPI `kernels`.
