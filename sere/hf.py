@@ -196,6 +196,10 @@ def enable(
         )
     elif not isinstance(config, SereConfig):
         raise TypeError(f"config must be a sere.SereConfig, got {type(config).__name__}")
+    vllm_only = [name for name, on in (("fuse_topk", config.fuse_topk), ("merge_slots", config.merge_slots is True),
+                                       ("primary_set='global'", config.primary_set == "global")) if on]
+    if vllm_only:  # they act inside vLLM's MoE path; here they would be ignored without a word
+        raise ValueError(f"{', '.join(vllm_only)}: vLLM settings (sere.vllm); sere.hf.enable does not apply them")
 
     all_sites = find_routers(model)
     if not all_sites:

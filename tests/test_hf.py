@@ -414,6 +414,21 @@ def test_bad_inputs_fail_clearly(override, exc, match):
     sere.hf.enable(model, similarity_for("qwen2_moe"), select_top_k=1, threshold=0.0).remove()
 
 
+@pytest.mark.parametrize("vllm_setting", [{"fuse_topk": True}, {"merge_slots": True}, {"primary_set": "global"}],
+                         ids=["fuse_topk", "merge_slots", "primary_set"])
+def test_vllm_only_settings_are_refused_not_ignored(vllm_setting):
+    from sere.config import SereConfig
+
+    model = build_tiny_model("qwen2_moe")
+    name = next(iter(vllm_setting))
+    with pytest.raises(ValueError, match=f"{name}.*vLLM settings"):
+        sere.hf.enable(model, similarity_for("qwen2_moe"), config=SereConfig(select_top_k=1, threshold=0.0, **vllm_setting))
+    assert all(not s.module._forward_hooks for s in sere.hf.find_routers(model))
+    for merge in (None, False):  # unset or off: nothing to apply
+        sere.hf.enable(model, similarity_for("qwen2_moe"),
+                       config=SereConfig(select_top_k=1, threshold=0.0, merge_slots=merge)).remove()
+
+
 def test_enable_twice_and_non_moe_models_fail():
     model = build_tiny_model("olmoe")
     with sere.hf.enable(model, similarity_for("olmoe"), select_top_k=1, threshold=0.0):
