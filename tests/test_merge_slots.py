@@ -214,6 +214,7 @@ def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kern
 def test_merge_slots_unset_stops_merging_where_the_expert_kernel_cannot_take_it(caplog):
     """merge_slots unset (auto): a layer whose expert kernel cannot take merged slots stops merging
     (no error), one log line per reason names the layers; the others keep merging."""
+    import logging
     from types import SimpleNamespace
 
     from sere.vllm.router import MoESite, resolve_merge_support
@@ -226,8 +227,6 @@ def test_merge_slots_unset_stops_merging_where_the_expert_kernel_cannot_take_it(
 
     triton, cutlass = type("TritonExperts", (), {}), type("CutlassExperts", (), {})
     sites = [site(0, triton), site(1, cutlass), site(2, cutlass), site(3, triton, expert_map=torch.arange(128))]
-    import logging
-
     logger = logging.getLogger("vllm.sere")  # vLLM's logging may not propagate to the root
     logger.addHandler(caplog.handler)
     try:
