@@ -199,14 +199,22 @@ def test_merge_tokens_follow_vllms_small_batch_rule_and_the_check_names_the_kern
     assert merge_tokens(site(128, 8, triton)) == 4  # Qwen3-30B-A3B: T k 4 <= E up to T = 4
     assert merge_tokens(site(60, 4, triton)) == 3 and merge_tokens(site(64, 6, triton)) == 2
     assert merge_tokens(site(16, 8, triton)) is None  # never the small-batch path
-    fine = site(128, 8, type("FP8Triton", (triton,), {}))  # a subclass is fine
+    fine = site(128, 8, triton)  # bf16, or FP8 on the Triton backend
+    fine.module.routed_experts.quant_method.moe_quant_config = SimpleNamespace(
+        use_int8_w8a16=False, use_int4_w4a16=False, block_shape=[128, 128])  # FP8 w8a8 blocks: small-batch path
     resolve_merge_support([fine], required=True)
     assert fine.router._sere.merge_tokens == 2
     resolve_merge_support([site(128, 8, type("CutlassExperts", (), {}), merge=None)], required=True)  # off: not checked
     with pytest.raises(ValueError, match="layer 0: merge_slots needs vLLM's Triton fused MoE.*CutlassExperts"):
         resolve_merge_support([site(128, 8, type("CutlassExperts", (), {}))], required=True)
-    with pytest.raises(ValueError, match="TritonWNA16Experts"):
-        resolve_merge_support([site(128, 8, type("TritonWNA16Experts", (triton,), {}))], required=True)
+    for subclass in ("TritonWNA16Experts", "Nvfp4QuantizationEmulationTritonExperts"):  # other paths
+        with pytest.raises(ValueError, match=subclass):
+            resolve_merge_support([site(128, 8, type(subclass, (triton,), {}))], required=True)
+    int8_blocks = site(128, 8, triton)
+    int8_blocks.module.routed_experts.quant_method.moe_quant_config = SimpleNamespace(
+        use_int8_w8a16=True, use_int4_w4a16=False, block_shape=[1, 128])
+    with pytest.raises(ValueError, match="weight-only block quantization"):
+        resolve_merge_support([int8_blocks], required=True)
     with pytest.raises(ValueError, match="expert map"):
         resolve_merge_support([site(128, 8, triton, expert_map=torch.arange(128))], required=True)
 

@@ -339,13 +339,24 @@ def resolve_merge_support(sites: list[MoESite], required: bool) -> None:
 
 
 def _merge_unsupported(site: MoESite) -> str | None:
-    """Why this layer's expert kernel cannot take merged slots, or None where it can."""
+    """Why this layer's expert kernel cannot take merged slots, or None where it can. Only
+    TritonExperts itself (vLLM's bf16 and FP8 Triton backends): its subclasses may take another path
+    (vLLM 0.26's NVFP4 emulation always aligns tokens, which id -1 without an expert map breaks), and
+    TritonExperts with int8 / int4 weight-only block quantization aligns at every T."""
     quant_method = getattr(getattr(site.module, "routed_experts", None), "quant_method", None)
     experts = getattr(quant_method, "experts_cls", None)
-    names = [c.__name__ for c in getattr(experts, "__mro__", ())]
-    if "TritonExperts" not in names or "TritonWNA16Experts" in names:
+    if getattr(experts, "__name__", None) != "TritonExperts":
         return (f"vLLM's Triton fused MoE (TritonExperts), whose small-batch path answers id -1 with zeros; "
                 f"this layer runs {getattr(experts, '__name__', experts)!r} ({type(quant_method).__name__})")
+    quant = getattr(quant_method, "moe_quant_config", None)
+    try:
+        weight_only = bool(getattr(quant, "use_int8_w8a16", False) or getattr(quant, "use_int4_w4a16", False))
+        block = getattr(quant, "block_shape", None)
+    except Exception:  # noqa: BLE001 - a quant config without these properties: none of those schemes
+        weight_only, block = False, None
+    if weight_only and block is not None and block[1] > 0:
+        return ("vLLM's small-batch path, which int8 / int4 weight-only block quantization never takes "
+                f"(block {list(block)})")
     try:
         expert_map = getattr(site.module, "expert_map", None)
     except Exception:  # noqa: BLE001 - a runner without routed experts yet: no map to speak of
