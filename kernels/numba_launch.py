@@ -199,13 +199,12 @@ def merge_geometry(num_experts: int, top_k: int) -> tuple[int, int]:
     32 of 16. Measured (bench/lab/probe_merge_geometry.py, H100, bench/RESULTS.md section 20): at
     T = 3 / 4 half groups take 5.0 / 5.1 us against 5.5 / 5.7; at T = 1 / 2 they are 0.3-0.4 us
     slower, the price of one kernel per layer."""
-    cols = columns_per_lane(num_experts, WARP)
-    if cols > 8:
+    if columns_per_lane(num_experts, WARP) > 8:
         return MERGE_THREADS_WIDE_ROWS, WARP
     largest_call = max(1, num_experts // (SMALL_BATCH_SPARSITY * top_k))
     secondary = largest_call * max(0, top_k - 1)
     half = WARP // 2
-    if secondary > MERGE_THREADS // WARP and num_experts <= half * 8:
+    if secondary > MERGE_THREADS // WARP and columns_per_lane(num_experts, half) <= 8:
         return MERGE_THREADS, half
     return MERGE_THREADS, WARP
 
