@@ -22,7 +22,7 @@
 # e2e:MODEL runs one model's ENGINES at E2E_BATCHES (default 1,16,64), E2E_REPS times each; profile runs
 # bench/gpu/profile_decode.py for PROFILE_MODELS (default all three, one after another) at batches 1,16,64, with the
 # ideal per batch where an earlier e2e step ran the model's counts engine (e.g. ENGINES=stock,sere-s1,counts); fp8 runs
-# Qwen3-30B-A3B's stock, sere-s1 and counts engines with FP8 weights at batches 1,16,64: FP8_SCHEME,
+# Qwen3-30B-A3B's FP8_ENGINES (default stock,sere-s1,counts) with FP8 weights at FP8_BATCHES (default 1,16,64): FP8_SCHEME,
 # default fp8_per_block, vLLM's online scheme with the published checkpoint's 128 x 128 blocks,
 # router gates in bf16; the counts engine shows the routing did not collapse), ENGINES
 # (default stock,sere-s1,sere-s2,counts: the engines of the script e2e steps; sere-s1-fused is
@@ -156,7 +156,7 @@ for s in $STEPS; do
     fp8) want=$([ "$s" = "$last_step" ] && left || echo 450); lim=$(( want < $(left) ? want : $(left) ))
       fp8_deps || { status=1; continue; }
       step "e2e qwen3 fp8" "$lim" $PY -m bench.gpu.vllm_decode --model qwen3-30b-a3b --quantization "${FP8_SCHEME:-fp8_per_block}" \
-        --out "$WORK/e2e-qwen3-fp8" --batches 1,16,64 --only stock,sere-s1,counts --deadline $((lim - 10)) --min-left 60 \
+        --out "$WORK/e2e-qwen3-fp8" --batches "${FP8_BATCHES:-1,16,64}" --only "${FP8_ENGINES:-stock,sere-s1,counts}" --deadline $((lim - 10)) --min-left 60 \
         --engine-timeout 170 ;;
     # Any model at E2E_BATCHES (default 1,16,64) with ENGINES, e.g. e2e:qwen1.5-moe-a2.7b.
     e2e:*) e2e "${s#e2e:}" "$(left)" 60 "${E2E_BATCHES:-1,16,64}" "$ENGINES" ;;
