@@ -108,8 +108,11 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     also merges each token's duplicate slots after re-routing (reference:
     merge_duplicate_slots_reference): it takes float32 weights [T*k] (with weight_kind, which must
     then be "float32", the same array orders the slots) and writes weights_out [T*k] float32. After
-    the re-route loop a block barrier makes every new id visible, then a thread per token walks its
-    k slots: a repeat of an earlier slot's expert adds its weight there and becomes id -1, weight 0.
+    the re-route loop a block barrier makes every new id visible, then a thread per slot compares its
+    token's k slots: a repeat of an earlier slot's expert adds its weight there and becomes id -1,
+    weight 0. Where T*k <= threads (every call vLLM's small-batch path makes, T k 4 <= E) the new ids
+    and the weights wait in shared memory (weights loaded at the start, behind the other loads) and
+    reach global memory once, merged; larger T merges in global memory, in rounds of `threads` slots.
     Signature: (ids, weights, sim, out, weights_out, T, k, E, S, rho).
 
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
@@ -195,9 +198,34 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                     if (t // threads) % blocks == block:
                         out[t * k + best_j] = h
 
+    stage_len = threads if merge else 1  # the merging kernel's slots staged in shared memory
+
     if merge:
         @device_fn
-        def merge_slots(out, weights, weights_out, T, k, E, tid):
+        def merge_staged(staged, staged_w, out, weights_out, T, k, E, tid):
+            """After a block barrier, a thread per slot (T*k <= threads) reads its token's new ids and
+            weights from shared memory and writes its slot's merged id and weight: a slot whose valid
+            expert sits in an earlier slot becomes id -1, weight 0; the first slot of each expert takes
+            its own weight plus its repeats', added in slot order. Nothing is written to shared memory
+            here, so no second barrier."""
+            for s in range(tid, T * k, threads):
+                row0 = (s // k) * k
+                j = s - row0
+                e = staged[s]
+                acc = staged_w[s]
+                repeat = False
+                if e >= 0 and e < E:
+                    for i in range(k):
+                        if i != j and staged[row0 + i] == e:
+                            if i < j:
+                                repeat = True
+                            else:
+                                acc += staged_w[row0 + i]
+                out[s] = -1 if repeat else e
+                weights_out[s] = np.float32(0.0) if repeat else acc
+
+        @device_fn
+        def merge_in_global(out, weights, weights_out, T, k, E, tid):
             """After a block barrier, a thread per slot in rounds of `threads` slots: a slot whose
             valid expert sits in an earlier slot of its token becomes id -1, weight 0; the first slot
             of each expert takes its own weight plus its repeats' weights, added in slot order.
@@ -226,9 +254,16 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 if repeat:
                     out[s] = -1
                 cuda.syncthreads()
+
+        @device_fn
+        def merge_slots(out, weights, weights_out, staged, staged_w, staging, T, k, E, tid):
+            if staging:
+                merge_staged(staged, staged_w, out, weights_out, T, k, E, tid)
+            else:
+                merge_in_global(out, weights, weights_out, T, k, E, tid)
     else:
         @device_fn
-        def merge_slots(out, weights, weights_out, T, k, E, tid):
+        def merge_slots(out, weights, weights_out, staged, staged_w, staging, T, k, E, tid):
             """Never called (merge is a compile-time False); out stands in for weights_out there."""
             return
 
@@ -236,18 +271,27 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         is_primary = cuda.shared.array(mask_len, numba.int32)  # E flags
         scratch_v = cuda.shared.array(threads, numba.float32)  # used by the simulator only
         scratch_i = cuda.shared.array(threads, numba.int64)
+        staged = cuda.shared.array(stage_len, numba.int64)  # merging kernel: new ids, then merged
+        staged_w = cuda.shared.array(stage_len, numba.float32)
         tid = cuda.threadIdx.x
         lane = tid % lanes
         group = tid // lanes
         block = cuda.blockIdx.x
         blocks = cuda.gridDim.x
+        staging = merge and T * k <= stage_len  # merging kernel, ONE block: stage in shared memory
+        if staging:  # the weights' loads start now; the barriers below make them visible
+            for i in range(tid, T * k, threads):
+                staged_w[i] = weights[i]
 
         if S <= 0 or S >= k:  # identity: copy, grid-stride
             for i in range(block * threads + tid, T * k, blocks * threads):
-                out[i] = ids[i]
+                if staging:
+                    staged[i] = ids[i]
+                else:
+                    out[i] = ids[i]
             if merge:  # one block: the barrier covers every copied id
                 cuda.syncthreads()
-                merge_slots(out, weights, weights_out, T, k, E, tid)
+                merge_slots(out, weights, weights_out, staged, staged_w, staging, T, k, E, tid)
             return
 
         K2 = k - S
@@ -267,7 +311,10 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         for j in range(tid, E, threads):
             is_primary[j] = 0
         cuda.syncthreads()
-        build_primary(ids, weights, out, is_primary, T, k, E, S, tid, block, blocks)
+        if staging:
+            build_primary(ids, weights, staged, is_primary, T, k, E, S, tid, block, blocks)
+        else:
+            build_primary(ids, weights, out, is_primary, T, k, E, S, tid, block, blocks)
         cuda.syncthreads()
 
         # 3. Re-route: one group per secondary slot; the trip count is uniform per block.
@@ -279,10 +326,11 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 best_v, best_i = best_primary(row, is_primary, E, lane)
             best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
             if lane == 0 and slot < n_sec:
-                if best_i != no_expert and best_v >= rho:
-                    out[pos] = best_i
+                new = best_i if best_i != no_expert and best_v >= rho else e  # else: invalid, primary, critical, P empty
+                if staging:
+                    staged[pos] = new
                 else:
-                    out[pos] = e  # invalid, already primary, critical, or P empty
+                    out[pos] = new
 
             base += blocks * groups_per_block  # this group's next slot, loaded after the barriers
             slot = base + group
@@ -293,9 +341,9 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             if e >= 0 and e < E:
                 load_row(row, sim, e, E, lane)
 
-        if merge:  # 4. one block: after the barrier every new id of every token is in out
+        if merge:  # 4. one block: after the barrier every new id of every token is in staged / out
             cuda.syncthreads()
-            merge_slots(out, weights, weights_out, T, k, E, tid)
+            merge_slots(out, weights, weights_out, staged, staged_w, staging, T, k, E, tid)
 
     body = device_fn(reroute_kernel_body)
 

@@ -18,7 +18,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/sere_kgate_out}; mkdir -p "$OUT"
 PY=${PY:-python3}; STORE=/tmp/sere_bstore; LOGS=/tmp/sere_kgate_logs; mkdir -p "$LOGS"
-KSEL="gpu and numba and uniform and graph"
+KSEL=${KSEL:-"gpu and numba and uniform and graph"}  # the gated cases (add "or gpu_merged" for the merging kernel)
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/kgate.log") 2>&1
 status=0
