@@ -326,11 +326,12 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 best_v, best_i = best_primary(row, is_primary, E, lane)
             best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
             if lane == 0 and slot < n_sec:
-                new = best_i if best_i != no_expert and best_v >= rho else e  # else: invalid, primary, critical, P empty
-                if staging:
-                    staged[pos] = new
+                if staging:  # (a compile-time False in the plain kernel, whose code stays as it was)
+                    staged[pos] = best_i if best_i != no_expert and best_v >= rho else e
+                elif best_i != no_expert and best_v >= rho:
+                    out[pos] = best_i
                 else:
-                    out[pos] = new
+                    out[pos] = e  # invalid, already primary, critical, or P empty
 
             base += blocks * groups_per_block  # this group's next slot, loaded after the barriers
             slot = base + group
