@@ -12,6 +12,7 @@
 #      top-k + re-route kernel against top-k then re-route, the merging kernel against the plain one
 #      (JSON + tables);
 #   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`; SKIP_GPU_TESTS=1 leaves them out).
+# GATE_ONLY=1 stops after step 1; KSEL sets the gated cases (-k expression).
 # From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
 # $OUT (default /tmp/sere_kgate_out) gets: kgate.log (all printed), summary.md, bench_kernel.json,
 # logs.tar.gz (every step's log); at most 4 files, the device returns 8.
@@ -57,6 +58,11 @@ install > "$LOGS/install.log" 2>&1 || { echo "install failed"; tail "$LOGS/insta
 [ -d .gate_base ] && step kernel-gate 150 "$ROOT" "${GATE[@]}" bench/test_bench_reroute.py \
   -k "$KSEL" -q --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name
 
+if [ "${GATE_ONLY:-0}" = 1 ]; then  # the gate alone (e.g. beside end-to-end runs in one call)
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  echo "run_kernel_gate: status $status (GATE_ONLY: no sanitizer, bench or GPU tests)"
+  exit $status
+fi
 SAN=(compute-sanitizer --print-limit 20)
 TAIL=4 step memcheck 200 "$ROOT" "${SAN[@]}" --tool memcheck --report-api-errors no $PY -m bench.gpu.sanitize_kernel
 TAIL=4 step racecheck 200 "$ROOT" "${SAN[@]}" --tool racecheck --racecheck-report hazard $PY -m bench.gpu.sanitize_kernel --quick
