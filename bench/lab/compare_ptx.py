@@ -1,0 +1,196 @@
+"""Does a change touch the compiled kernels? Compile the re-route kernels of two source trees to PTX
+on the CPU (no GPU needed) and compare them, kernel by kernel.
+
+A kernel change must pass the GPU gate (`tox -e gate`) before it lands; but a change meant for one
+kernel (say the merging kernel) should leave the others' code alone, and a gate run that reports a
+10 % change on a kernel whose instructions did not change is noise. This tells which kernels'
+instructions differ, before any device time is spent:
+
+    python -m bench.lab.compare_ptx .gate_base            # this tree against the base tree
+    python -m bench.lab.compare_ptx .gate_base --show-diff merge-sorted
+
+Needs numba-cuda and NVIDIA's NVVM and NVRTC libraries, which pip installs without a GPU:
+`pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12` (about 300 MB, so not in CI). Each tree
+compiles in its own process, its `sere`, `sere.kernels` and `sere.calibration` imported from its own
+folders (as pyproject.toml maps them), whatever is installed. PTX is compared after dropping
+comments and module-level symbol declarations of Numba's environment objects, with Numba's
+per-process function numbering (`B2v7B...` in mangled names) blanked and its shared arrays
+renumbered: those change with import order, not with the code.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import importlib.abc
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# (name, make_kernel keyword arguments, signature builder name, its arguments). E = 128, k <= 8:
+# the bf16 similarity with 4 columns per 32-lane group (the shapes of the three models).
+VARIANTS = (
+    ("plain-int32", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32), "pointer_signature", ("int32", "bfloat16")),
+    ("plain-int64", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32), "pointer_signature", ("int64", "bfloat16")),
+    ("plain-float32", dict(sim_kind="float32", cols=4, threads=256, lanes=32), "pointer_signature", ("int32", "float32")),
+    ("weight-order", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, weight_kind="float32"),
+     "pointer_signature", ("int32", "bfloat16", "float32")),
+    ("two-launch", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, two_launch=True),
+     "after_flags_signature", ("int32", "bfloat16")),
+    ("merge-sorted", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True),
+     "merge_signature", ("int32", "bfloat16")),
+    ("merge-weight-order", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, weight_kind="float32"),
+     "merge_signature", ("int32", "bfloat16")),
+)
+
+_ENV_DECL = re.compile(r"^\.(common|visible|extern)\s+\.global\s+.*NumbaEnv")
+_FUNC_ID = re.compile(r"B\d+v\d+B")
+_SMEM = re.compile(r"_cudapy_smem_\d+")
+
+
+def normalize(ptx: str) -> list[str]:
+    """The PTX lines that say what the kernel does: comments, blank lines and Numba environment
+    declarations dropped, per-process function numbers blanked, shared arrays renumbered in order of
+    first appearance (Numba numbers them per process)."""
+    keep, smem = [], {}
+    for line in ptx.splitlines():
+        text = line.split("//", 1)[0].rstrip()
+        if not text.strip() or _ENV_DECL.match(text.strip()):
+            continue
+        text = _SMEM.sub(lambda m: smem.setdefault(m.group(0), f"_smem{len(smem)}"), text)
+        keep.append(_FUNC_ID.sub("BvB", text))
+    return keep
+
+
+def split_declarations(lines: list[str]) -> tuple[list[str], list[str]]:
+    """(module-level declarations of shared, global and constant memory, everything else)."""
+    decls, rest, in_module = [], [], True
+    for line in lines:
+        if line.lstrip().startswith((".visible .entry", ".entry", ".visible .func", ".func")):
+            in_module = False
+        is_decl = in_module and re.match(r"^\.(visible\s+|extern\s+|common\s+)?\.(shared|global|const)\b", line)
+        (decls if is_decl else rest).append(line)
+    return decls, rest
+
+
+def digest(lines: list[str]) -> str:
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
+def verdict(base: dict, this: dict) -> tuple[str, bool]:
+    """(what changed, whether the instructions changed) for one kernel's two compilations."""
+    if "error" in base or "error" in this:
+        return f"not compared ({base.get('error') or this.get('error')})", False
+    if base["code"] != this["code"]:
+        return "DIFFER", True
+    if base["decls"] != this["decls"]:
+        added = sorted(set(this["decl_lines"]) - set(base["decl_lines"]))
+        removed = sorted(set(base["decl_lines"]) - set(this["decl_lines"]))
+        return (f"same instructions; declarations +{len(added)} -{len(removed)}: "
+                + "; ".join(d.rstrip(";") for d in added + removed)), False
+    return "identical", False
+
+
+class TreeFinder(importlib.abc.MetaPathFinder):
+    """Imports the package from one source tree, as pyproject.toml's package-dir maps it, ahead of
+    any installed (or editable) copy; submodules follow their parent's folder."""
+
+    def __init__(self, tree: Path):
+        self.roots = {"sere": tree / "sere", "sere.kernels": tree / "kernels", "sere.calibration": tree / "calibration"}
+
+    def find_spec(self, name, path=None, target=None):
+        root = self.roots.get(name)
+        if root is None:
+            return None
+        return importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+
+
+def compile_tree(tree: Path, cc: str, out_dir: Path) -> dict:
+    """Compile every variant of `tree` in a fresh process; {name: {"lines", "digest"} or {"error"}}."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-only", str(tree), "--cc", cc, "--out", str(out_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"compare_ptx: compiling {tree} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compile_here(cc: tuple[int, int], out_dir: Path) -> dict:
+    """In the tree's own process: compile each variant, save its PTX, return its digest."""
+    from numba import cuda
+    import numba.cuda.dispatcher as dispatcher
+
+    # Device functions ask the current device for its compute capability; there is none here.
+    dispatcher.get_current_device = lambda: type("NoDevice", (), {"compute_capability": cc})()
+    from sere.kernels import numba_pointer
+    from sere.kernels.numba_kernels import make_kernel
+
+    result = {}
+    for name, kwargs, sig_name, sig_args in VARIANTS:
+        try:
+            py_kernel = make_kernel(**kwargs)
+            signature = getattr(numba_pointer, sig_name)(*sig_args)
+            ptx, _ = cuda.compile_ptx(py_kernel, signature, cc=cc)
+        except Exception as exc:  # noqa: BLE001 - a tree without this variant, or an older make_kernel
+            result[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
+            continue
+        (out_dir / f"{name}.ptx").write_text(ptx)
+        decls, code = split_declarations(normalize(ptx))
+        result[name] = {"lines": len(decls) + len(code), "code": digest(code), "decls": digest(decls),
+                        "decl_lines": decls}
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", type=Path, help="the base tree (e.g. .gate_base, a `git archive` of the base commit)")
+    parser.add_argument("--tree", type=Path, default=Path.cwd(), help="the changed tree (default: here)")
+    parser.add_argument("--cc", default="9.0", help="compute capability to compile for (default 9.0, Hopper)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sere_ptx"), help="where the PTX files go")
+    parser.add_argument("--show-diff", metavar="VARIANT", help="print the unified diff of one variant's PTX")
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cc = tuple(int(x) for x in args.cc.split("."))
+    if args.compile_only:  # the child: args.base is the tree to compile
+        sys.meta_path.insert(0, TreeFinder(args.base.resolve()))
+        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            import numba.cuda  # noqa: F401
+        except ImportError as exc:
+            raise SystemExit(f"compare_ptx: numba-cuda is not importable: {exc}")
+        print(json.dumps(compile_here(cc, args.out)))
+        return 0
+
+    trees = {"base": args.base.resolve(), "this": args.tree.resolve()}
+    for label, tree in trees.items():
+        if not (tree / "kernels" / "numba_kernels.py").is_file():
+            raise SystemExit(f"compare_ptx: {tree} is not a source tree of this project (no kernels/numba_kernels.py)")
+    found = {label: compile_tree(tree, args.cc, args.out / label) for label, tree in trees.items()}
+    print(f"PTX for sm_{args.cc.replace('.', '')}, base {trees['base']} against {trees['this']}:\n")
+    print("| kernel | base lines | this lines | instructions |")
+    print("|---|---:|---:|---|")
+    changed = 0
+    for name, *_ in VARIANTS:
+        b, t = found["base"][name], found["this"][name]
+        text, differs = verdict(b, t)
+        changed += differs
+        print(f"| {name} | {b.get('lines', '-')} | {t.get('lines', '-')} | {text} |")
+    if args.show_diff:
+        old, new = ((args.out / label / f"{args.show_diff}.ptx") for label in ("base", "this"))
+        if not old.is_file() or not new.is_file():
+            raise SystemExit(f"compare_ptx: no PTX for {args.show_diff!r} in both trees")
+        print()
+        sys.stdout.writelines(difflib.unified_diff(
+            [line + "\n" for line in normalize(old.read_text())], [line + "\n" for line in normalize(new.read_text())],
+            f"base/{args.show_diff}.ptx", f"this/{args.show_diff}.ptx", n=2))
+    print(f"\n{changed} kernel(s) with changed instructions; PTX files in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
