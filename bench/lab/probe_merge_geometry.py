@@ -62,7 +62,33 @@ def main(argv=None) -> int:
             except Exception as err:  # a geometry that does not launch
                 cells.append(f"no launch ({type(err).__name__})")
         print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
+    split_merge_cost(args, E, k, sim, gen)
     return 0
+
+
+def split_merge_cost(args, E: int, k: int, sim, gen) -> None:
+    """Where the merging kernel's extra microseconds go: at S = k (the identity: copy every slot)
+    the two kernels differ only by the merge step (a barrier, the token's k slots compared, the
+    weights written); at S the re-route part differs too (the slots staged, the weights loaded)."""
+    from bench.timing import time_graph_replay
+    from sere.kernels.numba_cuda import reroute_numba
+    from sere.kernels.numba_launch import launch_reroute_merged
+
+    print(f"\nThe merging kernel (merge_geometry's pick) against the plain kernel, us per call: at S = {k} (identity:"
+          f" only the merge step differs) and at S = {args.select}")
+    print(f"| T | plain, S={k} | merging, S={k} | difference | plain, S={args.select} | merging, S={args.select} | difference |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for T in map(int, args.tokens.split(",")):
+        ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices.to(torch.int32).cuda()
+        weights = torch.rand(T, k, generator=gen).sort(dim=1, descending=True).values.cuda()
+        out, w_out = torch.empty_like(ids), torch.empty_like(weights)
+        cells = []
+        for S in (k, args.select):
+            plain = time_graph_replay(lambda: reroute_numba(ids, sim, S, 0.0)).median_us  # noqa: B023
+            merging = time_graph_replay(
+                lambda: launch_reroute_merged(ids, weights, sim, out, w_out, S, 0.0)).median_us  # noqa: B023
+            cells += [f"{plain:.2f}", f"{merging:.2f}", f"{merging - plain:+.2f}"]
+        print(f"| {T} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
