@@ -111,7 +111,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     the re-route loop a block barrier makes every new id visible, then a thread per slot compares its
     token's k slots: a repeat of an earlier slot's expert adds its weight there and becomes id -1,
     weight 0. Where T*k <= threads (every call vLLM's small-batch path makes, T k 4 <= E) the new ids
-    and the weights wait in shared memory (weights loaded at the start, behind the other loads) and
+    and the weights wait in shared memory (a thread per slot loads its weight first thing) and
     reach global memory once, merged; larger T merges in global memory, in rounds of `threads` slots.
     Signature: (ids, weights, sim, out, weights_out, T, k, E, S, rho).
 
@@ -279,9 +279,11 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         block = cuda.blockIdx.x
         blocks = cuda.gridDim.x
         staging = merge and T * k <= stage_len  # merging kernel, ONE block: stage in shared memory
-        if staging:  # the weights' loads start now; the barriers below make them visible
-            for i in range(tid, T * k, threads):
-                staged_w[i] = weights[i]
+        # Staging: slot tid's weight. Its load is issued here and stored to shared memory only just
+        # before the first barrier, so no thread waits for it before issuing its other loads.
+        my_weight = np.float32(0.0)
+        if staging and tid < T * k:
+            my_weight = weights[tid]
 
         if S <= 0 or S >= k:  # identity: copy, grid-stride
             for i in range(block * threads + tid, T * k, blocks * threads):
@@ -289,6 +291,8 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                     staged[i] = ids[i]
                 else:
                     out[i] = ids[i]
+            if staging and tid < T * k:
+                staged_w[tid] = my_weight
             if merge:  # one block: the barrier covers every copied id
                 cuda.syncthreads()
                 merge_slots(out, weights, weights_out, staged, staged_w, staging, T, k, E, tid)
@@ -310,6 +314,8 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         # 2. The primary set P, built by every block from the head slots of ALL tokens.
         for j in range(tid, E, threads):
             is_primary[j] = 0
+        if staging and tid < T * k:
+            staged_w[tid] = my_weight
         cuda.syncthreads()
         if staging:
             build_primary(ids, weights, staged, is_primary, T, k, E, S, tid, block, blocks)
