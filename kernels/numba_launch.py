@@ -15,7 +15,6 @@ import torch
 from sere.kernels.numba_kernels import COLUMNS_PER_LANE_BUCKETS, DEFAULT_THREADS, WARP
 from sere.kernels.numba_pointer import (after_flags_pointer_kernel, flags_pointer_kernel, merge_pointer_kernel,
                                         pointer_kernel, scatter_flags_pointer_kernel)
-from sere.kernels.reference import SMALL_BATCH_SPARSITY
 
 BLOCKS_PER_SM = 4  # grid cap: enough warps in flight, few redundant builds of P
 # Large-T path: from this many tokens on, launch 1 builds P once into a flags buffer and launch 2
@@ -189,20 +188,20 @@ def launch_reroute(
     kern.launch(blocks, stream_ptr, device_index, args)
 
 
-def merge_geometry(num_experts: int, top_k: int) -> tuple[int, int]:
-    """(threads, lanes per secondary slot) of the merging kernel for a layer. It depends on the
-    layer only, so a warm-up at any T compiles the kernel every later call uses. The block takes
-    its secondary slots in rounds of threads / lanes; a second round costs a row load after a
-    barrier. So where the largest small-batch call (T = E // (4k)) has more secondary slots (at
-    most k - 1 per token) than 32-lane groups, half groups take them in one round, if the row still
-    fits 8 columns per lane: Qwen3-30B-A3B's E = 128, k = 8 has 28 such slots, 16 groups of 32 or
-    32 of 16. Measured (bench/lab/probe_merge_geometry.py, H100, bench/RESULTS.md section 20): at
-    T = 3 / 4 half groups take 5.0 / 5.1 us against 5.5 / 5.7; at T = 1 / 2 they are 0.3-0.4 us
-    slower, the price of one kernel per layer."""
+def merge_geometry(num_experts: int, top_k: int, tokens: int, select_top_k: int = 1) -> tuple[int, int]:
+    """(threads, lanes per secondary slot) of the merging kernel for a call of `tokens` tokens. The
+    block takes its secondary slots (T (k - S)) in rounds of threads / lanes, and a second round
+    costs a row load after a barrier; so where they outnumber the 32-lane groups, half groups take
+    them in one round, if the row still fits 8 columns per lane. Qwen3-30B-A3B (E = 128, k = 8):
+    T = 1 / 2 have 7 / 14 slots for 16 groups of 32, T = 3 / 4 have 21 / 28, for 32 groups of 16.
+    Measured (bench/lab/probe_merge_geometry.py, H100, bench/RESULTS.md sections 20-21): half groups
+    at T = 3 / 4 take 5.0 / 4.6 us against 5.5 / 5.2; at T = 1 / 2 they are 0.3-0.5 us slower.
+    A layer so uses at most two kernels, one for its smallest and one for its largest merged call:
+    a warm-up at both compiles every kernel its later calls use."""
     if columns_per_lane(num_experts, WARP) > 8:
         return MERGE_THREADS_WIDE_ROWS, WARP
-    largest_call = max(1, num_experts // (SMALL_BATCH_SPARSITY * top_k))
-    secondary = largest_call * max(0, top_k - 1)
+    S = min(max(1, select_top_k), top_k)
+    secondary = tokens * (top_k - S)
     half = WARP // 2
     if secondary > MERGE_THREADS // WARP and columns_per_lane(num_experts, half) <= 8:
         return MERGE_THREADS, half
@@ -237,7 +236,7 @@ def launch_reroute_merged(
     if in_weight_order and k > MAX_WEIGHTED_K:
         raise ValueError(f"the weight-order kernel takes k <= {MAX_WEIGHTED_K} slots per token, got k={k}")
     if threads is None or lanes is None:
-        geometry = merge_geometry(E, k)
+        geometry = merge_geometry(E, k, T, select_top_k)
         threads, lanes = threads or geometry[0], lanes or geometry[1]
     cols = columns_per_lane(E, lanes)
     sim, sim_kind, id_name, device_index = pointer_inputs(topk_ids, sim)

@@ -262,19 +262,22 @@ def test_merge_slots_unset_merges_only_where_the_kernel_merges_in_its_own_launch
     assert not _merge_by_default(fused, cuda, "numba", recording=False, global_primary=False)
 
 
-def test_the_merging_kernels_geometry_depends_on_the_layer_only():
-    """One (threads, lanes) per layer, so a warm-up at any T compiles what every call uses; half-warp
-    groups where the largest small-batch call has more secondary slots than 32-lane groups."""
+def test_the_merging_kernels_geometry_follows_the_calls_secondary_slots():
+    """Half-warp groups only where the call's secondary slots T (k - S) outnumber the 32-lane
+    groups, and only while the row fits; monotone in T, so a warm-up at a layer's smallest and
+    largest merged call compiles every kernel it uses."""
     from sere.kernels.numba_launch import MERGE_THREADS, MERGE_THREADS_WIDE_ROWS, merge_geometry
 
-    assert merge_geometry(128, 8) == (MERGE_THREADS, 16)  # Qwen3: 4 tokens x 7 slots > 16 groups
-    assert merge_geometry(60, 4) == (MERGE_THREADS, 32)  # Qwen1.5: 3 x 3
-    assert merge_geometry(64, 6) == (MERGE_THREADS, 32)  # DeepSeek-V2-Lite: 2 x 5
-    assert merge_geometry(256, 8) == (MERGE_THREADS, 32)  # 56 slots, but 16 columns per half-warp lane
-    assert merge_geometry(1024, 8) == (MERGE_THREADS_WIDE_ROWS, 32)
-    assert merge_geometry(8, 1) == (MERGE_THREADS, 32)
+    assert [merge_geometry(128, 8, T)[1] for T in (1, 2, 3, 4)] == [32, 32, 16, 16]  # Qwen3: 7 / 14 / 21 / 28 slots
+    assert [merge_geometry(128, 8, T, select_top_k=2)[1] for T in (2, 3)] == [32, 16]  # S = 2: 12 / 18 slots
+    assert merge_geometry(128, 8, 4, select_top_k=8) == (MERGE_THREADS, 32)  # identity: no secondary slot
+    assert merge_geometry(60, 4, 3) == (MERGE_THREADS, 32)  # Qwen1.5: 3 x 3
+    assert merge_geometry(64, 6, 2) == (MERGE_THREADS, 32)  # DeepSeek-V2-Lite: 2 x 5
+    assert merge_geometry(256, 8, 8) == (MERGE_THREADS, 32)  # 56 slots, but 16 columns per half-warp lane
+    assert merge_geometry(1024, 8, 32) == (MERGE_THREADS_WIDE_ROWS, 32)
+    assert merge_geometry(8, 1, 2) == (MERGE_THREADS, 32)
     with pytest.raises(ValueError, match="at most"):
-        merge_geometry(4096, 8)
+        merge_geometry(4096, 8, 1)
 
 
 # ---------------------------------------------------------------------------- vLLM's kernel, on the GPU

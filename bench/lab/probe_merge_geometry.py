@@ -4,7 +4,7 @@ sizes, timed by CUDA-graph replay beside the plain kernel.
 The merging kernel is one block: its secondary slots go to groups of `lanes` lanes in rounds of
 threads / lanes, and a second round costs a row load after a barrier. On the H100 (2026-12-07,
 E = 128, k = 8, 512 threads of 32-lane groups) it took 4.9 / 7.3 us at T = 1 / 4 against the plain
-kernel's 2.5 / 2.6. This times each (threads, lanes) at T = 1..4 so `merge_geometry`'s choice
+kernel's 2.5 / 2.6. This times each (threads, lanes) at T = 1..4 so `merge_geometry`'s choice (per T)
 rests on a measurement; a geometry that does not launch (registers) is reported, not fatal.
 
     python -m bench.lab.probe_merge_geometry [--experts 128] [--top-k 8] [--tokens 1,2,3,4]
@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     E, k, S, rho = args.experts, args.top_k, args.select, 0.0
     gen = torch.Generator().manual_seed(0)
     sim = torch.rand(E, E, generator=gen).to(torch.bfloat16).cuda()
+    picks = {T: merge_geometry(E, k, T, S) for T in map(int, args.tokens.split(","))}
     print(f"{torch.cuda.get_device_name()}: us per call, CUDA-graph replay, E={E} k={k} S={S} rho={rho} "
-          f"bf16 similarity; merge_geometry picks {merge_geometry(E, k)}")
+          f"bf16 similarity; merge_geometry picks (threads, lanes) {picks}")
     print("| T | plain kernel | " + " | ".join(f"{t} thr x {l} lanes" for t, l in GEOMETRIES) + " |")
     print("|---:|---:|" + "---:|" * len(GEOMETRIES))
     for T in map(int, args.tokens.split(",")):
