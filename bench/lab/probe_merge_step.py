@@ -11,6 +11,8 @@ a time to a plain copy of the T*k slots, by CUDA-graph replay:
   merged        staged, plus the merge: each slot compares its token's k slots (int64 index math, as
                 the kernel's merge step)
   merged32      merged with int32 index math (the division s // k in 32 bits)
+  select        merged32 without branches in the loop (every slot's id and weight read, selects)
+  fixed_k       select with k fixed at compile time (the loop unrolled in full)
 
     python -m bench.lab.probe_merge_step [--top-k 8] [--tokens 1,4] [--threads 256,512]
 """
@@ -22,7 +24,7 @@ import sys
 import numpy as np
 import torch
 
-PIECES = ("copy", "copy2", "staged", "merged", "merged32")
+PIECES = ("copy", "copy2", "staged", "merged", "merged32", "select", "fixed_k")
 
 
 def make_piece(name: str, threads: int):
@@ -97,7 +99,36 @@ def make_piece(name: str, threads: int):
             out[s] = -1 if repeat else e
             w_out[s] = np.float32(0.0) if repeat else acc
 
-    return {"copy": copy, "copy2": copy2, "staged": staged, "merged": merged, "merged32": merged32}[name]
+    def make_select(fixed_k):
+        def select(ids, w, out, w_out, n, k):
+            s_ids = cuda.shared.array(threads, numba.int32)
+            s_w = cuda.shared.array(threads, numba.float32)
+            tid = cuda.threadIdx.x
+            if tid < n:
+                s_ids[tid] = ids[tid]
+                s_w[tid] = w[tid]
+            cuda.syncthreads()
+            kk = numba.int32(fixed_k) if fixed_k else numba.int32(k)
+            if tid < n:
+                s = numba.int32(tid)
+                row0 = numba.int32(s // kk) * kk
+                j = numba.int32(s - row0)
+                e = s_ids[s]
+                acc = s_w[s]
+                repeat = False
+                for i in range(kk):
+                    i32 = numba.int32(i)
+                    e_i = s_ids[row0 + i32]
+                    w_i = s_w[row0 + i32]
+                    same = e_i == e
+                    repeat = repeat or (same and i32 < j)
+                    acc = acc + w_i if same and i32 > j else acc
+                out[s] = -1 if repeat else e
+                w_out[s] = np.float32(0.0) if repeat else acc
+        return select
+
+    return {"copy": copy, "copy2": copy2, "staged": staged, "merged": merged, "merged32": merged32,
+            "select": make_select(0), "fixed_k": make_select(8)}[name]
 
 
 def main(argv=None) -> int:
