@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Device run of a kernel change (issue 14), in this order, each step under its own timeout:
+#   0. bench.lab.compare_ptx: which kernels' compiled instructions differ from the base tree's;
 #   1. the kernel gate: the base tree (.gate_base/: `git archive` of the commit before the change,
 #      without the zoo checkpoints; its commit in .gate_base/BASE_COMMIT) saves the numba kernel
 #      cases with `tox -e bench-gpu`, then this tree must pass `tox -e gate` against that save
@@ -50,6 +51,10 @@ step() {  # name, timeout s, dir, command...
 install() { $PY -m pip install -q --no-build-isolation --no-deps -e . ; }
 ROOT=$PWD
 if [ -d .gate_base ]; then
+  # Which kernels' instructions the change touches (informational: a gate figure on an unchanged
+  # kernel is noise); its failure does not fail the gate.
+  (timeout 180 $PY -m bench.lab.compare_ptx .gate_base --out "$LOGS/ptx" > "$LOGS/compare_ptx.log" 2>&1 \
+    && grep "^|" "$LOGS/compare_ptx.log" | cut -c1-160) || echo "== compare_ptx: no result (see compare_ptx.log)"
   (cd .gate_base && install) > "$LOGS/install-base.log" 2>&1
   step kernel-base 150 .gate_base "${SAVE[@]}" bench/test_bench_reroute.py -k "$KSEL" -q \
     --benchmark-storage="file://$STORE" --benchmark-columns=median --benchmark-sort=name

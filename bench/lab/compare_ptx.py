@@ -116,7 +116,7 @@ def compile_tree(tree: Path, cc: str, out_dir: Path) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"compare_ptx: compiling {tree} failed: {last}")
+        raise SystemExit(f"compare_ptx: compiling {tree} failed: {last.removeprefix('compare_ptx: ')}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -137,6 +137,9 @@ def compile_here(cc: tuple[int, int], out_dir: Path) -> dict:
             signature = getattr(numba_pointer, sig_name)(*sig_args)
             ptx, _ = cuda.compile_ptx(py_kernel, signature, cc=cc)
         except Exception as exc:  # noqa: BLE001 - a tree without this variant, or an older make_kernel
+            if "DynamicLibNotFound" in type(exc).__name__ or "Nvvm" in type(exc).__name__:
+                raise SystemExit("compare_ptx: NVIDIA's compiler libraries are missing (" + type(exc).__name__
+                                 + "): pip install nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12") from None
             result[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
             continue
         (out_dir / f"{name}.ptx").write_text(ptx)
