@@ -322,14 +322,16 @@ def test_the_log_line_says_which_calls_merge():
 
 def test_the_warm_up_before_graph_capture_runs_the_merging_path(monkeypatch):
     """On CUDA the plugin calls each layer once before vLLM captures graphs, so that no kernel is
-    compiled during a capture: with merge_slots that call includes route_merged."""
+    compiled during a capture: with merge_slots that call includes route_merged, at the layer's
+    smallest and largest merged call (merge_geometry may give them different kernels)."""
     from types import SimpleNamespace
 
     from sere.vllm.router import MoESite, _warm_up
 
-    layer = rerouter(torch.full((16, 16), 0.5), 1, merge_tokens=1)
-    calls = []
-    monkeypatch.setattr(layer, "route_merged", lambda ids, w: calls.append((tuple(ids.shape), w.dtype)))
-    site = MoESite("model.layers.0.mlp.experts", 0, None, SimpleNamespace(_sere=layer, _sere_fused=None), 16, 4)
-    _warm_up(site)
-    assert calls == [((1, 4), torch.float32)]
+    for merge_tokens, shapes in ((1, [(1, 4)]), (3, [(1, 4), (3, 4)])):
+        layer = rerouter(torch.full((16, 16), 0.5), 1, merge_tokens=merge_tokens)
+        calls = []
+        monkeypatch.setattr(layer, "route_merged", lambda ids, w: calls.append((tuple(ids.shape), w.dtype)))  # noqa: B023
+        site = MoESite("model.layers.0.mlp.experts", 0, None, SimpleNamespace(_sere=layer, _sere_fused=None), 16, 4)
+        _warm_up(site)
+        assert calls == [(shape, torch.float32) for shape in shapes]
