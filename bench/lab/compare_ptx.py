@@ -110,7 +110,8 @@ class TreeFinder(importlib.abc.MetaPathFinder):
 
 
 def compile_tree(tree: Path, cc: str, out_dir: Path) -> dict:
-    """Compile every variant of `tree` in a fresh process; {name: {"lines", "digest"} or {"error"}}."""
+    """Compile every variant of `tree` in a fresh process: {name: {"lines", "code", "decls", "decl_lines"}
+    or {"error"}} (digests of the instructions and of the declarations, see verdict)."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-only", str(tree), "--cc", cc, "--out", str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
