@@ -27,7 +27,7 @@ import torch
 PIECES = ("copy", "copy2", "staged", "merged", "merged32", "select", "fixed_k")
 
 
-def make_piece(name: str, threads: int):
+def make_piece(name: str, threads: int, top_k: int = 8):
     from sere.kernels.numba_runtime import cuda, numba
 
     def copy(ids, w, out, w_out, n, k):
@@ -128,7 +128,7 @@ def make_piece(name: str, threads: int):
         return select
 
     return {"copy": copy, "copy2": copy2, "staged": staged, "merged": merged, "merged32": merged32,
-            "select": make_select(0), "fixed_k": make_select(8)}[name]
+            "select": make_select(0), "fixed_k": make_select(top_k)}[name]
 
 
 def main(argv=None) -> int:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                 continue
             cells = []
             for name in PIECES:
-                kern = PointerKernel(make_piece(name, threads), signature, threads)
+                kern = PointerKernel(make_piece(name, threads, k), signature, threads)
                 launch_args = (ids.data_ptr(), w.data_ptr(), out.data_ptr(), w_out.data_ptr(), np.int32(n), np.int32(k))
                 run = lambda: kern.launch(1, torch.cuda.current_stream().cuda_stream, device, launch_args)  # noqa: B023,E731
                 run()
