@@ -202,35 +202,39 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
 
     if merge:
         @device_fn
+        def merged_slot(slot_ids, slot_w, s, k, E):
+            """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
+            slot of its token is a repeat; the first slot of each expert takes its own weight plus its
+            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot."""
+            row0 = (s // k) * k
+            j = s - row0
+            e = slot_ids[s]
+            acc = slot_w[s]
+            repeat = False
+            if e >= 0 and e < E:
+                for i in range(k):
+                    if i != j and slot_ids[row0 + i] == e:
+                        if i < j:
+                            repeat = True
+                        else:
+                            acc += slot_w[row0 + i]
+            return e, acc, repeat
+
+        @device_fn
         def merge_staged(staged, staged_w, out, weights_out, T, k, E, tid):
-            """After a block barrier, a thread per slot (T*k <= threads) reads its token's new ids and
-            weights from shared memory and writes its slot's merged id and weight: a slot whose valid
-            expert sits in an earlier slot becomes id -1, weight 0; the first slot of each expert takes
-            its own weight plus its repeats', added in slot order. Nothing is written to shared memory
-            here, so no second barrier."""
+            """After a block barrier, a thread per slot (T*k <= threads) merges from shared memory and
+            writes its slot's id (-1 for a repeat) and weight (0 for a repeat). Nothing is written to
+            shared memory here, so no second barrier."""
             for s in range(tid, T * k, threads):
-                row0 = (s // k) * k
-                j = s - row0
-                e = staged[s]
-                acc = staged_w[s]
-                repeat = False
-                if e >= 0 and e < E:
-                    for i in range(k):
-                        if i != j and staged[row0 + i] == e:
-                            if i < j:
-                                repeat = True
-                            else:
-                                acc += staged_w[row0 + i]
+                e, acc, repeat = merged_slot(staged, staged_w, s, k, E)
                 out[s] = -1 if repeat else e
                 weights_out[s] = np.float32(0.0) if repeat else acc
 
         @device_fn
         def merge_in_global(out, weights, weights_out, T, k, E, tid):
-            """After a block barrier, a thread per slot in rounds of `threads` slots: a slot whose
-            valid expert sits in an earlier slot of its token becomes id -1, weight 0; the first slot
-            of each expert takes its own weight plus its repeats' weights, added in slot order.
-            Every load of a round comes before its barrier and its stores after, so the loads are
-            independent (no store between them) and need no ordering. Only repeats change, and a
+            """After a block barrier, a thread per slot in rounds of `threads` slots merges from global
+            memory. Every load of a round comes before its barrier and its stores after, so the loads
+            are independent (no store between them) and need no ordering. Only repeats change, and a
             repeat is recognised through its expert's first slot, which never changes: a later round
             reads what it needs."""
             n = T * k
@@ -238,17 +242,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 s = base + tid
                 repeat = False
                 if s < n:
-                    row0 = (s // k) * k
-                    j = s - row0
-                    e = out[s]
-                    acc = weights[s]
-                    if e >= 0 and e < E:
-                        for i in range(k):
-                            if i != j and out[row0 + i] == e:
-                                if i < j:
-                                    repeat = True
-                                else:
-                                    acc += weights[row0 + i]
+                    _, acc, repeat = merged_slot(out, weights, s, k, E)
                     weights_out[s] = np.float32(0.0) if repeat else acc
                 cuda.syncthreads()
                 if repeat:
