@@ -292,15 +292,18 @@ def _warm_up(site: MoESite) -> None:
     """One call before any graph capture: compiles the Numba kernel(s) for this expert count."""
     rerouter = site.router._sere
     k = site.top_k
-    ids = torch.arange(2 * k, device=rerouter.sim.device, dtype=torch.int32).remainder(site.num_experts).view(2, k)
-    rerouter.transform(ids, rerouter.sim, max(1, min(rerouter.select_top_k, k - 1)), rerouter.threshold)
+    device = rerouter.sim.device
+
+    def slots(tokens: int) -> torch.Tensor:  # [tokens, k] valid expert ids
+        return torch.arange(tokens * k, device=device, dtype=torch.int32).remainder(site.num_experts).view(tokens, k)
+
+    rerouter.transform(slots(2), rerouter.sim, max(1, min(rerouter.select_top_k, k - 1)), rerouter.threshold)
     if rerouter.merge_tokens is not None:  # the merging kernels of its smallest and largest call (merge_geometry)
         for tokens in sorted({1, max(1, rerouter.merge_tokens)}):
-            many = torch.arange(tokens * k, device=ids.device, dtype=torch.int32).remainder(site.num_experts).view(tokens, k)
-            rerouter.route_merged(many, torch.full((tokens, k), 1.0 / k, device=ids.device))
+            rerouter.route_merged(slots(tokens), torch.full((tokens, k), 1.0 / k, device=device))
     fused = site.router._sere_fused
     if fused is not None:
-        logits = torch.zeros(2, site.num_experts, device=rerouter.sim.device, dtype=torch.float32)
+        logits = torch.zeros(2, site.num_experts, device=device, dtype=torch.float32)
         fused(logits, torch.int32)
 
 
