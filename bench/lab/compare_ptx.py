@@ -97,7 +97,9 @@ def verdict(base: dict, this: dict) -> tuple[str, bool]:
 
 class TreeFinder(importlib.abc.MetaPathFinder):
     """Imports the package from one source tree, as pyproject.toml's package-dir maps it, ahead of
-    any installed (or editable) copy; submodules follow their parent's folder."""
+    any installed (or editable) copy; submodules follow their parent's folder. (sere._CheckoutFolders
+    maps the same folders but comes last, so that an install wins; here the tree must win, `sere`
+    included, whichever tree is installed.)"""
 
     def __init__(self, tree: Path):
         self.roots = {"sere": tree / "sere", "sere.kernels": tree / "kernels", "sere.calibration": tree / "calibration"}
