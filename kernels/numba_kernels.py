@@ -205,19 +205,23 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         def merged_slot(slot_ids, slot_w, s, k, E):
             """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
             slot of its token is a repeat; the first slot of each expert takes its own weight plus its
-            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot."""
-            row0 = (s // k) * k
-            j = s - row0
-            e = slot_ids[s]
-            acc = slot_w[s]
+            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot.
+            Branch-free loop with 32-bit index math: every slot of the token is read and selected,
+            which the probe (bench.lab.probe_merge_step) times faster than the branchy compare."""
+            s32 = numba.int32(s)
+            k32 = numba.int32(k)
+            row0 = numba.int32(s32 // k32) * k32
+            j = s32 - row0
+            e = slot_ids[s32]
+            acc = slot_w[s32]
+            valid = e >= 0 and e < E
             repeat = False
-            if e >= 0 and e < E:
-                for i in range(k):
-                    if i != j and slot_ids[row0 + i] == e:
-                        if i < j:
-                            repeat = True
-                        else:
-                            acc += slot_w[row0 + i]
+            for i in range(k32):
+                i32 = numba.int32(i)
+                same = valid and slot_ids[row0 + i32] == e
+                w_i = slot_w[row0 + i32]
+                repeat = repeat or (same and i32 < j)
+                acc = acc + w_i if same and i32 > j else acc
             return e, acc, repeat
 
         @device_fn
