@@ -13,7 +13,8 @@
 #      top-k + re-route kernel against top-k then re-route, the merging kernel against the plain one
 #      (JSON + tables);
 #   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`; SKIP_GPU_TESTS=1 leaves them out).
-# GATE_ONLY=1 stops after step 1; KSEL sets the gated cases (-k expression).
+# GATE_ONLY=1 stops after step 1; KSEL sets the gated cases (-k expression); NO_PTX=1 leaves step 0
+# out (it needs no GPU: run it here instead, python -m bench.lab.compare_ptx .gate_base).
 # From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
 # $OUT (default /tmp/sere_kgate_out) gets: kgate.log (all printed), summary.md, bench_kernel.json,
 # logs.tar.gz (every step's log); at most 4 files, the device returns 8.
@@ -53,7 +54,7 @@ ROOT=$PWD
 if [ -d .gate_base ]; then
   # Which kernels' instructions the change touches (informational: a gate figure on an unchanged
   # kernel is noise); its failure does not fail the gate.
-  (timeout 180 $PY -m bench.lab.compare_ptx .gate_base --out "$LOGS/ptx" > "$LOGS/compare_ptx.log" 2>&1 \
+  [ "${NO_PTX:-0}" = 1 ] || (timeout 180 $PY -m bench.lab.compare_ptx .gate_base --out "$LOGS/ptx" > "$LOGS/compare_ptx.log" 2>&1 \
     && grep "^|" "$LOGS/compare_ptx.log" | cut -c1-160) || echo "== compare_ptx: no result (see compare_ptx.log)"
   (cd .gate_base && install) > "$LOGS/install-base.log" 2>&1
   step kernel-base 150 .gate_base "${SAVE[@]}" bench/test_bench_reroute.py -k "$KSEL" -q \
