@@ -88,7 +88,7 @@ def make_row_helpers(sim_kind: str, cols: int, lanes: int):
 
 
 def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
-                weight_kind: str | None = None, merge: bool = False):
+                weight_kind: str | None = None, merge: bool = False, top_k: int = 0):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
     size (`lanes` lanes share one secondary slot: 32 on the GPU, fewer under the simulator,
     where every block barrier is expensive). two_launch=True gives launch 2 of the large-T path
@@ -113,6 +113,9 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     weight 0. Where T*k <= threads (every call vLLM's small-batch path makes, T k 4 <= E) the new ids
     and the weights wait in shared memory (a thread per slot loads its weight first thing) and
     reach global memory once, merged; larger T merges in global memory, in rounds of `threads` slots.
+    The merging kernel is compiled for one k, top_k (its launch passes the same k): the per-slot compare
+    over the token's slots is then unrolled, and the division by k is a multiply (on the H100 the merge
+    step took 1.50 us with k a launch argument, 1.26 us with k fixed; bench.lab.probe_merge_step).
     Signature: (ids, weights, sim, out, weights_out, T, k, E, S, rho).
 
     Arrays are flat (1-D NumPy arrays under the simulator, raw pointers on the GPU):
@@ -122,6 +125,8 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         raise ValueError(f"lanes must be a power of two <= {WARP} and threads a multiple of {WARP}")
     if (weight_kind is not None or merge) and two_launch:
         raise ValueError("the weight-order and merging kernels have one launch only (large T: sort, then the plain kernel)")
+    if merge and top_k < 1:
+        raise ValueError(f"the merging kernel is compiled for one k: top_k must be >= 1, got {top_k}")
     if merge and weight_kind not in (None, "float32"):
         raise ValueError(f"the merging kernel takes float32 weights, got weight_kind {weight_kind!r}")
     load_w = device.SIM_LOADERS[weight_kind or "float32"]
@@ -205,18 +210,18 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
         def merged_slot(slot_ids, slot_w, s, k, E):
             """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
             slot of its token is a repeat; the first slot of each expert takes its own weight plus its
-            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot.
-            Branch-free loop with 32-bit index math: every slot of the token is read and selected,
-            which the probe (bench.lab.probe_merge_step) times faster than the branchy compare."""
+            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot;
+            k equals the compile-time top_k (the launch checks it). Branch-free, 32-bit index math:
+            every slot of the token is read and selected, which the probe (bench.lab.probe_merge_step)
+            times faster than the branchy compare."""
             s32 = numba.int32(s)
-            k32 = numba.int32(k)
-            row0 = numba.int32(s32 // k32) * k32
+            row0 = numba.int32(s32 // top_k) * top_k
             j = s32 - row0
             e = slot_ids[s32]
             acc = slot_w[s32]
             valid = e >= 0 and e < E
             repeat = False
-            for i in range(k32):
+            for i in range(top_k):
                 i32 = numba.int32(i)
                 same = valid and slot_ids[row0 + i32] == e
                 w_i = slot_w[row0 + i32]

@@ -241,7 +241,7 @@ def launch_reroute_merged(
     cols = columns_per_lane(E, lanes)
     sim, sim_kind, id_name, device_index = pointer_inputs(topk_ids, sim)
     S = max(-1, min(int(select_top_k), k))
-    kern = merge_pointer_kernel(id_name, sim_kind, cols, threads, lanes, in_weight_order)
+    kern = merge_pointer_kernel(id_name, sim_kind, cols, threads, lanes, k, in_weight_order)
     args = (topk_ids.data_ptr(), weights.data_ptr(), sim.data_ptr(), out.data_ptr(), weights_out.data_ptr(),
             np.int32(T), np.int32(k), np.int32(E), np.int32(S), np.float32(threshold))
     kern.launch(1, torch.cuda.current_stream(device_index).cuda_stream, device_index, args)

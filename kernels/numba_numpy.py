@@ -23,9 +23,9 @@ def _array_kernel(sim_kind: str, cols: int, threads: int, lanes: int, two_launch
 
 
 @lru_cache(maxsize=None)
-def _array_merge_kernel(sim_kind: str, cols: int, threads: int, lanes: int, in_weight_order: bool):
+def _array_merge_kernel(sim_kind: str, cols: int, threads: int, lanes: int, top_k: int, in_weight_order: bool):
     return cuda.jit(make_kernel(sim_kind, cols, threads, lanes, weight_kind="float32" if in_weight_order else None,
-                                merge=True))
+                                merge=True, top_k=top_k))
 
 
 @lru_cache(maxsize=None)
@@ -158,7 +158,8 @@ def reroute_merged_numba_numpy(ids: np.ndarray, weights: np.ndarray, sim: np.nda
     threads = threads or (WARP if sim_mode else DEFAULT_THREADS)
     if lanes is None:
         lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
-    kernel = _array_merge_kernel(_NUMPY_SIM_KIND[sim.dtype], columns_per_lane(E, lanes), threads, lanes, in_weight_order)
+    kernel = _array_merge_kernel(_NUMPY_SIM_KIND[sim.dtype], columns_per_lane(E, lanes), threads, lanes, k,
+                                 in_weight_order)
     S = max(-1, min(int(select_top_k), k))
     kernel[1, threads](np.ascontiguousarray(ids).reshape(-1), np.ascontiguousarray(weights).reshape(-1),
                        np.ascontiguousarray(sim).reshape(-1), out.reshape(-1), weights_out.reshape(-1),

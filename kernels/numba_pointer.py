@@ -147,13 +147,15 @@ def pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int = DEFAUL
     )
 
 
-def merge_pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int, lanes: int = WARP,
+def merge_pointer_kernel(id_name: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int,
                          in_weight_order: bool = False) -> PointerKernel:
-    """The compiled merging kernel (one block; slots in weight order when in_weight_order)."""
+    """The compiled merging kernel for top_k slots per token (one block; slots in weight order when
+    in_weight_order)."""
     weight_kind = "float32" if in_weight_order else None
     return cached_pointer_kernel(
-        ("merge", id_name, sim_kind, cols, threads, lanes, in_weight_order),
-        lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes, weight_kind=weight_kind, merge=True),
+        ("merge", id_name, sim_kind, cols, threads, lanes, top_k, in_weight_order),
+        lambda: PointerKernel(make_kernel(sim_kind, cols, threads, lanes, weight_kind=weight_kind, merge=True,
+                                          top_k=top_k),
                               merge_signature(id_name, sim_kind), threads),
     )
 

@@ -41,9 +41,10 @@ VARIANTS = (
      "pointer_signature", ("int32", "bfloat16", "float32")),
     ("two-launch", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, two_launch=True),
      "after_flags_signature", ("int32", "bfloat16")),
-    ("merge-sorted", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True),
+    ("merge-sorted", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8),
      "merge_signature", ("int32", "bfloat16")),
-    ("merge-weight-order", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, weight_kind="float32"),
+    ("merge-weight-order", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8,
+                                weight_kind="float32"),
      "merge_signature", ("int32", "bfloat16")),
 )
 
@@ -130,13 +131,16 @@ def compile_here(cc: tuple[int, int], out_dir: Path) -> dict:
 
     # Device functions ask the current device for its compute capability; there is none here.
     dispatcher.get_current_device = lambda: type("NoDevice", (), {"compute_capability": cc})()
+    import inspect
+
     from sere.kernels import numba_pointer
     from sere.kernels.numba_kernels import make_kernel
 
+    takes = inspect.signature(make_kernel).parameters  # an older tree's make_kernel lacks later keywords
     result = {}
     for name, kwargs, sig_name, sig_args in VARIANTS:
         try:
-            py_kernel = make_kernel(**kwargs)
+            py_kernel = make_kernel(**{key: value for key, value in kwargs.items() if key in takes})
             signature = getattr(numba_pointer, sig_name)(*sig_args)
             ptx, _ = cuda.compile_ptx(py_kernel, signature, cc=cc)
         except Exception as exc:  # noqa: BLE001 - a tree without this variant, or an older make_kernel
