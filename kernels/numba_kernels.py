@@ -211,7 +211,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
             slot of its token is a repeat; the first slot of each expert takes its own weight plus its
             repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot;
-            k equals the compile-time top_k (the launch checks it). Branch-free, 32-bit index math:
+            k is the compile-time top_k (each k has its own kernel). Branch-free, 32-bit index math:
             every slot of the token is read and selected, which the probe (bench.lab.probe_merge_step)
             times faster than the branchy compare."""
             s32 = numba.int32(s)

@@ -353,3 +353,20 @@ def test_merging_kernel_sends_a_batch_of_one_to_one_slot():
     assert got_ids.tolist() == [[5, -1, -1, -1]]
     total = ((np.float32(0.4) + np.float32(0.3)) + np.float32(0.2)) + np.float32(0.1)
     assert got_w[0, 0] == total and got_w[0, 1:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_merging_kernel_is_built_for_one_k():
+    """The merging kernel unrolls its merge over a compile-time k: building it without one is an
+    error, and kernels for two k in one process stay apart (each call gets its own k's kernel)."""
+    from sere.kernels.numba_kernels import make_kernel
+
+    with pytest.raises(ValueError, match="compiled for one k"):
+        make_kernel("float32", 1, 32, 4, merge=True)
+    E = 8
+    sim = np.full((E, E), 0.5, dtype=np.float32)
+    for k in (2, 3):
+        ids = np.arange(k, dtype=np.int32)[None, :]
+        weights = np.full((1, k), 0.25, dtype=np.float32)
+        got_ids, got_w = numba_numpy.reroute_merged_numba_numpy(ids, weights, sim, 1, 0.0)
+        assert got_ids.tolist() == [[0] + [-1] * (k - 1)]
+        assert got_w[0, 0] == np.float32(0.25) * k
