@@ -1,5 +1,7 @@
 """bench.lab.compare_ptx's reading of PTX (the compilation itself needs NVVM, not in CI): what it
 ignores (comments, Numba's per-process numbering) and what it reports (instructions, declarations)."""
+import pytest
+
 from bench.lab.compare_ptx import digest, normalize, split_declarations, verdict
 
 BASE = """//
@@ -43,3 +45,44 @@ def test_an_added_shared_array_is_a_declaration_not_an_instruction():
 def test_a_kernel_missing_from_one_tree_is_not_compared():
     text, differs = verdict({"error": "TypeError: unexpected keyword 'merge'"}, compiled(BASE))
     assert not differs and text.startswith("not compared (TypeError")
+
+
+def elf_with_sections(sections: dict[str, int]) -> bytes:
+    """A 64-bit ELF holding only section headers: {name: size}, plus the section-name table."""
+    import struct
+
+    names = b"\0" + b"".join(n.encode() + b"\0" for n in [".shstrtab", *sections])
+    shoff = 64 + len(names)
+    headers = [struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+               struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, 64, len(names), 0, 0, 1, 0)]
+    at = 1 + len(".shstrtab") + 1
+    for name, size in sections.items():
+        headers.append(struct.pack("<IIQQQQIIQQ", at, 1, 6, 0, 0, size, 0, 0, 16, 0))
+        at += len(name) + 1
+    head = bytearray(64)
+    head[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", head, 0x28, shoff)
+    struct.pack_into("<HHH", head, 0x3A, 64, len(headers), 1)
+    return bytes(head) + names + b"".join(headers)
+
+
+def test_machine_code_size_counts_the_text_sections_only():
+    from bench.lab.compare_ptx import text_bytes
+
+    elf = elf_with_sections({".text._Z6kernel": 1600, ".nv.info": 96, ".text._Z6helper": 160, ".nv.constant0": 400})
+    assert text_bytes(elf) == 1760
+    with pytest.raises(ValueError, match="64-bit ELF"):
+        text_bytes(b"\x7fELF\x01" + bytes(60))
+
+
+def test_ptxas_report_gives_registers_and_spills():
+    from bench.lab.compare_ptx import parse_ptxas_info, sass_cell
+
+    report = ("ptxas info    : Compiling entry function '_Z6kernel' for 'sm_90'\n"
+              "ptxas info    : Function properties for _Z6kernel\n"
+              "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+              "ptxas info    : Used 64 registers, used 1 barriers, 6656 bytes smem\n")
+    info = parse_ptxas_info(report)
+    assert info == {"registers": 64, "spill_bytes": 12}
+    assert sass_cell({"instructions": 5224, **info}) == "5224 (64 regs, spills 12 B)"
+    assert sass_cell({"error": "ptxas fatal"}) == "-" and sass_cell(None) == "-"

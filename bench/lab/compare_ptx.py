@@ -15,7 +15,9 @@ compiles in its own process, its `sere`, `sere.kernels` and `sere.calibration` i
 folders (as pyproject.toml maps them), whatever is installed. PTX is compared after dropping
 comments and module-level symbol declarations of Numba's environment objects, with Numba's
 per-process function numbering (`B2v7B...` in mangled names) blanked and its shared arrays
-renumbered: those change with import order, not with the code.
+renumbered: those change with import order, not with the code. Where ptxas is at hand (the same pip
+package brings it), each kernel is also assembled: its machine-code length in instructions and its
+registers per thread, base and this tree side by side.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +98,66 @@ def verdict(base: dict, this: dict) -> tuple[str, bool]:
         return (f"same instructions; declarations +{len(added)} -{len(removed)}: "
                 + "; ".join(d.rstrip(";") for d in added + removed)), False
     return "identical", False
+
+
+# Machine code: where ptxas is found (PATH, $CUDA_HOME/bin, or pip's nvidia-cuda-nvcc-cu12), each PTX
+# file is assembled for the same architecture and its size and registers reported beside the PTX.
+# A kernel's SASS length and its branches, not its PTX length, track what a tiny kernel costs
+# (bench/RESULTS.md section 22); sm_70 and later encode every instruction in 16 bytes.
+SASS_INSTRUCTION_BYTES = 16
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def find_ptxas() -> str | None:
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas"]
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc") if importlib.util.find_spec("nvidia") else None
+    if spec and spec.submodule_search_locations:
+        candidates += [Path(p) / "bin" / "ptxas" for p in spec.submodule_search_locations]
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+def parse_ptxas_info(text: str) -> dict:
+    """Registers and spill bytes from `ptxas -v` output (one kernel per file)."""
+    used, spill = _PTXAS_USED.search(text), _PTXAS_SPILL.search(text)
+    return {"registers": int(used.group(1)) if used else None,
+            "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None}
+
+
+def text_bytes(elf: bytes) -> int:
+    """Total size of the .text sections (the kernels' machine code) of a 64-bit little-endian ELF."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise ValueError("not a 64-bit ELF file")
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * entsize) for i in range(count)]
+    names_offset = headers[names_index][4]
+    total = 0
+    for name_at, _type, _flags, _addr, _offset, size, *_ in headers:
+        start = names_offset + name_at
+        if elf[start:elf.index(b"\0", start)].startswith(b".text"):
+            total += size
+    return total
+
+
+def sass_stats(ptxas: str, ptx_file: Path, cc: str) -> dict:
+    """{"instructions", "registers", "spill_bytes"} of one PTX file assembled by ptxas, or {"error"}."""
+    cubin = ptx_file.with_suffix(".cubin")
+    proc = subprocess.run([ptxas, "-v", f"-arch=sm_{cc.replace('.', '')}", "-O3", str(ptx_file), "-o", str(cubin)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["ptxas failed"])[-1][:120]}
+    return {"instructions": text_bytes(cubin.read_bytes()) // SASS_INSTRUCTION_BYTES, **parse_ptxas_info(proc.stderr)}
+
+
+def sass_cell(stats: dict | None) -> str:
+    if not stats or "error" in stats:
+        return "-"
+    spill = f", spills {stats['spill_bytes']} B" if stats.get("spill_bytes") else ""
+    return f"{stats['instructions']} ({stats['registers']} regs{spill})"
 
 
 class TreeFinder(importlib.abc.MetaPathFinder):
@@ -181,15 +245,22 @@ def main(argv=None) -> int:
         if not (tree / "kernels" / "numba_kernels.py").is_file():
             raise SystemExit(f"compare_ptx: {tree} is not a source tree of this project (no kernels/numba_kernels.py)")
     found = {label: compile_tree(tree, args.cc, args.out / label) for label, tree in trees.items()}
+    ptxas = find_ptxas()
+    sass = {label: {name: sass_stats(ptxas, args.out / label / f"{name}.ptx", args.cc)
+                    for name, *_ in VARIANTS if "error" not in found[label][name]} if ptxas else {}
+            for label in trees}
     print(f"PTX for sm_{args.cc.replace('.', '')}, base {trees['base']} against {trees['this']}:\n")
-    print("| kernel | base lines | this lines | instructions |")
-    print("|---|---:|---:|---|")
+    print("| kernel | base lines | this lines | instructions | base SASS | this SASS |")
+    print("|---|---:|---:|---|---:|---:|")
     changed = 0
     for name, *_ in VARIANTS:
         b, t = found["base"][name], found["this"][name]
         text, differs = verdict(b, t)
         changed += differs
-        print(f"| {name} | {b.get('lines', '-')} | {t.get('lines', '-')} | {text} |")
+        cells = [sass_cell(sass[label].get(name)) for label in trees]
+        print(f"| {name} | {b.get('lines', '-')} | {t.get('lines', '-')} | {text} | {cells[0]} | {cells[1]} |")
+    if not ptxas:
+        print("\n(SASS columns empty: no ptxas on PATH, in $CUDA_HOME/bin or from pip's nvidia-cuda-nvcc-cu12)")
     if args.show_diff:
         old, new = ((args.out / label / f"{args.show_diff}.ptx") for label in ("base", "this"))
         if not old.is_file() or not new.is_file():
