@@ -207,11 +207,11 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
 
     if merge:
         @device_fn
-        def merged_slot(slot_ids, slot_w, s, k, E):
+        def merged_slot(slot_ids, slot_w, s, E):
             """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
             slot of its token is a repeat; the first slot of each expert takes its own weight plus its
             repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot;
-            k is the compile-time top_k (each k has its own kernel). Branch-free, 32-bit index math:
+            a token's slots are top_k, fixed at compile time (each k has its own kernel). Branch-free, 32-bit index math:
             every slot of the token is read and selected, which the probe (bench.lab.probe_merge_step)
             times faster than the branchy compare."""
             s32 = numba.int32(s)
@@ -235,7 +235,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
             writes its slot's id (-1 for a repeat) and weight (0 for a repeat). Nothing is written to
             shared memory here, so no second barrier."""
             for s in range(tid, T * k, threads):
-                e, acc, repeat = merged_slot(staged, staged_w, s, k, E)
+                e, acc, repeat = merged_slot(staged, staged_w, s, E)
                 out[s] = -1 if repeat else e
                 weights_out[s] = np.float32(0.0) if repeat else acc
 
@@ -251,7 +251,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
                 s = base + tid
                 repeat = False
                 if s < n:
-                    _, acc, repeat = merged_slot(out, weights, s, k, E)
+                    _, acc, repeat = merged_slot(out, weights, s, E)
                     weights_out[s] = np.float32(0.0) if repeat else acc
                 cuda.syncthreads()
                 if repeat:
