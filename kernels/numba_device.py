@@ -22,9 +22,11 @@ if cuda is not None and not simulator_enabled():
         while offset > 0:
             other_v = cuda.shfl_xor_sync(0xFFFFFFFF, value, offset)
             other_i = cuda.shfl_xor_sync(0xFFFFFFFF, index, offset)
-            if other_v > value or (other_v == value and other_i < index):
-                value = other_v
-                index = other_i
+            # Selects, not a branch: lanes disagree here, and a divergent branch costs more than
+            # both moves (bench/RESULTS.md section 22, the merge step).
+            better = (other_v > value) | ((other_v == value) & (other_i < index))
+            value = other_v if better else value
+            index = other_i if better else index
             offset >>= 1
         return value, index
 

@@ -78,10 +78,12 @@ def make_row_helpers(sim_kind: str, cols: int, lanes: int):
         best_i = no_expert
         for c in range(cols):
             j = lane + lanes * c
-            if j < E and is_primary[j] != 0:
-                if best_i == no_expert or row[c] > best_v:
-                    best_v = row[c]
-                    best_i = j
+            # Branch-free (lanes disagree on every test): the flag is read unconditionally, j < mask
+            # length always; flags past E are never cleared, so `j < E` masks them, as it masks
+            # row[c], which load_row leaves unset there.
+            take = (j < E) & (is_primary[j] != 0) & ((best_i == no_expert) | (row[c] > best_v))
+            best_v = row[c] if take else best_v
+            best_i = j if take else best_i
         return best_v, best_i
 
     return load_row, best_primary
