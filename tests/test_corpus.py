@@ -20,6 +20,8 @@ TOKENIZER = ROOT / "tests/zoo/tokenizer"
 MIX = ROOT / "calibration/data/multidomain_mix.txt"
 TUNE = ROOT / "sere/harness/data/tune_sample.jsonl"
 EOS = "<|endoftext|>"
+if not (ROOT / "tests/zoo").is_dir():  # a device call's copy leaves the zoo out for size; a checkout has it
+    pytest.skip("tests/zoo is not in this copy of the tree", allow_module_level=True)
 MANIFEST = json.loads((HELD / "manifest.json").read_text())
 DOMAINS = MANIFEST["domains"]
 NEVER = MANIFEST["never_trained"]

@@ -115,3 +115,23 @@ def test_summary_gives_the_repetitions_and_says_where_they_overlap_stocks():
     assert "| stock | 16 | 10.200 | 10.000-10.400 |" in text
     assert "| sere-s1 | 16 | 6.450 | 6.400-6.500 | 2481 | 1.58x |" in text  # apart: no mark
     assert "| sere-s2 | 16 | 10.100 | 9.900-10.600 | 1584 | 1.01x (repetitions overlap) |" in text
+
+
+def test_summary_says_so_where_stock_has_no_row():
+    # a run whose stock engine timed out printed "nanx" as the speed-up (H100, 2026-12-07)
+    rows = [{"batch": 1, "step_ms": 3.9, "tokens_per_s": 256.0}]
+    results = {"sere-s1": {"rows": rows, "sere": e2e.sere_config("sere-s1"), "rerouted_layers": 48,
+                           "fused_topk_layers": 0, "backend": "numba", "start_s": 60.0}}
+    text = vllm_decode.summarize(results)
+    assert "| sere-s1 | 1 | 3.900 |  | 256 | no stock row |" in text and "nan" not in text
+
+
+def test_the_first_engine_gets_the_cold_start_allowance(monkeypatch, tmp_path):
+    timeouts = []
+    monkeypatch.setattr(vllm_decode.engine, "prepare", lambda args: None)
+    monkeypatch.setattr(vllm_decode.engine, "run_engine",
+                        lambda name, args, timeout: (timeouts.append(timeout), (None, f"== {name}: failed"))[1])
+    args = e2e.parse_args(["--model", "qwen3-30b-a3b", "--out", str(tmp_path), "--only", "stock,sere-s1",
+                           "--engine-timeout", "170", "--first-engine-extra", "60"], vllm_decode.build_parser())
+    assert vllm_decode.parent(args) == 1
+    assert timeouts == [230, 170]
