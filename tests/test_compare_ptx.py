@@ -83,6 +83,11 @@ def test_ptxas_report_gives_registers_and_spills():
               "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
               "ptxas info    : Used 64 registers, used 1 barriers, 6656 bytes smem\n")
     info = parse_ptxas_info(report)
-    assert info == {"registers": 64, "spill_bytes": 12}
+    assert info == {"registers": 64, "spill_bytes": 12, "stack_bytes": 0}
     assert sass_cell({"instructions": 5224, **info}) == "5224 (64 regs, spills 12 B)"
     assert sass_cell({"error": "ptxas fatal"}) == "-" and sass_cell(None) == "-"
+    # a local array indexed at run time: a stack frame without spills (the fused top-k kernel's
+    # taken flags before they became a bit mask)
+    local = parse_ptxas_info(report.replace("0 bytes stack frame, 8 bytes spill stores, 4", "96 bytes stack frame, 0 bytes spill stores, 0"))
+    assert local == {"registers": 64, "spill_bytes": 0, "stack_bytes": 96}
+    assert sass_cell({"instructions": 2544, **local}) == "2544 (64 regs, stack 96 B)"

@@ -35,21 +35,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (name, make_kernel keyword arguments, signature builder name, its arguments). E = 128, k <= 8:
-# the bf16 similarity with 4 columns per 32-lane group (the shapes of the three models).
+# (name, kernel factory, its keyword arguments, signature builder, its arguments); factories and
+# builders as "module:function" under sere.kernels. E = 128, k <= 8: the bf16 similarity with 4
+# columns per 32-lane group (the shapes of the three models).
 VARIANTS = (
-    ("plain-int32", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32), "pointer_signature", ("int32", "bfloat16")),
-    ("plain-int64", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32), "pointer_signature", ("int64", "bfloat16")),
-    ("plain-float32", dict(sim_kind="float32", cols=4, threads=256, lanes=32), "pointer_signature", ("int32", "float32")),
-    ("weight-order", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, weight_kind="float32"),
-     "pointer_signature", ("int32", "bfloat16", "float32")),
-    ("two-launch", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, two_launch=True),
-     "after_flags_signature", ("int32", "bfloat16")),
-    ("merge-sorted", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8),
-     "merge_signature", ("int32", "bfloat16")),
-    ("merge-weight-order", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8,
-                                weight_kind="float32"),
-     "merge_signature", ("int32", "bfloat16")),
+    ("plain-int32", "numba_kernels:make_kernel", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32),
+     "numba_pointer:pointer_signature", ("int32", "bfloat16")),
+    ("plain-int64", "numba_kernels:make_kernel", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32),
+     "numba_pointer:pointer_signature", ("int64", "bfloat16")),
+    ("plain-float32", "numba_kernels:make_kernel", dict(sim_kind="float32", cols=4, threads=256, lanes=32),
+     "numba_pointer:pointer_signature", ("int32", "float32")),
+    ("weight-order", "numba_kernels:make_kernel",
+     dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, weight_kind="float32"),
+     "numba_pointer:pointer_signature", ("int32", "bfloat16", "float32")),
+    ("two-launch", "numba_kernels:make_kernel", dict(sim_kind="bfloat16", cols=4, threads=256, lanes=32, two_launch=True),
+     "numba_pointer:after_flags_signature", ("int32", "bfloat16")),
+    ("merge-sorted", "numba_kernels:make_kernel", dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8),
+     "numba_pointer:merge_signature", ("int32", "bfloat16")),
+    ("merge-weight-order", "numba_kernels:make_kernel",
+     dict(sim_kind="bfloat16", cols=8, threads=512, lanes=16, merge=True, top_k=8, weight_kind="float32"),
+     "numba_pointer:merge_signature", ("int32", "bfloat16")),
+    ("fused-topk", "numba_topk:make_topk_reroute_kernel",  # the router's top-k and the re-route in one kernel
+     dict(logit_kind="bfloat16", sim_kind="bfloat16", cols=4, threads=256, lanes=32, top_k=8),
+     "numba_topk_op:_signature", ("bfloat16", "bfloat16", "int32")),
 )
 
 _ENV_DECL = re.compile(r"^\.(common|visible|extern)\s+\.global\s+.*NumbaEnv")
@@ -107,6 +115,7 @@ def verdict(base: dict, this: dict) -> tuple[str, bool]:
 SASS_INSTRUCTION_BYTES = 16
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 
 
 def find_ptxas() -> str | None:
@@ -121,10 +130,13 @@ def find_ptxas() -> str | None:
 
 
 def parse_ptxas_info(text: str) -> dict:
-    """Registers and spill bytes from `ptxas -v` output (one kernel per file)."""
-    used, spill = _PTXAS_USED.search(text), _PTXAS_SPILL.search(text)
+    """Registers, spill bytes and stack frame bytes from `ptxas -v` output (one kernel per file). A
+    stack frame without spills is a local array that did not stay in registers (indexed by a value
+    known only at run time): every access goes through local memory."""
+    used, spill, stack = _PTXAS_USED.search(text), _PTXAS_SPILL.search(text), _PTXAS_STACK.search(text)
     return {"registers": int(used.group(1)) if used else None,
-            "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None}
+            "spill_bytes": int(spill.group(1)) + int(spill.group(2)) if spill else None,
+            "stack_bytes": int(stack.group(1)) if stack else None}
 
 
 def text_bytes(elf: bytes) -> int:
@@ -157,7 +169,8 @@ def sass_cell(stats: dict | None) -> str:
     if not stats or "error" in stats:
         return "-"
     spill = f", spills {stats['spill_bytes']} B" if stats.get("spill_bytes") else ""
-    return f"{stats['instructions']} ({stats['registers']} regs{spill})"
+    stack = f", stack {stats['stack_bytes']} B" if stats.get("stack_bytes") else ""
+    return f"{stats['instructions']} ({stats['registers']} regs{spill}{stack})"
 
 
 class TreeFinder(importlib.abc.MetaPathFinder):
@@ -197,15 +210,19 @@ def compile_here(cc: tuple[int, int], out_dir: Path) -> dict:
     dispatcher.get_current_device = lambda: type("NoDevice", (), {"compute_capability": cc})()
     import inspect
 
-    from sere.kernels import numba_pointer
-    from sere.kernels.numba_kernels import make_kernel
+    import importlib
 
-    takes = inspect.signature(make_kernel).parameters  # an older tree's make_kernel lacks later keywords
+    def resolve(ref: str):
+        module, function = ref.split(":")
+        return getattr(importlib.import_module(f"sere.kernels.{module}"), function)
+
     result = {}
-    for name, kwargs, sig_name, sig_args in VARIANTS:
+    for name, factory_ref, kwargs, sig_ref, sig_args in VARIANTS:
         try:
-            py_kernel = make_kernel(**{key: value for key, value in kwargs.items() if key in takes})
-            signature = getattr(numba_pointer, sig_name)(*sig_args)
+            factory = resolve(factory_ref)
+            takes = inspect.signature(factory).parameters  # an older tree's factory lacks later keywords
+            py_kernel = factory(**{key: value for key, value in kwargs.items() if key in takes})
+            signature = resolve(sig_ref)(*sig_args)
             ptx, _ = cuda.compile_ptx(py_kernel, signature, cc=cc)
         except Exception as exc:  # noqa: BLE001 - a tree without this variant, or an older make_kernel
             if "DynamicLibNotFound" in type(exc).__name__ or "Nvvm" in type(exc).__name__:
