@@ -210,8 +210,6 @@ def compile_here(cc: tuple[int, int], out_dir: Path) -> dict:
     dispatcher.get_current_device = lambda: type("NoDevice", (), {"compute_capability": cc})()
     import inspect
 
-    import importlib
-
     def resolve(ref: str):
         module, function = ref.split(":")
         return getattr(importlib.import_module(f"sere.kernels.{module}"), function)
