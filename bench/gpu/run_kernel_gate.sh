@@ -12,7 +12,8 @@
 #      and torch side by side, the weight-order kernel against the sort path, and the fused router
 #      top-k + re-route kernel against top-k then re-route, the merging kernel against the plain one
 #      (JSON + tables);
-#   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`; SKIP_GPU_TESTS=1 leaves them out).
+#   4. the GPU tests (`pytest -m gpu tests`, as `tox -e gpu`, with 8 pytest-xdist workers where the
+#      wheel is installed or carried in .vb/extra; SKIP_GPU_TESTS=1 leaves them out).
 # GATE_ONLY=1 stops after step 1; KSEL sets the gated cases (-k expression); NO_PTX=1 leaves step 0
 # out (it needs no GPU: run it here instead, python -m bench.lab.compare_ptx .gate_base).
 # From the repo root on the GPU host:  bash bench/gpu/run_kernel_gate.sh
@@ -77,7 +78,13 @@ TAIL=3 step bench 200 "$ROOT" $PY -m pytest bench/test_bench_reroute.py -k "gpu 
   -p no:cacheprovider --benchmark-json="$OUT/bench_kernel.json" --benchmark-columns=median --benchmark-sort=name
 $PY -m bench.gpu.summarize_kernel "$OUT/bench_kernel.json" > "$OUT/summary.md" 2>&1 && cat "$OUT/summary.md"
 
-[ "${SKIP_GPU_TESTS:-0}" = 1 ] || TAIL=6 step gpu-tests 240 "$ROOT" "${GPU_TESTS[@]}" tests -q -rfEs -p no:cacheprovider
+# The GPU tests are mostly Numba compiling, one kernel after another: with pytest-xdist (a wheel in
+# .vb/extra where carried) eight workers took 189 s for all of them on the H100 (2026-12-07), where
+# one process ran out of the 240 s.
+XDIST=()
+$PY -m pip install -q --no-index --find-links .vb/extra pytest-xdist > "$LOGS/pip-xdist.log" 2>&1
+$PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)
+[ "${SKIP_GPU_TESTS:-0}" = 1 ] || TAIL=6 step gpu-tests 240 "$ROOT" "${GPU_TESTS[@]}" tests -q -rfEs -p no:cacheprovider "${XDIST[@]}"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 echo "run_kernel_gate: status $status"
 exit $status
