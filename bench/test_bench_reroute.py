@@ -227,7 +227,7 @@ def vllm_topk():
 
 @needs_cuda
 @pytest.mark.parametrize("S", S_VALUES)
-@pytest.mark.parametrize("T", T_VALUES[:4])
+@pytest.mark.parametrize("T", (1, 8, 16, 64, 256))  # 8: the most tokens one block of 256 threads holds
 def test_gpu_fused_topk(benchmark, T, S):
     from sere.kernels.numba_cuda import reroute_numba, topk_reroute_numba
     from sere.kernels.reference import topk_reroute_reference
