@@ -156,7 +156,7 @@ def text_bytes(elf: bytes) -> int:
 
 
 def sass_stats(ptxas: str, ptx_file: Path, cc: str) -> dict:
-    """{"instructions", "registers", "spill_bytes"} of one PTX file assembled by ptxas, or {"error"}."""
+    """{"instructions", "registers", "spill_bytes", "stack_bytes"} of one PTX file assembled by ptxas, or {"error"}."""
     cubin = ptx_file.with_suffix(".cubin")
     proc = subprocess.run([ptxas, "-v", f"-arch=sm_{cc.replace('.', '')}", "-O3", str(ptx_file), "-o", str(cubin)],
                           capture_output=True, text=True)
