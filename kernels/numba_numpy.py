@@ -168,10 +168,10 @@ def reroute_merged_numba_numpy(ids: np.ndarray, weights: np.ndarray, sim: np.nda
 
 
 @lru_cache(maxsize=None)
-def _array_topk_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
+def _array_topk_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int):
     from sere.kernels.numba_topk import make_topk_reroute_kernel
 
-    return cuda.jit(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, lanes))
+    return cuda.jit(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, lanes, top_k))
 
 
 def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize: bool, sim: np.ndarray,
@@ -204,7 +204,7 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
     cols = columns_per_lane(E, lanes)
     S = max(-1, min(int(select_top_k), top_k))
     blocks = topk_grid_blocks(T, threads, lanes, max_blocks)
-    kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes)
+    kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes, top_k)
     w_flat, i_flat = weights.reshape(-1), ids.reshape(-1)
     kernel[blocks, threads](np.ascontiguousarray(logits).reshape(-1), np.ascontiguousarray(sim).reshape(-1), w_flat,
                             i_flat, np.int32(T), np.int32(E), np.int32(top_k), np.int32(S), np.float32(threshold),

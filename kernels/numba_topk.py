@@ -17,12 +17,19 @@ How it works (one launch, no host sync, graph-capturable), per block:
   1. P in shared memory from the top-S of ALL tokens (each block its own copy: no grid-wide
      sync). Narrow groups (`lanes / p1_factor` lanes, a token each, p1_factor = 4 for E <= 4 *
      lanes) so that a block covers many tokens per round: at T = 64 two rounds instead of eight.
+     Where one block holds every token (T <= its groups, a grid of 1: decode at small batch) this
+     pass is skipped: step 2's first S picks of each token set P's flags instead.
   2. Its own tokens, a chunk of one token per group (`lanes` lanes, logits in registers,
      lane l holding columns l, l + lanes, ...): k rounds of group argmax pick the top-k, a group
      sum gives the softmax denominator, the weights are written, the ids go to shared memory.
   3. The chunk's slots, one per group: a secondary slot whose expert is not primary reads its
      similarity row and takes the group argmax over primary columns (threshold test). Slots run
      in parallel across groups as in the reroute kernel, not one after another per token.
+The kernel is compiled for one k (`top_k`; its launch passes the same k), so the k rounds unroll and
+the picked values stay in registers; a lane's taken columns are a bit mask in a register, not an
+array indexed by a runtime column (which lives in local memory). Selects rather than branches
+where the lanes of a group disagree (bench/RESULTS.md section 22: divergent branches, not
+arithmetic, were the merge step's cost).
 Trip counts are uniform per block (the simulator's group primitives have block barriers).
 Index letters: T = tokens, E = experts, k = experts per token, S = primary slots.
 """
@@ -51,9 +58,14 @@ def phase1_factor(cols: int) -> int:
     return max(1, min(4, 16 // cols))
 
 
-def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int):
+def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int):
     """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
-    ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1)."""
+    ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1). Compiled for k = top_k
+    (1..MAX_K): the launch must pass that k."""
+    if not 1 <= top_k <= MAX_K:
+        raise ValueError(f"the fused top-k kernel is compiled for one k in 1..{MAX_K}, got top_k={top_k}")
+    if cols * min(phase1_factor(cols), lanes) > 63:
+        raise ValueError(f"{cols} columns per lane do not fit the kernel's 64-bit taken mask")
     load_logit = device.SIM_LOADERS[logit_kind]
     load_row, best_primary = make_row_helpers(sim_kind, cols, lanes)
     group_argmax = device.group_argmax
@@ -66,33 +78,37 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     chunk_len = groups_per_block * MAX_K  # shared array shapes must be constants, not expressions
     neg_inf = np.float32(-np.inf)
     no_expert = 0x7FFFFFFF
+    one = np.int64(1)
     device_fn = device_function()
 
     def make_picker(n_cols: int, n_lanes: int):
-        """(load_logits, pick_next) for groups of n_lanes lanes holding n_cols columns each."""
+        """(load_logits, pick_next) for groups of n_lanes lanes holding n_cols columns each; a
+        lane's taken columns are the bits of one int64 (bit c: column c)."""
 
         @device_fn
-        def load_logits(vals, taken, logits, t, E, lane, live):
+        def load_logits(vals, logits, t, E, lane, live):
+            """This lane's logits of token t into vals; returns the taken mask (columns past E)."""
+            taken = numba.int64(0)
             for c in range(n_cols):
                 j = lane + n_lanes * c
-                taken[c] = 0
                 vals[c] = load_logit(logits[t * E + j]) if live and j < E else neg_inf
-                if j >= E:
-                    taken[c] = 1  # not an expert: never picked
+                taken = taken | (one << c) if j >= E else taken  # not an expert: never picked
+            return taken
 
         @device_fn
         def pick_next(vals, taken, lane, scratch_v, scratch_i):
-            """The group's largest untaken logit (value, expert), smallest expert on ties; marked taken."""
+            """(value, expert, taken): the group's largest untaken logit, smallest expert on ties,
+            marked taken in the lane that holds it."""
             best_v = neg_inf
             best_i = no_expert
             for c in range(n_cols):
-                if taken[c] == 0 and (best_i == no_expert or vals[c] > best_v):
-                    best_v = vals[c]
-                    best_i = lane + n_lanes * c
+                take = (((taken >> c) & 1) == 0) & ((best_i == no_expert) | (vals[c] > best_v))
+                best_v = vals[c] if take else best_v
+                best_i = lane + n_lanes * c if take else best_i
             best_v, best_i = group_argmax(best_v, best_i, n_lanes, scratch_v, scratch_i)
-            if best_i != no_expert and best_i % n_lanes == lane:
-                taken[best_i // n_lanes] = 1
-            return best_v, best_i
+            mine = (best_i != no_expert) & (best_i % n_lanes == lane)
+            taken = taken | (one << ((best_i // n_lanes) & 63)) if mine else taken
+            return best_v, best_i, taken
 
         return load_logits, pick_next
 
@@ -105,65 +121,67 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
         scratch_v = cuda.shared.array(threads, numba.float32)  # the simulator's group primitives
         scratch_i = cuda.shared.array(threads, numba.int64)
         vals = cuda.local.array(cols, numba.float32)  # this lane's logits of the current token
-        taken = cuda.local.array(cols, numba.int8)
         p1_vals = cuda.local.array(p1_cols, numba.float32)
-        p1_taken = cuda.local.array(p1_cols, numba.int8)
         row = cuda.local.array(cols, numba.float32)
-        pick_v = cuda.local.array(MAX_K, numba.float32)
+        pick_v = cuda.local.array(top_k, numba.float32)  # registers: every index is a constant after unrolling
         tid = cuda.threadIdx.x
         lane = tid % lanes
         group = tid // lanes
         block = cuda.blockIdx.x
         blocks = cuda.gridDim.x
-        rerouting = S > 0 and S < k
+        rerouting = S > 0 and S < top_k
+        one_block = blocks == 1 and T <= groups_per_block  # the same in every thread
 
-        # 1. P from the top-S of every token, p1_groups tokens per round.
+        # 1. P from the top-S of every token, p1_groups tokens per round (one block holding every
+        #    token skips this: its picks in step 2 set the flags).
         for j in range(tid, E, threads):
             is_primary[j] = 0
         cuda.syncthreads()
-        if rerouting:
+        if rerouting and not one_block:
             p1_lane = tid % p1_lanes
             for base in range(0, T, p1_groups):
                 t = base + tid // p1_lanes
                 live = t < T
-                p1_load_logits(p1_vals, p1_taken, logits, t, E, p1_lane, live)
+                p1_taken = p1_load_logits(p1_vals, logits, t, E, p1_lane, live)
                 for _ in range(S):
-                    v, e = p1_pick_next(p1_vals, p1_taken, p1_lane, scratch_v, scratch_i)
+                    v, e, p1_taken = p1_pick_next(p1_vals, p1_taken, p1_lane, scratch_v, scratch_i)
                     if live and p1_lane == 0 and e != no_expert:
                         is_primary[e] = 1
-        cuda.syncthreads()
+            cuda.syncthreads()
 
         for base in range(block * groups_per_block, T, blocks * groups_per_block):
             # 2. A token per group: top-k, softmax weights (written), ids to shared memory.
             t = base + group
             live = t < T
-            load_logits(vals, taken, logits, t, E, lane, live)
-            for r in range(k):
-                pick_v[r], e = pick_next(vals, taken, lane, scratch_v, scratch_i)
+            taken = load_logits(vals, logits, t, E, lane, live)
+            for r in range(top_k):
+                pick_v[r], e, taken = pick_next(vals, taken, lane, scratch_v, scratch_i)
                 if lane == 0:
                     chunk_ids[group * MAX_K + r] = e
+                    if one_block and rerouting and live and r < S and e != no_expert:
+                        is_primary[e] = 1
             top = pick_v[0]  # the largest logit: exp(l - top) <= 1, no overflow
             part = np.float32(0.0)
             for c in range(cols):
                 if lane + lanes * c < E and live:
-                    part += math.exp(vals[c] - top)  # the logits are still in registers (taken is apart)
+                    part += math.exp(vals[c] - top)  # the logits are still in registers
             denom = group_sum(part, lanes, scratch_v)
             kept = np.float32(0.0)
-            for r in range(k):
+            for r in range(top_k):
                 pick_v[r] = math.exp(pick_v[r] - top) / denom if live else np.float32(0.0)
                 kept += pick_v[r]
             if live and lane == 0:
-                for r in range(k):
-                    weights_out[t * k + r] = pick_v[r] / kept if renormalize != 0 else pick_v[r]
+                for r in range(top_k):
+                    weights_out[t * top_k + r] = pick_v[r] / kept if renormalize != 0 else pick_v[r]
             cuda.syncthreads()
 
             # 3. The chunk's slots, a slot per group.
-            n_slots = min(groups_per_block, T - base) * k  # the same in every thread of the block
+            n_slots = min(groups_per_block, T - base) * top_k  # the same in every thread of the block
             for s0 in range(0, n_slots, groups_per_block):
                 s = s0 + group
                 live = s < n_slots
-                g = s // k
-                r = s - g * k
+                g = s // top_k
+                r = s - g * top_k
                 e = chunk_ids[g * MAX_K + r] if live else 0
                 new = e
                 moving = live and rerouting and r >= S and is_primary[e] == 0
@@ -177,7 +195,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                 if moving and best_i != no_expert and best_v >= rho:
                     new = best_i
                 if live and lane == 0:
-                    ids_out[(base + g) * k + r] = new
+                    ids_out[(base + g) * top_k + r] = new
             cuda.syncthreads()  # chunk_ids is rewritten by the next chunk
 
     return topk_reroute_kernel

@@ -29,10 +29,10 @@ def _signature(logit_kind: str, sim_kind: str, id_name: str):
     )
 
 
-def _kernel(logit_kind: str, sim_kind: str, id_name: str, cols: int, threads: int) -> PointerKernel:
+def _kernel(logit_kind: str, sim_kind: str, id_name: str, cols: int, threads: int, top_k: int) -> PointerKernel:
     return cached_pointer_kernel(
-        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads),
-        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP),
+        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads, top_k),  # compiled for one k
+        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP, top_k),
                               _signature(logit_kind, sim_kind, id_name), threads),
     )
 
@@ -72,7 +72,7 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
     threads = DEFAULT_THREADS
     blocks = topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index))
     S = max(-1, min(int(select_top_k), top_k))
-    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads)
+    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k)
     args = (logits.data_ptr(), sim.data_ptr(), weights.data_ptr(), ids.data_ptr(), np.int32(T), np.int32(E),
             np.int32(top_k), np.int32(S), np.float32(threshold), np.int32(bool(renormalize)))
     kern.launch(blocks, torch.cuda.current_stream(device_index).cuda_stream, device_index, args)

@@ -281,6 +281,42 @@ def test_fused_topk_reroute_gpu_layout():
         np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("T,max_blocks", [(8, 1), (9, 1), (9, 2), (3, 2)])
+def test_fused_topk_builds_p_in_either_pass(T, max_blocks):
+    """One block holding every token (T <= its 8 groups of 4 lanes, a grid of 1) sets P's flags from
+    its own top-k picks and skips the separate pass over all tokens; a block with more tokens than
+    groups (several chunks) or a grid of two takes that pass. Both give the reference."""
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+    from sere.kernels.numba_topk import topk_grid_blocks
+    from sere.kernels.reference import topk_reroute_reference
+
+    rng = np.random.default_rng([T, max_blocks])
+    logits = (rng.integers(-4, 5, size=(T, 16)) / 2).astype(np.float32)  # ties: the smaller expert
+    sim = (rng.integers(0, 5, size=(16, 16)) / 4).astype(np.float32)
+    blocks = topk_grid_blocks(T, 32, 4, max_blocks)
+    assert (blocks == 1 and T <= 8) == ((T, max_blocks) in ((8, 1), (3, 2)))  # the cases cover both passes
+    for S, rho in ((1, 0.0), (2, 0.5), (3, 0.25)):
+        w, ids = topk_reroute_numba_numpy(logits, 6, True, sim, S, rho, threads=32, lanes=4, max_blocks=max_blocks)
+        rw, rids = topk_reroute_reference(logits, 6, True, sim, S, rho)
+        assert_same_ids(ids, rids, (T, max_blocks, S, rho))
+        np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7)
+
+
+def test_fused_topk_kernel_is_built_for_one_k():
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+    from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel
+
+    for bad in (0, MAX_K + 1):
+        with pytest.raises(ValueError, match="compiled for one k"):
+            make_topk_reroute_kernel("float32", "float32", 4, 32, 4, bad)
+    logits = np.arange(8, dtype=np.float32)[None, ::-1].copy()  # expert 0 largest
+    sim = np.full((8, 8), 0.5, dtype=np.float32)
+    for k in (2, 3):  # two k in one process: each call gets its own k's kernel
+        w, ids = topk_reroute_numba_numpy(logits, k, True, sim, 0, 0.0)
+        assert ids.tolist() == [list(range(k))]
+        np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+
+
 def test_fused_topk_without_rerouting_is_the_plain_top_k():
     from sere.kernels.numba_numpy import topk_reroute_numba_numpy
 
