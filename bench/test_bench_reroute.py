@@ -225,6 +225,22 @@ def vllm_topk():
     return fused_topk
 
 
+def torch_topk(logits):
+    """Softmax, top-k, renormalise in torch (several launches): (weights float32, ids int32)."""
+    w, ids = torch.softmax(logits.float(), dim=-1).topk(K, dim=-1)
+    return w / w.sum(dim=-1, keepdim=True), ids.to(torch.int32)
+
+
+def stock_topk_of(logits):
+    """(the stock router's top-k on these logits as a no-argument call, its name): vLLM's
+    topk_softmax where vLLM's CUDA build is importable, else torch's."""
+    vllm_fused = vllm_topk()
+    if vllm_fused is None:
+        return (lambda: torch_topk(logits)), "torch softmax+topk"
+    hidden = torch.empty(logits.shape[0], 1, device=logits.device)
+    return (lambda: vllm_fused(hidden, logits, K, True)[:2]), "vllm topk_softmax"
+
+
 @needs_cuda
 @pytest.mark.parametrize("S", S_VALUES)
 @pytest.mark.parametrize("T", (1, 8, 16, 64, 256))  # 8: the most tokens one block of 256 threads holds
@@ -236,16 +252,7 @@ def test_gpu_fused_topk(benchmark, T, S):
     logits = torch.randn(T, E, generator=gen).cuda().bfloat16()  # the routers' dtype in vLLM's bf16 models
     _, sim = make_inputs(T, "uniform", "cuda")
     ids_dtype = torch.int32  # vLLM's top-k ids
-
-    def torch_topk():  # softmax, top-k, renormalise: several launches
-        w, ids = torch.softmax(logits.float(), dim=-1).topk(K, dim=-1)
-        return w / w.sum(dim=-1, keepdim=True), ids.to(ids_dtype)
-
-    vllm_fused = vllm_topk()
-    if vllm_fused is not None:
-        hidden = torch.empty(T, 1, device="cuda")
-        stock_topk = lambda: vllm_fused(hidden, logits, K, True)[:2]  # noqa: E731
-    stock_topk = stock_topk if vllm_fused is not None else torch_topk
+    stock_topk, stock_name = stock_topk_of(logits)
 
     def two_launch_path():  # what SERE runs without the fused kernel: stock's top-k, then the re-route kernel
         w, ids = stock_topk()
@@ -257,11 +264,44 @@ def test_gpu_fused_topk(benchmark, T, S):
     np.testing.assert_array_equal(ids.long().cpu().numpy(), rids)
     timing = benchmark_device(benchmark, fused, method="graph", calls=CALLS, rounds=ROUNDS)
     record_case(benchmark, T=T, S=S, routing="router-logits", backend="numba_fused_topk", method="graph",
-                ids=torch_topk()[1].long(), new_ids=ids.long(), timing=timing)
-    benchmark.extra_info["stock_topk"] = "vllm topk_softmax" if vllm_fused is not None else "torch softmax+topk"
+                ids=torch_topk(logits)[1].long(), new_ids=ids.long(), timing=timing)
+    benchmark.extra_info["stock_topk"] = stock_name
     if timing is not None:
         for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", stock_topk)):
             t = time_graph_replay(fn, calls=CALLS, repeats=ROUNDS)
             benchmark.extra_info[f"{name}_us_per_call"] = round(t.median_us, 3)
         benchmark.extra_info["added_over_stock_topk_us"] = round(
             timing.median_us - benchmark.extra_info["stock_topk_us_per_call"], 3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("S", S_VALUES)
+@pytest.mark.parametrize("T", (1, 4))  # vLLM's small-batch path here (T k 4 <= E), where merging is on
+def test_gpu_fused_topk_merged(benchmark, T, S):
+    """The fused kernel's merging variant (top-k, re-route and merge in one block) against what SERE
+    runs at these sizes by default: stock's top-k, then the merging re-route kernel."""
+    from sere.kernels.numba_cuda import reroute_numba_merged, topk_reroute_numba
+    from sere.kernels.reference import merge_duplicate_slots_reference, topk_reroute_reference
+
+    gen = torch.Generator().manual_seed(T)
+    logits = torch.randn(T, E, generator=gen).cuda().bfloat16()
+    _, sim = make_inputs(T, "uniform", "cuda")
+    stock_topk, stock_name = stock_topk_of(logits)
+
+    def topk_then_merged():  # SERE's default at these sizes: two launches after the router's logits
+        w, ids = stock_topk()
+        return reroute_numba_merged(ids, w.float(), sim, S, RHO)
+
+    fused = lambda: topk_reroute_numba(logits, sim, K, True, S, RHO, merge=True)  # noqa: E731
+    w, ids = fused()
+    rw, rids = topk_reroute_reference(logits.float().cpu().numpy(), K, True, sim.cpu().numpy(), S, RHO)
+    want_ids, _ = merge_duplicate_slots_reference(rids, rw.astype(np.float32), E)
+    np.testing.assert_array_equal(ids.long().cpu().numpy(), want_ids)
+    timing = benchmark_device(benchmark, fused, method="graph", calls=CALLS, rounds=ROUNDS)
+    record_case(benchmark, T=T, S=S, routing="router-logits", backend="numba_fused_topk_merged", method="graph",
+                ids=torch.from_numpy(rids), new_ids=ids.long(), timing=timing)
+    benchmark.extra_info["merged_slots"] = int((ids == -1).sum())
+    benchmark.extra_info["stock_topk"] = stock_name
+    if timing is not None:
+        t = time_graph_replay(topk_then_merged, calls=CALLS, repeats=ROUNDS)
+        benchmark.extra_info["topk_then_merged_us_per_call"] = round(t.median_us, 3)

@@ -89,6 +89,38 @@ def make_row_helpers(sim_kind: str, cols: int, lanes: int):
     return load_row, best_primary
 
 
+def make_merged_slot(top_k: int):
+    """The merge step's per-slot device function for tokens of top_k slots (a compile-time k: the
+    compare over a token's slots unrolls, the division by k is a multiply). Shared by the merging
+    re-route kernel and the fused top-k kernel's merging variant."""
+    device_fn = device_function()
+
+    @device_fn
+    def merged_slot(slot_ids, slot_w, s, E):
+        """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
+        slot of its token is a repeat; the first slot of each expert takes its own weight plus its
+        repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot;
+        a token's slots are top_k, fixed at compile time (each k has its own kernel). Branch-free, 32-bit index math:
+        every slot of the token is read and selected, which the probe (bench.lab.probe_merge_step)
+        times faster than the branchy compare."""
+        s32 = numba.int32(s)
+        row0 = numba.int32(s32 // top_k) * top_k
+        j = s32 - row0
+        e = slot_ids[s32]
+        acc = slot_w[s32]
+        valid = e >= 0 and e < E
+        repeat = False
+        for i in range(top_k):
+            i32 = numba.int32(i)
+            same = valid and slot_ids[row0 + i32] == e
+            w_i = slot_w[row0 + i32]
+            repeat = repeat or (same and i32 < j)
+            acc = acc + w_i if same and i32 > j else acc
+        return e, acc, repeat
+
+    return merged_slot
+
+
 def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
                 weight_kind: str | None = None, merge: bool = False, top_k: int = 0):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
@@ -208,28 +240,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
     stage_len = threads if merge else 1  # the merging kernel's slots staged in shared memory
 
     if merge:
-        @device_fn
-        def merged_slot(slot_ids, slot_w, s, E):
-            """(expert, merged weight, repeat) of slot s: a slot whose valid expert sits in an earlier
-            slot of its token is a repeat; the first slot of each expert takes its own weight plus its
-            repeats', added in slot order. slot_ids / slot_w: the new ids and weights of every slot;
-            a token's slots are top_k, fixed at compile time (each k has its own kernel). Branch-free, 32-bit index math:
-            every slot of the token is read and selected, which the probe (bench.lab.probe_merge_step)
-            times faster than the branchy compare."""
-            s32 = numba.int32(s)
-            row0 = numba.int32(s32 // top_k) * top_k
-            j = s32 - row0
-            e = slot_ids[s32]
-            acc = slot_w[s32]
-            valid = e >= 0 and e < E
-            repeat = False
-            for i in range(top_k):
-                i32 = numba.int32(i)
-                same = valid and slot_ids[row0 + i32] == e
-                w_i = slot_w[row0 + i32]
-                repeat = repeat or (same and i32 < j)
-                acc = acc + w_i if same and i32 > j else acc
-            return e, acc, repeat
+        merged_slot = make_merged_slot(top_k)
 
         @device_fn
         def merge_staged(staged, staged_w, out, weights_out, T, k, E, tid):

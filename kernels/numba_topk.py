@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from sere.kernels import numba_device as device
-from sere.kernels.numba_kernels import device_function, make_row_helpers
+from sere.kernels.numba_kernels import device_function, make_merged_slot, make_row_helpers
 from sere.kernels.numba_runtime import cuda, numba
 
 MAX_K = 16  # slots per token kept in per-thread arrays
@@ -58,10 +58,17 @@ def phase1_factor(cols: int) -> int:
     return max(1, min(4, 16 // cols))
 
 
-def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int):
+def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int,
+                             merge: bool = False):
     """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
     ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1). Compiled for k = top_k
-    (1..MAX_K): the launch must pass that k."""
+    (1..MAX_K): the launch must pass that k.
+
+    merge=True: also merges each token's duplicate slots after re-routing, as the merging re-route
+    kernel does (reference: merge_duplicate_slots_reference after topk_reroute_reference): the new
+    ids and the weights wait in shared memory, and after a barrier a thread per slot writes its
+    expert and merged weight, or -1 and 0 for a repeat. ONE block holding every token: the launch
+    must give a grid of 1 and T <= threads / lanes (vLLM's small-batch path, T k 4 <= E)."""
     if not 1 <= top_k <= MAX_K:
         raise ValueError(f"the fused top-k kernel is compiled for one k in 1..{MAX_K}, got top_k={top_k}")
     if cols * min(phase1_factor(cols), lanes) > 63:
@@ -80,6 +87,8 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     no_expert = 0x7FFFFFFF
     one = np.int64(1)
     device_fn = device_function()
+    merged_slot = make_merged_slot(top_k) if merge else None
+    stage_len = groups_per_block * top_k if merge else 1  # the merging variant's new ids and weights
 
     def make_picker(n_cols: int, n_lanes: int):
         """(load_logits, pick_next) for groups of n_lanes lanes holding n_cols columns each; a
@@ -124,6 +133,8 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
         p1_vals = cuda.local.array(p1_cols, numba.float32)
         row = cuda.local.array(cols, numba.float32)
         pick_v = cuda.local.array(top_k, numba.float32)  # registers: every index is a constant after unrolling
+        staged = cuda.shared.array(stage_len, numba.int32)
+        staged_w = cuda.shared.array(stage_len, numba.float32)
         tid = cuda.threadIdx.x
         lane = tid % lanes
         group = tid // lanes
@@ -172,7 +183,11 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                 kept += pick_v[r]
             if live and lane == 0:
                 for r in range(top_k):
-                    weights_out[t * top_k + r] = pick_v[r] / kept if renormalize != 0 else pick_v[r]
+                    w = pick_v[r] / kept if renormalize != 0 else pick_v[r]
+                    if merge:  # one block: the chunk is every token, base 0
+                        staged_w[t * top_k + r] = w
+                    else:
+                        weights_out[t * top_k + r] = w
             cuda.syncthreads()
 
             # 3. The chunk's slots, a slot per group.
@@ -195,7 +210,16 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                 if moving and best_i != no_expert and best_v >= rho:
                     new = best_i
                 if live and lane == 0:
-                    ids_out[(base + g) * top_k + r] = new
-            cuda.syncthreads()  # chunk_ids is rewritten by the next chunk
+                    if merge:
+                        staged[g * top_k + r] = new
+                    else:
+                        ids_out[(base + g) * top_k + r] = new
+            cuda.syncthreads()  # chunk_ids is rewritten by the next chunk; merge: every new id is staged
+
+        if merge:  # 4. a thread per slot: its expert and merged weight, or -1 and 0 for a repeat
+            for s in range(tid, T * top_k, threads):
+                e, acc, repeat = merged_slot(staged, staged_w, s, E)
+                ids_out[s] = -1 if repeat else e
+                weights_out[s] = np.float32(0.0) if repeat else acc
 
     return topk_reroute_kernel

@@ -17,6 +17,7 @@ from sere.kernels.numba_runtime import numba
 from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_grid_blocks
 
 _ID_TYPES = {torch.int32: "int32", torch.int64: "int64"}
+MERGE_MAX_TOKENS = DEFAULT_THREADS // WARP  # the merging variant: one block, a group of WARP lanes per token
 
 
 def _signature(logit_kind: str, sim_kind: str, id_name: str):
@@ -29,10 +30,11 @@ def _signature(logit_kind: str, sim_kind: str, id_name: str):
     )
 
 
-def _kernel(logit_kind: str, sim_kind: str, id_name: str, cols: int, threads: int, top_k: int) -> PointerKernel:
+def _kernel(logit_kind: str, sim_kind: str, id_name: str, cols: int, threads: int, top_k: int,
+            merge: bool) -> PointerKernel:
     return cached_pointer_kernel(
-        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads, top_k),  # compiled for one k
-        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP, top_k),
+        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads, top_k, merge),  # compiled for one k
+        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP, top_k, merge),
                               _signature(logit_kind, sim_kind, id_name), threads),
     )
 
@@ -54,9 +56,12 @@ def _check(router_logits: torch.Tensor, sim: torch.Tensor, top_k: int, ids_dtype
         raise ValueError("topk_reroute_numba indexes with 32-bit counts: T*E and E*E must be < 2**31")
 
 
-def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype=torch.int32):
+def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype=torch.int32, merge=False):
     _check(router_logits, sim, top_k, ids_dtype)
     T, E = router_logits.shape
+    if merge and T > MERGE_MAX_TOKENS:
+        raise ValueError(f"topk_reroute_numba merges in one block of {MERGE_MAX_TOKENS} tokens at most, got T={T} "
+                         "(merging pays on vLLM's small-batch path, T k 4 <= E)")
     weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=router_logits.device)
     if T == 0:
@@ -70,9 +75,9 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
         sim = sim.view(torch.int16)
     device_index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     threads = DEFAULT_THREADS
-    blocks = topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index))
+    blocks = 1 if merge else topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index))
     S = max(-1, min(int(select_top_k), top_k))
-    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k)
+    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k, bool(merge))
     args = (logits.data_ptr(), sim.data_ptr(), weights.data_ptr(), ids.data_ptr(), np.int32(T), np.int32(E),
             np.int32(top_k), np.int32(S), np.float32(threshold), np.int32(bool(renormalize)))
     kern.launch(blocks, torch.cuda.current_stream(device_index).cuda_stream, device_index, args)
@@ -81,24 +86,28 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
 
 @torch.library.custom_op("sere::topk_reroute", mutates_args=())
 def topk_reroute_op(router_logits: torch.Tensor, sim: torch.Tensor, top_k: int, renormalize: bool,
-                    select_top_k: int, threshold: float, ids_int64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    select_top_k: int, threshold: float, ids_int64: bool = False,
+                    merge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.sere.topk_reroute: the fused kernel as an opaque op for torch.compile / export."""
     return _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold,
-                  torch.int64 if ids_int64 else torch.int32)
+                  torch.int64 if ids_int64 else torch.int32, merge)
 
 
 @topk_reroute_op.register_fake
-def _fake(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_int64=False):
+def _fake(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_int64=False, merge=False):
     T = router_logits.shape[0]
     return (router_logits.new_empty((T, top_k), dtype=torch.float32),
             router_logits.new_empty((T, top_k), dtype=torch.int64 if ids_int64 else torch.int32))
 
 
 def topk_reroute_numba(router_logits: torch.Tensor, sim: torch.Tensor, top_k: int, renormalize: bool,
-                       select_top_k: int, threshold: float, ids_dtype: torch.dtype = torch.int32):
+                       select_top_k: int, threshold: float, ids_dtype: torch.dtype = torch.int32,
+                       merge: bool = False):
     """(topk_weights [T, k] float32, topk_ids [T, k]) of a softmax router with SERE applied, in one
-    launch (sere.kernels.numba_topk); torch's current stream, no sync, graph-capturable."""
+    launch (sere.kernels.numba_topk); torch's current stream, no sync, graph-capturable. merge=True
+    (T <= 8): each token's duplicate slots merged too (id -1, weight 0 for a repeat; the first slot
+    of an expert holds the summed weight), as the merging re-route kernel does."""
     if type(router_logits) is torch.Tensor and type(sim) is torch.Tensor and not torch.compiler.is_compiling():
-        return _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype)
+        return _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype, merge)
     return torch.ops.sere.topk_reroute(router_logits, sim, top_k, renormalize, select_top_k, threshold,
-                                       ids_dtype == torch.int64)
+                                       ids_dtype == torch.int64, merge)

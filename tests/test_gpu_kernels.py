@@ -446,6 +446,28 @@ def test_fused_topk_reroute_matches_reference(T, E, k):
             np.testing.assert_allclose(w.cpu().numpy(), rw, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("T,E,k", [(1, 128, 8), (4, 128, 8), (3, 60, 4), (2, 64, 6), (8, 128, 8)])
+def test_fused_topk_merging_matches_reference(T, E, k):
+    """The merging variant (one block): ids bit for bit, weights to float rounding, against the
+    reference top-k + re-route followed by the reference merge."""
+    from sere.kernels.numba_cuda import topk_reroute_numba
+    from sere.kernels.reference import merge_duplicate_slots_reference, topk_reroute_reference
+
+    gen = np.random.default_rng([T, E, k, 23])
+    for S in range(k + 1):
+        for r, logit_dtype in enumerate((torch.float32, torch.bfloat16)):
+            logits = torch.from_numpy(gen.standard_normal((T, E)).astype(np.float32)).to(logit_dtype).cuda()
+            _, sim, sim32 = random_case(gen, 1, E, k, torch.int32, SIM_DTYPES[(S + r) % 3], grid=r == 1)
+            renormalize, rho = (S + r) % 2 == 0, THRESHOLDS[(S + r) % 3]
+            w, ids = topk_reroute_numba(logits, sim, k, renormalize, S, rho, ids_dtype=ID_DTYPES[r % 2], merge=True)
+            rw, rids = topk_reroute_reference(logits.float().cpu().numpy(), k, renormalize, sim32, S, rho)
+            mids, mw = merge_duplicate_slots_reference(rids, rw.astype(np.float32), E)
+            assert_ids_equal(ids.long(), torch.from_numpy(mids), (T, E, k, S, logit_dtype))
+            np.testing.assert_allclose(w.cpu().numpy(), mw, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="one block"):
+        topk_reroute_numba(torch.zeros(9, E, device="cuda"), sim, k, True, 1, 0.0, merge=True)
+
+
 def test_fused_topk_reroute_in_graph_replay_compiled_and_as_op():
     from sere.kernels.numba_cuda import topk_reroute_numba
     from sere.kernels.reference import topk_reroute_reference

@@ -317,6 +317,38 @@ def test_fused_topk_kernel_is_built_for_one_k():
         np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("T,E,k", [(1, 8, 4), (3, 16, 6), (8, 16, 4), (2, 60, 8)])
+def test_fused_topk_merging_matches_topk_reroute_then_merge(T, E, k):
+    """The merging variant (one block): ids bit for bit and weights to float rounding against the
+    reference top-k + re-route followed by the reference merge, for every S and both renormalize
+    modes; merged slots are -1 with weight 0, an expert's first slot holds the summed weight."""
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+    from sere.kernels.reference import merge_duplicate_slots_reference, topk_reroute_reference
+
+    rng = np.random.default_rng([T, E, k, 17])
+    merged_any = False
+    for S in range(k + 1):
+        logits = (rng.integers(-4, 5, size=(T, E)) / 2 if S % 2 == 0 else rng.standard_normal((T, E))).astype(np.float32)
+        sim = (rng.integers(0, 5, size=(E, E)) / 4).astype(np.float32)
+        for renormalize in (False, True):
+            rho = THRESHOLDS[(S + renormalize) % 3]
+            w, ids = topk_reroute_numba_numpy(logits, k, renormalize, sim, S, rho, merge=True)
+            rw, rids = topk_reroute_reference(logits, k, renormalize, sim, S, rho)
+            mids, mw = merge_duplicate_slots_reference(rids, rw.astype(np.float32), E)
+            assert_same_ids(ids, mids, (T, E, k, S, renormalize, rho))
+            np.testing.assert_allclose(w, mw, rtol=2e-6, atol=1e-7, err_msg=str((T, E, k, S, renormalize)))
+            merged_any |= bool((ids == -1).any())
+    assert merged_any  # the cases do merge something
+
+
+def test_fused_topk_merging_refuses_more_tokens_than_one_block():
+    from sere.kernels.numba_numpy import topk_reroute_numba_numpy
+
+    with pytest.raises(ValueError, match="one block"):
+        topk_reroute_numba_numpy(np.zeros((9, 8), np.float32), 2, True, np.eye(8, dtype=np.float32), 1, 0.0,
+                                 threads=32, lanes=4, merge=True)
+
+
 def test_fused_topk_without_rerouting_is_the_plain_top_k():
     from sere.kernels.numba_numpy import topk_reroute_numba_numpy
 

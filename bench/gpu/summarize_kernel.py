@@ -63,12 +63,15 @@ def main(path: str) -> None:
         cells = []
         for key in fused_topk:
             f = rows[key].get("numba_fused_topk", {})
+            m = rows[key].get("numba_fused_topk_merged", {})  # the merging variant, where timed
             two, stock = f.get("topk_then_reroute_us_per_call"), f.get("stock_topk_us_per_call")
             cells.append([key[2], key[3], f.get("us_per_call", "-"), two or "-", stock or "-",
                           f.get("added_over_stock_topk_us", "-"),
-                          f"{two / f['us_per_call']:.2f}x" if two and f.get("us_per_call") else "-"])
+                          f"{two / f['us_per_call']:.2f}x" if two and f.get("us_per_call") else "-",
+                          m.get("us_per_call", "-"), m.get("topk_then_merged_us_per_call", "-")])
         print("\n".join(markdown_table(["T", "S", "fused kernel", "top-k then re-route", "stock top-k alone",
-                                         "fused minus stock top-k", "fused speed-up"], "rrrrrrr", cells)))
+                                         "fused minus stock top-k", "fused speed-up", "fused + merge",
+                                         "top-k then merging kernel"], "rrrrrrrrr", cells)))
 
     if merged:
         print("\n### merged slots: the merging kernel (one block) vs the plain kernel, and plain + torch merge, graph replay, us\n")

@@ -1,0 +1,27 @@
+"""bench.gpu.summarize_kernel: the fused top-k table from a synthetic pytest-benchmark JSON."""
+from __future__ import annotations
+
+import json
+
+from bench.gpu import summarize_kernel
+
+
+def case(T, S, backend, **extra):
+    info = {"method": "graph", "routing": "router-logits", "T": T, "S": S, "backend": backend,
+            "experts_before": 8.0, "experts_after": 1.0, **extra}
+    return {"extra_info": info}
+
+
+def test_fused_table_puts_the_merging_variant_beside_the_plain_one(tmp_path, capsys):
+    data = {"benchmarks": [
+        case(1, 1, "numba_fused_topk", us_per_call=4.0, topk_then_reroute_us_per_call=6.0,
+             stock_topk_us_per_call=3.8, added_over_stock_topk_us=0.2),
+        case(1, 1, "numba_fused_topk_merged", us_per_call=4.5, topk_then_merged_us_per_call=7.0),
+        case(4, 1, "numba_fused_topk_merged", us_per_call=4.9, topk_then_merged_us_per_call=7.2),
+    ]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    summarize_kernel.main(str(path))
+    out = capsys.readouterr().out
+    assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x | 4.5 | 7.0 |" in out
+    assert "| 4 | 1 | - | - | - | - | - | 4.9 | 7.2 |" in out  # merged only: the plain columns say so
