@@ -11,7 +11,7 @@ so the sanitizer sees each kernel path with valid and invalid inputs: T = 1, odd
 int32 and int64 ids, float32 / float16 / bfloat16 similarities, the weight-order kernel
 (unsorted slots), the merging kernel (one block: re-route, then duplicate slots merged, sorted and
 unsorted slots; ids and weights), the fused router top-k + re-route kernel (its ids from float32 /
-float16 / bfloat16 logits with ties), and the research-structure baseline.
+float16 / bfloat16 logits with ties; its merging variant at T <= 8), and the research-structure baseline.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 
 from sere.kernels.numba_cuda import (launch_reroute, reroute_numba, reroute_numba_in_weight_order, reroute_numba_merged,
                                      topk_reroute_numba)
+from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS
 from sere.kernels.reference import (merge_duplicate_slots_reference, reroute_reference, reroute_reference_in_weight_order,
                                     topk_reroute_reference)
 from sere.kernels.research_baseline import reroute_research_baseline
@@ -86,7 +87,16 @@ def run_fused_topk(gen, T, E, k, S, id_dtype, sim, logit_dtype) -> int:
     _, want = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
     ok = np.array_equal(ids.long().cpu().numpy(), want)
     print(f"{'ok  ' if ok else 'FAIL'} {'fused top-k':22s} T={T} E={E} k={k} S={S} {id_dtype} {logits.dtype}")
-    return int(not ok)
+    failures = int(not ok)
+    if T <= MERGE_MAX_TOKENS:  # the merging variant (one block): top-k, re-route and merge
+        m_w, m_ids = topk_reroute_numba(logits, sim, k, True, S, 0.1, ids_dtype=id_dtype, merge=True)
+        torch.cuda.synchronize()
+        ref_w, ref_ids = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
+        r_ids, r_w = merge_duplicate_slots_reference(ref_ids, ref_w.astype(np.float32), E)
+        ok = np.array_equal(m_ids.long().cpu().numpy(), r_ids) and np.allclose(m_w.cpu().numpy(), r_w, rtol=2e-6, atol=1e-7)
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {'fused top-k merged':22s} T={T} E={E} k={k} S={S} {id_dtype} {logits.dtype}")
+    return failures
 
 
 def main(argv=None) -> int:
