@@ -19,7 +19,8 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            of the last N steps per layer (CUDA-graph safe)
   similarity               the artifact file or folder (None: the integration's default place)
   fuse_topk                vLLM on CUDA: compute a softmax router's top-k and the re-routing in one
-                           kernel instead of re-routing after the router's own top-k (off by default:
+                           kernel instead of re-routing after the router's own top-k, merging
+                           duplicate slots in the same launch where merge_slots does (off by default:
                            measured slower than the two kernels on an H100; see sere.vllm.fused_topk)
   merge_slots              vLLM on CUDA, Triton fused MoE: in calls small enough for vLLM's small-batch
                            path (T k 4 <= E, no expert map) each token's slots that re-routing sent to
@@ -28,7 +29,7 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            read once, not once per slot; the re-route kernel does it in its own launch
                            (sere.routing.merge_duplicate_slots). None (default, "auto"): on wherever it
                            is exact and has the one-launch kernel (CUDA, the numba backend, Triton
-                           experts without an expert map, no fuse_topk, record_stats or global primary
+                           experts without an expert map, no record_stats or global primary
                            set), off elsewhere; True: on, and an error where it cannot be; False: off
   primary_set              "local" (default): P is this batch's top-S experts; "global": under
                            data-parallel attention, the union over the DP group of every rank's
@@ -129,8 +130,6 @@ class SereConfig:
             raise TypeError(f"fuse_topk must be true or false, got {self.fuse_topk!r}")
         if self.merge_slots is not None and not isinstance(self.merge_slots, bool):
             raise TypeError(f"merge_slots must be true, false or null (auto), got {self.merge_slots!r}")
-        if self.merge_slots is True and self.fuse_topk:
-            raise ValueError("merge_slots and fuse_topk cannot both be on: the fused top-k kernel does not merge slots")
         if not isinstance(self.primary_set, str) or self.primary_set not in PRIMARY_SETS:
             choices = ", ".join(map(repr, PRIMARY_SETS))
             raise ValueError(f"primary_set must be one of {choices}, got {self.primary_set!r}")

@@ -141,11 +141,10 @@ def test_config_merge_slots():
     assert SereConfig.from_dict({"merge_slots": True}).merge_slots is True
     assert SereConfig().merge_slots is None  # auto: on where the kernel merges (sere.vllm.router)
     assert SereConfig.from_dict({"merge_slots": False}).merge_slots is False
-    assert SereConfig(merge_slots=None, fuse_topk=True).fuse_topk  # auto gives way to fuse_topk
+    both = SereConfig(merge_slots=True, fuse_topk=True)  # the fused kernel merges in its own launch
+    assert both.merge_slots is True and both.fuse_topk
     with pytest.raises(TypeError, match="merge_slots"):
         SereConfig(merge_slots="yes")
-    with pytest.raises(ValueError, match="fuse_topk"):
-        SereConfig(merge_slots=True, fuse_topk=True)
 
 
 def test_reference_adds_in_slot_order():
@@ -258,8 +257,8 @@ def test_merge_slots_unset_merges_only_where_the_kernel_merges_in_its_own_launch
     assert not _merge_by_default(auto, cuda, "torch", recording=False, global_primary=False)  # a torch merge: slower
     assert not _merge_by_default(auto, cuda, "numba", recording=True, global_primary=False)
     assert not _merge_by_default(auto, cuda, "numba", recording=False, global_primary=True)
-    fused = SereConfig(select_top_k=1, threshold=0.0, fuse_topk=True)
-    assert not _merge_by_default(fused, cuda, "numba", recording=False, global_primary=False)
+    fused = SereConfig(select_top_k=1, threshold=0.0, fuse_topk=True)  # its kernel merges too
+    assert _merge_by_default(fused, cuda, "numba", recording=False, global_primary=False)
 
 
 def test_the_merging_kernels_geometry_follows_the_calls_secondary_slots():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sere.config import LayerPlan
-from sere.kernels.reference import reroute_reference, topk_reroute_reference
+from sere.kernels.reference import merge_duplicate_slots_reference, reroute_reference, topk_reroute_reference
 from sere.rerouter import LayerRerouter, StatsObserver
 from sere.recorder import ExpertStatsRecorder
 from sere.transforms import get_transform
@@ -49,21 +49,24 @@ class CountingTransform:
 
 
 def reference_kernel(calls):
-    def kernel(logits, sim, top_k, renormalize, s, rho, ids_dtype=torch.int32):
-        calls.append(logits.shape[0])
+    def kernel(logits, sim, top_k, renormalize, s, rho, ids_dtype=torch.int32, merge=False):
+        calls.append(logits.shape[0] if not merge else ("merged", logits.shape[0]))
         w, ids = topk_reroute_reference(logits.numpy(), top_k, renormalize, sim.numpy(), s, rho)
+        if merge:
+            ids, w = merge_duplicate_slots_reference(ids, w.astype(np.float32), sim.shape[0])
         return torch.from_numpy(w), torch.from_numpy(ids).to(ids_dtype)
     return kernel
 
 
-def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S):
+def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_tokens=None, merge_max_tokens=8):
     router = FusedTopKRouter()
     transform = CountingTransform()
     router._sere = LayerRerouter(LayerPlan(0, select_top_k, RHO, max_tokens), sim, transform, sort_slots=False,
-                                 backend="torch")
+                                 backend="torch", merge_tokens=merge_tokens)
     router.__class__ = sere_class(FusedTopKRouter)
     calls = []
-    router._sere_fused = FusedTopK(router._sere, K, True, kernel=reference_kernel(calls)) if fused else None
+    router._sere_fused = (FusedTopK(router._sere, K, True, kernel=reference_kernel(calls),
+                                    merge_max_tokens=merge_max_tokens) if fused else None)
     return router, transform, calls
 
 
@@ -89,6 +92,27 @@ def test_the_fused_path_gives_the_ids_of_the_two_kernel_path():
     _, ids = router.select_experts(hidden, logits, torch.int64)
     assert calls == [] and router.stock_calls == 1 and transform.calls == 1
     assert torch.equal(ids, fused_ids) and ids.dtype == torch.int64
+
+
+def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_limit_and_the_kernels_block():
+    """merge_tokens 3 with a kernel block of 2 tokens: calls of 1-2 tokens merge in the fused launch,
+    3 and more are fused without merging (the block is full), and a layer without merge_tokens never
+    merges; nothing runs the separate re-route or merge."""
+    _, logits, sim = inputs(3, tokens=4)
+    sim = torch.full((E, E), 0.9)  # every secondary slot re-routed: duplicates to merge
+    router, transform, calls = wrapped_router(sim, merge_tokens=3, merge_max_tokens=2)
+    for tokens in (1, 2, 3):
+        w, ids = router.select_experts(None, logits[:tokens])
+        rw, rids = topk_reroute_reference(logits[:tokens].numpy(), K, True, sim.numpy(), S, RHO)
+        if tokens <= 2:
+            rids, rw = merge_duplicate_slots_reference(rids, rw.astype(np.float32), E)
+            assert (ids == -1).any()  # the merge did something here
+        assert np.array_equal(ids.long().numpy(), rids)
+        np.testing.assert_allclose(w.numpy(), rw, rtol=1e-6)
+    assert calls == [("merged", 1), ("merged", 2), 3] and transform.calls == 0 and router.stock_calls == 0
+    plain, _, plain_calls = wrapped_router(sim, merge_tokens=None)
+    plain.select_experts(None, logits[:1])
+    assert plain_calls == [1]
 
 
 @pytest.mark.parametrize("max_tokens, select_top_k", [(T - 1, S), (None, K), (None, 0)])

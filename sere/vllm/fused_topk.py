@@ -4,7 +4,10 @@ Without it a layer runs vLLM's top-k kernel, then SERE's re-route kernel: one la
 stock, about 2 us per MoE layer under CUDA graphs. With it the re-routed layer's router computes
 its top-k with sere.kernels.numba_topk (softmax, top-k, weights, re-routing: one launch) instead
 of vLLM's, and the wrapper does not re-route again. Calls the re-router would leave alone (more
-tokens than max_tokens, identity settings) run vLLM's own top-k.
+tokens than max_tokens, identity settings) run vLLM's own top-k. Where the layer merges duplicate
+slots (merge_slots, sere.vllm.router.merge_tokens) calls of up to 8 tokens (one block of the kernel)
+merge in the same launch; larger merged calls are beyond vLLM's small-batch path for every model
+the project measures (it ends at T = 2-4).
 
 Eligible (`why_not` says what is missing, and the plugin logs it when fuse_topk was asked for):
 vLLM's plain `FusedTopKRouter` with softmax scoring (its grouped, biased, sigmoid and custom
@@ -56,13 +59,17 @@ class FusedTopK:
     (shape decisions only: graph-safe), `__call__` returns (topk_weights, topk_ids).
     `kernel` is topk_reroute_numba (a stand-in can be given for tests)."""
 
-    def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None):
+    def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None,
+                 merge_max_tokens: int | None = None):
         if kernel is None:
             from sere.kernels.numba_cuda import topk_reroute_numba as kernel
+        if merge_max_tokens is None:
+            from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS as merge_max_tokens
         self.rerouter = rerouter
         self.top_k = top_k
         self.renormalize = renormalize
         self.kernel = kernel
+        self.merge_max_tokens = merge_max_tokens  # the kernel's merging variant holds one block of tokens
 
     def takes(self, router_logits: torch.Tensor) -> bool:
         r = self.rerouter
@@ -70,7 +77,13 @@ class FusedTopK:
             return False
         return r.max_tokens is None or router_logits.shape[0] <= r.max_tokens
 
+    def merges(self, router_logits: torch.Tensor) -> bool:
+        """Whether this call also merges duplicate slots (the layer merges, merge_slots, and the call
+        fits both its merge limit and the kernel's one block); a shape decision, graph-safe."""
+        limit = self.rerouter.merge_tokens  # None where merging is off (or resolve_merge_support dropped it)
+        return limit is not None and router_logits.shape[0] <= min(limit, self.merge_max_tokens)
+
     def __call__(self, router_logits: torch.Tensor, indices_type: torch.dtype | None):
         r = self.rerouter
         return self.kernel(router_logits, r.sim, self.top_k, self.renormalize, r.select_top_k, r.threshold,
-                           ids_dtype=indices_type or torch.int32)
+                           ids_dtype=indices_type or torch.int32, merge=self.merges(router_logits))
