@@ -299,7 +299,7 @@ def test_gpu_fused_topk_merged(benchmark, T, S):
     np.testing.assert_array_equal(ids.long().cpu().numpy(), want_ids)
     timing = benchmark_device(benchmark, fused, method="graph", calls=CALLS, rounds=ROUNDS)
     record_case(benchmark, T=T, S=S, routing="router-logits", backend="numba_fused_topk_merged", method="graph",
-                ids=torch.from_numpy(rids), new_ids=ids.long(), timing=timing)
+                ids=torch.from_numpy(rids).to(ids.device), new_ids=ids.long(), timing=timing)
     benchmark.extra_info["merged_slots"] = int((ids == -1).sum())
     benchmark.extra_info["stock_topk"] = stock_name
     if timing is not None:
