@@ -25,3 +25,20 @@ def test_fused_table_puts_the_merging_variant_beside_the_plain_one(tmp_path, cap
     out = capsys.readouterr().out
     assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x | 4.5 | 7.0 |" in out
     assert "| 4 | 1 | - | - | - | - | - | 4.9 | 7.2 |" in out  # merged only: the plain columns say so
+
+
+def test_a_case_that_failed_after_its_timing_is_named_not_a_crash(tmp_path, capsys):
+    """A case whose assertion failed after timing leaves extra_info without its case record."""
+    data = {"benchmarks": [
+        case(1, 1, "numba_fused_topk", us_per_call=4.0, topk_then_reroute_us_per_call=6.0,
+             stock_topk_us_per_call=3.8, added_over_stock_topk_us=0.2),
+        {"name": "test_gpu_fused_topk_merged[1-1]", "extra_info": {"timing": "graph"}},
+    ]}
+    for bench in data["benchmarks"]:
+        bench.setdefault("name", "test_gpu_fused_topk[1-1]")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    summarize_kernel.main(str(path))
+    out = capsys.readouterr().out
+    assert "failed after timing (no case record): test_gpu_fused_topk_merged[1-1]" in out
+    assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x |" in out

@@ -16,12 +16,18 @@ def main(path: str) -> None:
     with open(path) as fh:
         data = json.load(fh)
     rows = defaultdict(dict)  # (method, routing, T, S) -> backend -> info
+    failed = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
+        if "method" not in info:  # a case that failed after its timing: no case record to show
+            failed.append(bench["name"])
+            continue
         key = (info["method"], info["routing"], info["T"], info["S"])
         rows[key][info["backend"]] = info
     machine = data.get("machine_info", {})
     print(f"Source: {path}; {data.get('datetime', '')}; host {machine.get('node', '')}")
+    if failed:
+        print(f"Left out, failed after timing (no case record): {', '.join(failed)}")
     unsorted = sorted(k for k in rows if k[1].endswith("-unsorted"))
     fused_topk = sorted(k for k in rows if k[1] == "router-logits")
     merged = sorted(k for k in rows if k[1] == "uniform-merged")
