@@ -34,6 +34,12 @@ exec > >(tee -a "$OUT/run_serve.log") 2>&1
   $PY -c "from importlib.metadata import entry_points as e; print('vllm plugins:', [p.name for p in e(group='vllm.general_plugins')])"
   git rev-parse HEAD 2>/dev/null || echo "no git history here (working-tree copy)"
 } 2>&1 | tee "$WORK/env.txt"
+# SERE's engines need the plugin registered for this interpreter; without it they would run stock
+# and the run would find out only at its end (2026-12-07: a serving run did, after 6 minutes).
+if ! $PY -c "import sys; from importlib.metadata import entry_points as e; sys.exit(not any(p.name == 'sere' for p in e(group='vllm.general_plugins')))"; then
+  echo "run_serve.sh: the sere vLLM plugin is not registered for $PY; run $PY -m pip install --no-build-isolation --no-deps -e . first"
+  exit 2
+fi
 
 # The step's own limit: pytest gets SIGTERM (bench/serve.py then kills the server's process
 # group, waiting up to 15 s for it) 30 s before the budget ends, SIGKILL 25 s later.

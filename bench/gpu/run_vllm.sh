@@ -61,6 +61,12 @@ pack() {  # everything small from $WORK (model folders left out) into one archiv
   git rev-parse HEAD 2>/dev/null || echo "no git history here (working-tree copy)"
 } > "$WORK/env.txt" 2>&1
 cat "$WORK/env.txt"
+# SERE's engines need the plugin registered for this interpreter; without it they would run stock
+# and the run would find out only at its end (2026-12-07: a serving run did, after 6 minutes).
+if ! $PY -c "import sys; from importlib.metadata import entry_points as e; sys.exit(not any(p.name == 'sere' for p in e(group='vllm.general_plugins')))"; then
+  echo "run_vllm.sh: the sere vLLM plugin is not registered for $PY; run $PY -m pip install --no-build-isolation --no-deps -e . first"
+  exit 2
+fi
 
 step() {  # name, seconds (capped by what is left), command...
   local name=$1 want=$2; shift 2
