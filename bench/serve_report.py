@@ -61,6 +61,12 @@ with the measurement above that tests it:
 These are hypotheses until a GPU run's numbers say which hold."""
 
 
+# What an A/A run (both servers stock: bench/RESULTS.md section 24, H100) showed of the two ratios.
+RATIO_NOISE = ("tok/s vs stock carries where the prefills fell (an A/A run of this workload, both servers "
+               "stock, read 0.88x-1.04x); TPOT speed-up = stock's median TPOT / this one's, decode alone "
+               "(the A/A run: within 1.5 %).")
+
+
 def level_ratios(result: dict) -> list[str]:
     """Each level against the largest one of the same server: wall time, tokens and median TPOT."""
     levels = sorted(result["levels"], key=lambda lv: lv["concurrency"])
@@ -89,13 +95,16 @@ def summary_lines(results: dict[str, dict], heading: list[str]) -> list[str]:
         for lv in r["levels"]:
             s = stock.get(lv["concurrency"]) if name != "stock" else None
             ratio = f"{lv['output_tok_s'] / s['output_tok_s']:.2f}x" if s and s["output_tok_s"] else ""
+            tpot_ratio = (f"{s['tpot_ms_median'] / lv['tpot_ms_median']:.2f}x"
+                          if s and s["tpot_ms_median"] and lv["tpot_ms_median"] else "")
             rows.append([name, lv["concurrency"], lv["requests"], f"{lv['output_tok_s']:.1f}",
                          f"{lv['ttft_ms_median']} / {lv['ttft_ms_p99']}", f"{lv['tpot_ms_median']} / {lv['tpot_ms_p99']}",
                          f"{lv['failed']} / {lv['incomplete']}", _cell(lv["engine_steps"]), _cell(lv["steps_over_graph"]),
-                         ratio])
+                         ratio, tpot_ratio])
     lines = [*heading, "", *markdown_table(
         ["server", "concurrency", "requests", "output tok/s", "TTFT ms median / p99", "TPOT ms median / p99",
-         "failed / incomplete", "engine steps", "steps > graph", "tok/s vs stock"], "lrrrrrrrrr", rows), ""]
+         "failed / incomplete", "engine steps", "steps > graph", "tok/s vs stock", "TPOT speed-up"], "lrrrrrrrrrr",
+        rows), "", RATIO_NOISE, ""]
     for name, r in results.items():
         layers = r.get("sere_layers")
         merge = f", merge_slots={r['sere_merge']}" if r.get("sere_merge") else ""
