@@ -159,3 +159,29 @@ def test_why_not_names_what_keeps_a_layer_off_the_fused_kernel(monkeypatch):
     assert "statistics" in why_not(FusedTopKRouter(), observed, "numba", "sere")
     monkeypatch.setenv("VLLM_MOE_SKIP_PADDING", "1")
     assert "PADDING" in why_not(FusedTopKRouter(), rerouter, "numba", "sere")
+
+
+def test_warm_up_compiles_the_fused_kernel_for_each_logit_dtype_merging_and_not():
+    """Before any graph capture: one fused call per logit dtype the router may give (the model's and
+    float32), at one token (merging, where the layer merges) and past the merge limit (plain)."""
+    from types import SimpleNamespace
+
+    from sere.vllm.router import MoESite, _router_logit_dtypes, _warm_up
+
+    seen = []
+
+    def kernel(logits, sim, top_k, renormalize, s, rho, ids_dtype=torch.int32, merge=False):
+        seen.append((logits.dtype, logits.shape[0], merge))
+        return torch.zeros(logits.shape[0], top_k), torch.zeros(logits.shape[0], top_k, dtype=ids_dtype)
+
+    sim = torch.rand(E, E)
+    dtypes = _router_logit_dtypes(SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16)))
+    assert dtypes == (torch.bfloat16, torch.float32)
+    assert _router_logit_dtypes(SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))) == (torch.float32,)
+    assert _router_logit_dtypes(None) == (torch.float32,)
+    for merge_tokens, want in ((3, [(1, True), (3, False)]), (None, [(1, False)])):
+        router, _, _ = wrapped_router(sim, merge_tokens=merge_tokens, merge_max_tokens=2)
+        router._sere_fused.kernel = kernel
+        seen.clear()
+        _warm_up(MoESite("model.layers.0.mlp.experts", 0, None, router, E, K), dtypes)
+        assert seen == [(d, t, m) for d in dtypes for t, m in want]

@@ -216,7 +216,7 @@ def apply_sere(model: torch.nn.Module, vllm_config, config: SereConfig, *, devic
         s.router.__class__ = sere_class(type(s.router))
         s.router._sere_fused = fused
         if device.type == "cuda":
-            _warm_up(s)
+            _warm_up(s, logit_dtypes=_router_logit_dtypes(vllm_config))
     logger.info(
         "SERE on %d of %d MoE layers (%s): S=%s, threshold=%s, max_tokens=%s, backend=%s (%s), "
         "sort_slots=%s, merge_slots=%s, similarity=%s", len(sites), len(all_sites), config.source,
@@ -288,8 +288,17 @@ def _fused_topk(site: MoESite, resolved: str, config: SereConfig):
     return FusedTopK(site.router._sere, site.top_k, site.router.renormalize)
 
 
-def _warm_up(site: MoESite) -> None:
-    """One call before any graph capture: compiles the Numba kernel(s) for this expert count."""
+def _router_logit_dtypes(vllm_config) -> tuple[torch.dtype, ...]:
+    """The dtypes a router's logits may come in: the model's dtype (its gate's output) and float32
+    (models whose gate runs in float32, e.g. DeepSeek-V2's in vLLM)."""
+    model_dtype = getattr(getattr(vllm_config, "model_config", None), "dtype", None)
+    return tuple(dict.fromkeys(d for d in (model_dtype, torch.float32) if isinstance(d, torch.dtype)))
+
+
+def _warm_up(site: MoESite, logit_dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    """One call before any graph capture: compiles the Numba kernel(s) for this expert count (the
+    fused top-k kernel for each logit dtype, merging and not: a kernel is compiled per dtype and per
+    variant, and compiling inside a CUDA-graph capture is not safe to rely on)."""
     rerouter = site.router._sere
     k = site.top_k
     device = rerouter.sim.device
@@ -303,8 +312,12 @@ def _warm_up(site: MoESite) -> None:
             rerouter.route_merged(slots(tokens), torch.full((tokens, k), 1.0 / k, device=device))
     fused = site.router._sere_fused
     if fused is not None:
-        logits = torch.zeros(2, site.num_experts, device=device, dtype=torch.float32)
-        fused(logits, torch.int32)
+        calls = {1}  # merging where the layer merges; one call past the merge limit for the plain variant
+        if rerouter.merge_tokens is not None:
+            calls.add(min(rerouter.merge_tokens, fused.merge_max_tokens) + 1)
+        for dtype in logit_dtypes:
+            for tokens in sorted(calls):
+                fused(torch.zeros(tokens, site.num_experts, device=device, dtype=dtype), torch.int32)
 
 
 def check_routed_through_router(sites: list[MoESite]) -> None:
