@@ -236,10 +236,9 @@ def _merge_note(sites: list[MoESite]) -> str:
 def _merge_by_default(config: SereConfig, device: torch.device, backend: str, *, recording: bool,
                       global_primary: bool) -> bool:
     """merge_slots unset (auto): merge where the re-route kernel (or the fused top-k kernel) merges in
-    its own launch. Anywhere
-    else the merge is a chain of torch ops per layer call (about 60 us against the kernel's 2-5 on an
-    H100), more than the bytes it saves. The expert kernel is checked after loading
-    (resolve_merge_support)."""
+    its own launch. Anywhere else the merge is a chain of torch ops per layer call (about 60 us
+    against the kernel's 2-5 on an H100), more than the bytes it saves. The expert kernel is
+    checked after loading (resolve_merge_support)."""
     return device.type == "cuda" and backend == "numba" and not recording and not global_primary
 
 
