@@ -6,7 +6,7 @@
 # as pytest-benchmark cases (bench/serve.py runs the servers and clients).
 #
 # On the GPU host, from the repo root, vLLM 0.26 bundle unpacked and this package installed
-# (the plugin must be registered: `pip install --no-build-isolation --no-deps -e .`):
+# (the plugin must be registered: `python3 -m pip install --no-build-isolation --no-deps -e .`; the script stops if it is not):
 #   export PYTHONPATH=/tmp/vllm-site:$PYTHONPATH && bash bench/gpu/run_serve.sh
 # Env: OUT (default /tmp/sere_serve_out), BUDGET_S (default 520: seconds for the whole script;
 # no server starts with fewer than 200 s of it left, its cases skip, saying so), MODEL (default
