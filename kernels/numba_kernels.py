@@ -121,6 +121,24 @@ def make_merged_slot(top_k: int):
     return merged_slot
 
 
+def make_merge_staged(merged_slot, threads: int):
+    """The merge step from shared memory for one block (`merged_slot`: make_merged_slot's device
+    function), shared by the merging re-route kernel and the fused top-k kernel's merging variant."""
+    device_fn = device_function()
+
+    @device_fn
+    def merge_staged(staged, staged_w, out, weights_out, T, k, E, tid):
+        """After a block barrier, a thread per slot (T*k <= threads) merges from shared memory and
+        writes its slot's id (-1 for a repeat) and weight (0 for a repeat). Nothing is written to
+        shared memory here, so no second barrier."""
+        for s in range(tid, T * k, threads):
+            e, acc, repeat = merged_slot(staged, staged_w, s, E)
+            out[s] = -1 if repeat else e
+            weights_out[s] = np.float32(0.0) if repeat else acc
+
+    return merge_staged
+
+
 def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_launch: bool = False,
                 weight_kind: str | None = None, merge: bool = False, top_k: int = 0):
     """The kernel body for one similarity kind, columns-per-lane bucket, block size and group
@@ -241,16 +259,7 @@ def make_kernel(sim_kind: str, cols: int, threads: int, lanes: int = WARP, two_l
 
     if merge:
         merged_slot = make_merged_slot(top_k)
-
-        @device_fn
-        def merge_staged(staged, staged_w, out, weights_out, T, k, E, tid):
-            """After a block barrier, a thread per slot (T*k <= threads) merges from shared memory and
-            writes its slot's id (-1 for a repeat) and weight (0 for a repeat). Nothing is written to
-            shared memory here, so no second barrier."""
-            for s in range(tid, T * k, threads):
-                e, acc, repeat = merged_slot(staged, staged_w, s, E)
-                out[s] = -1 if repeat else e
-                weights_out[s] = np.float32(0.0) if repeat else acc
+        merge_staged = make_merge_staged(merged_slot, threads)
 
         @device_fn
         def merge_in_global(out, weights, weights_out, T, k, E, tid):

@@ -40,7 +40,7 @@ import math
 import numpy as np
 
 from sere.kernels import numba_device as device
-from sere.kernels.numba_kernels import device_function, make_merged_slot, make_row_helpers
+from sere.kernels.numba_kernels import device_function, make_merge_staged, make_merged_slot, make_row_helpers
 from sere.kernels.numba_runtime import cuda, numba
 
 MAX_K = 16  # slots per token kept in per-thread arrays
@@ -87,7 +87,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     no_expert = 0x7FFFFFFF
     one = np.int64(1)
     device_fn = device_function()
-    merged_slot = make_merged_slot(top_k) if merge else None
+    merge_staged = make_merge_staged(make_merged_slot(top_k), threads) if merge else None
     stage_len = groups_per_block * top_k if merge else 1  # the merging variant's new ids and weights
 
     def make_picker(n_cols: int, n_lanes: int):
@@ -217,9 +217,6 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
             cuda.syncthreads()  # chunk_ids is rewritten by the next chunk; merge: every new id is staged
 
         if merge:  # 4. a thread per slot: its expert and merged weight, or -1 and 0 for a repeat
-            for s in range(tid, T * top_k, threads):
-                e, acc, repeat = merged_slot(staged, staged_w, s, E)
-                ids_out[s] = -1 if repeat else e
-                weights_out[s] = np.float32(0.0) if repeat else acc
+            merge_staged(staged, staged_w, ids_out, weights_out, T, top_k, E, tid)
 
     return topk_reroute_kernel
