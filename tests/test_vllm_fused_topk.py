@@ -58,7 +58,7 @@ def reference_kernel(calls):
     return kernel
 
 
-def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_tokens=None, merge_max_tokens=8):
+def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_tokens=None, block_tokens=8):
     router = FusedTopKRouter()
     transform = CountingTransform()
     router._sere = LayerRerouter(LayerPlan(0, select_top_k, RHO, max_tokens), sim, transform, sort_slots=False,
@@ -66,7 +66,7 @@ def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_to
     router.__class__ = sere_class(FusedTopKRouter)
     calls = []
     router._sere_fused = (FusedTopK(router._sere, K, True, kernel=reference_kernel(calls),
-                                    merge_max_tokens=merge_max_tokens) if fused else None)
+                                    block_tokens=block_tokens) if fused else None)
     return router, transform, calls
 
 
@@ -94,14 +94,27 @@ def test_the_fused_path_gives_the_ids_of_the_two_kernel_path():
     assert torch.equal(ids, fused_ids) and ids.dtype == torch.int64
 
 
+def test_calls_larger_than_one_block_take_the_routers_top_k_and_the_re_route_kernel():
+    """A block of 4 tokens: calls of up to 4 are fused, a call of 6 runs the router's own top-k and
+    then the separate re-route, once, with the same ids the fused path would give."""
+    hidden, logits, sim = inputs(4)
+    router, transform, calls = wrapped_router(sim, block_tokens=4)
+    _, ids = router.select_experts(hidden, logits[:4])
+    assert calls == [4] and router.stock_calls == 0 and transform.calls == 0
+    _, ids = router.select_experts(hidden, logits)
+    _, rids = topk_reroute_reference(logits.numpy(), K, True, sim.numpy(), S, RHO)
+    assert calls == [4] and router.stock_calls == 1 and transform.calls == 1
+    assert np.array_equal(ids.long().numpy(), rids)
+
+
 def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_limit_and_the_kernels_block():
-    """merge_tokens 3 with a kernel block of 2 tokens: calls of 1-2 tokens merge in the fused launch,
-    3 and more are fused without merging (the block is full), and a layer without merge_tokens never
-    merges; nothing runs the separate re-route or merge."""
+    """merge_tokens 2 with a kernel block of 3 tokens: calls of 1-2 tokens merge in the fused launch,
+    3 is fused without merging, 4 (past the block) runs the router's top-k and the separate re-route
+    (past the merge limit: not merged); a layer without merge_tokens never merges."""
     _, logits, sim = inputs(3, tokens=4)
     sim = torch.full((E, E), 0.9)  # every secondary slot re-routed: duplicates to merge
-    router, transform, calls = wrapped_router(sim, merge_tokens=3, merge_max_tokens=2)
-    for tokens in (1, 2, 3):
+    router, transform, calls = wrapped_router(sim, merge_tokens=2, block_tokens=3)
+    for tokens in (1, 2, 3, 4):
         w, ids = router.select_experts(None, logits[:tokens])
         rw, rids = topk_reroute_reference(logits[:tokens].numpy(), K, True, sim.numpy(), S, RHO)
         if tokens <= 2:
@@ -109,7 +122,7 @@ def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_limit_and_the_kern
             assert (ids == -1).any()  # the merge did something here
         assert np.array_equal(ids.long().numpy(), rids)
         np.testing.assert_allclose(w.numpy(), rw, rtol=1e-6)
-    assert calls == [("merged", 1), ("merged", 2), 3] and transform.calls == 0 and router.stock_calls == 0
+    assert calls == [("merged", 1), ("merged", 2), 3] and transform.calls == 1 and router.stock_calls == 1
     plain, _, plain_calls = wrapped_router(sim, merge_tokens=None)
     plain.select_experts(None, logits[:1])
     assert plain_calls == [1]
@@ -163,7 +176,8 @@ def test_why_not_names_what_keeps_a_layer_off_the_fused_kernel(monkeypatch):
 
 def test_warm_up_compiles_the_fused_kernel_for_each_logit_dtype_merging_and_not():
     """Before any graph capture: one fused call per logit dtype the router may give (the model's and
-    float32), at one token (merging, where the layer merges) and past the merge limit (plain)."""
+    float32) and per variant its calls take: merging (within the merge limit), plain (past it, or a
+    layer that does not merge)."""
     from types import SimpleNamespace
 
     from sere.vllm.router import MoESite, _router_logit_dtypes, _warm_up
@@ -179,8 +193,10 @@ def test_warm_up_compiles_the_fused_kernel_for_each_logit_dtype_merging_and_not(
     assert dtypes == (torch.bfloat16, torch.float32)
     assert _router_logit_dtypes(SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))) == (torch.float32,)
     assert _router_logit_dtypes(None) == (torch.float32,)
-    for merge_tokens, want in ((3, [(1, True), (3, False)]), (None, [(1, False)])):
-        router, _, _ = wrapped_router(sim, merge_tokens=merge_tokens, merge_max_tokens=2)
+    # merge limit 1 in a block of 2: merging at 1 token, plain at 2; merge limit 3: every fused call
+    # merges; no merging: plain at 1
+    for merge_tokens, want in ((1, [(1, True), (2, False)]), (3, [(1, True)]), (None, [(1, False)])):
+        router, _, _ = wrapped_router(sim, merge_tokens=merge_tokens, block_tokens=2)
         router._sere_fused.kernel = kernel
         seen.clear()
         _warm_up(MoESite("model.layers.0.mlp.experts", 0, None, router, E, K), dtypes)

@@ -4,10 +4,12 @@ Without it a layer runs vLLM's top-k kernel, then SERE's re-route kernel: one la
 stock, about 2 us per MoE layer under CUDA graphs. With it the re-routed layer's router computes
 its top-k with sere.kernels.numba_topk (softmax, top-k, weights, re-routing: one launch) instead
 of vLLM's, and the wrapper does not re-route again. Calls the re-router would leave alone (more
-tokens than max_tokens, identity settings) run vLLM's own top-k. Where the layer merges duplicate
-slots (merge_slots, sere.vllm.router.merge_tokens) calls of up to 8 tokens (one block of the kernel)
-merge in the same launch; larger merged calls are beyond vLLM's small-batch path for every model
-the project measures (it ends at T = 2-4).
+tokens than max_tokens, identity settings) run vLLM's own top-k. Only calls that one block of the
+kernel holds (8 tokens) are fused: a larger call makes every block rebuild P from all tokens first,
+and there the two-kernel path was faster (bench/RESULTS.md section 24: 10.05 against 6.39 us at
+T = 16 on the H100), so those calls take vLLM's top-k and the re-route kernel. Where the layer
+merges duplicate slots (merge_slots, sere.vllm.router.merge_tokens) the fused calls within its
+merge limit merge in the same launch.
 
 Eligible (`why_not` says what is missing, and the plugin logs it when fuse_topk was asked for):
 vLLM's plain `FusedTopKRouter` with softmax scoring (its grouped, biased, sigmoid and custom
@@ -55,35 +57,37 @@ def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str)
 
 
 class FusedTopK:
-    """One layer's fused top-k: `takes(router_logits)` says whether this call goes through it
-    (shape decisions only: graph-safe), `__call__` returns (topk_weights, topk_ids).
-    `kernel` is topk_reroute_numba (a stand-in can be given for tests)."""
+    """One layer's fused top-k: `takes(tokens)` says whether a call of that many tokens goes through
+    it (a shape decision: graph-safe), `__call__` returns (topk_weights, topk_ids).
+    `kernel` is topk_reroute_numba (a stand-in can be given for tests); `block_tokens` the tokens one
+    block of it holds (sere.kernels.numba_topk_op.MERGE_MAX_TOKENS)."""
 
     def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None,
-                 merge_max_tokens: int | None = None):
+                 block_tokens: int | None = None):
         if kernel is None:
             from sere.kernels.numba_cuda import topk_reroute_numba as kernel
-        if merge_max_tokens is None:
-            from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS as merge_max_tokens
+        if block_tokens is None:
+            from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS as block_tokens
         self.rerouter = rerouter
         self.top_k = top_k
         self.renormalize = renormalize
         self.kernel = kernel
-        self.merge_max_tokens = merge_max_tokens  # the kernel's merging variant holds one block of tokens
+        self.block_tokens = block_tokens
 
-    def takes(self, router_logits: torch.Tensor) -> bool:
+    def takes(self, tokens: int) -> bool:
+        """Whether a call of `tokens` tokens is fused: one block holds it and the re-router would act."""
         r = self.rerouter
-        if r.select_top_k <= 0 or r.select_top_k >= self.top_k:
+        if r.select_top_k <= 0 or r.select_top_k >= self.top_k or tokens > self.block_tokens:
             return False
-        return r.max_tokens is None or router_logits.shape[0] <= r.max_tokens
+        return r.max_tokens is None or tokens <= r.max_tokens
 
-    def merges(self, router_logits: torch.Tensor) -> bool:
-        """Whether this call also merges duplicate slots (the layer merges, merge_slots, and the call
-        fits both its merge limit and the kernel's one block); a shape decision, graph-safe."""
+    def merges(self, tokens: int) -> bool:
+        """Whether a fused call also merges duplicate slots (the layer merges, merge_slots, and the
+        call is within its merge limit); a shape decision, graph-safe."""
         limit = self.rerouter.merge_tokens  # None where merging is off (or resolve_merge_support dropped it)
-        return limit is not None and router_logits.shape[0] <= min(limit, self.merge_max_tokens)
+        return limit is not None and tokens <= min(limit, self.block_tokens)
 
     def __call__(self, router_logits: torch.Tensor, indices_type: torch.dtype | None):
         r = self.rerouter
         return self.kernel(router_logits, r.sim, self.top_k, self.renormalize, r.select_top_k, r.threshold,
-                           ids_dtype=indices_type or torch.int32, merge=self.merges(router_logits))
+                           ids_dtype=indices_type or torch.int32, merge=self.merges(router_logits.shape[0]))

@@ -136,7 +136,8 @@ def sere_class(cls: type) -> type:
 
         def select_experts(self, *args, **kwargs):
             topk_weights, topk_ids = stock_select(self, *args, **kwargs)
-            if self._sere_fused is not None:  # _compute_routing re-routed already (or left the call alone by rule)
+            fused = self._sere_fused
+            if fused is not None and fused.takes(topk_ids.shape[0]):  # _compute_routing re-routed already
                 return topk_weights, topk_ids
             if self._sere.merge_tokens is not None:  # small calls: duplicate slots merged (new weights)
                 return self._sere.route_merged(topk_ids, topk_weights)
@@ -148,7 +149,7 @@ def sere_class(cls: type) -> type:
 
             def _compute_routing(self, hidden_states, router_logits, indices_type, **kwargs):
                 fused = self._sere_fused
-                if fused is not None and fused.takes(router_logits):
+                if fused is not None and fused.takes(router_logits.shape[0]):
                     return fused(router_logits, indices_type)
                 return stock_compute(self, hidden_states, router_logits, indices_type, **kwargs)
 
@@ -310,12 +311,13 @@ def _warm_up(site: MoESite, logit_dtypes: tuple[torch.dtype, ...] = (torch.float
         for tokens in sorted({1, max(1, rerouter.merge_tokens)}):
             rerouter.route_merged(slots(tokens), torch.full((tokens, k), 1.0 / k, device=device))
     fused = site.router._sere_fused
-    if fused is not None:
-        calls = {1}  # merging where the layer merges; one call past the merge limit for the plain variant
-        if rerouter.merge_tokens is not None:
-            calls.add(min(rerouter.merge_tokens, fused.merge_max_tokens) + 1)
+    if fused is not None:  # the smallest call of each variant its calls take: merging, plain
+        first_call = {}
+        for tokens in range(1, fused.block_tokens + 1):
+            if fused.takes(tokens):
+                first_call.setdefault(fused.merges(tokens), tokens)
         for dtype in logit_dtypes:
-            for tokens in sorted(calls):
+            for tokens in sorted(first_call.values()):
                 fused(torch.zeros(tokens, site.num_experts, device=device, dtype=dtype), torch.int32)
 
 
