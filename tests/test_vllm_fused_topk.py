@@ -58,7 +58,7 @@ def reference_kernel(calls):
     return kernel
 
 
-def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_tokens=None, block_tokens=8):
+def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_tokens=None, max_fused_tokens=8):
     router = FusedTopKRouter()
     transform = CountingTransform()
     router._sere = LayerRerouter(LayerPlan(0, select_top_k, RHO, max_tokens), sim, transform, sort_slots=False,
@@ -66,7 +66,7 @@ def wrapped_router(sim, *, max_tokens=None, fused=True, select_top_k=S, merge_to
     router.__class__ = sere_class(FusedTopKRouter)
     calls = []
     router._sere_fused = (FusedTopK(router._sere, K, True, kernel=reference_kernel(calls),
-                                    block_tokens=block_tokens) if fused else None)
+                                    max_fused_tokens=max_fused_tokens) if fused else None)
     return router, transform, calls
 
 
@@ -95,10 +95,10 @@ def test_the_fused_path_gives_the_ids_of_the_two_kernel_path():
 
 
 def test_calls_larger_than_one_block_take_the_routers_top_k_and_the_re_route_kernel():
-    """A block of 4 tokens: calls of up to 4 are fused, a call of 6 runs the router's own top-k and
+    """A fused limit of 4 tokens: calls of up to 4 are fused, a call of 6 runs the router's own top-k and
     then the separate re-route, once, with the same ids the fused path would give."""
     hidden, logits, sim = inputs(4)
-    router, transform, calls = wrapped_router(sim, block_tokens=4)
+    router, transform, calls = wrapped_router(sim, max_fused_tokens=4)
     _, ids = router.select_experts(hidden, logits[:4])
     assert calls == [4] and router.stock_calls == 0 and transform.calls == 0
     _, ids = router.select_experts(hidden, logits)
@@ -108,12 +108,12 @@ def test_calls_larger_than_one_block_take_the_routers_top_k_and_the_re_route_ker
 
 
 def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_limit_and_the_kernels_block():
-    """merge_tokens 2 with a kernel block of 3 tokens: calls of 1-2 tokens merge in the fused launch,
-    3 is fused without merging, 4 (past the block) runs the router's top-k and the separate re-route
+    """merge_tokens 2 with a fused limit of 3 tokens: calls of 1-2 tokens merge in the fused launch,
+    3 is fused without merging, 4 (past the limit) runs the router's top-k and the separate re-route
     (past the merge limit: not merged); a layer without merge_tokens never merges."""
     _, logits, sim = inputs(3, tokens=4)
     sim = torch.full((E, E), 0.9)  # every secondary slot re-routed: duplicates to merge
-    router, transform, calls = wrapped_router(sim, merge_tokens=2, block_tokens=3)
+    router, transform, calls = wrapped_router(sim, merge_tokens=2, max_fused_tokens=3)
     for tokens in (1, 2, 3, 4):
         w, ids = router.select_experts(None, logits[:tokens])
         rw, rids = topk_reroute_reference(logits[:tokens].numpy(), K, True, sim.numpy(), S, RHO)
@@ -193,10 +193,10 @@ def test_warm_up_compiles_the_fused_kernel_for_each_logit_dtype_merging_and_not(
     assert dtypes == (torch.bfloat16, torch.float32)
     assert _router_logit_dtypes(SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))) == (torch.float32,)
     assert _router_logit_dtypes(None) == (torch.float32,)
-    # merge limit 1 in a block of 2: merging at 1 token, plain at 2; merge limit 3: every fused call
+    # merge limit 1, fused limit 2: merging at 1 token, plain at 2; merge limit 3: every fused call
     # merges; no merging: plain at 1
     for merge_tokens, want in ((1, [(1, True), (2, False)]), (3, [(1, True)]), (None, [(1, False)])):
-        router, _, _ = wrapped_router(sim, merge_tokens=merge_tokens, block_tokens=2)
+        router, _, _ = wrapped_router(sim, merge_tokens=merge_tokens, max_fused_tokens=2)
         router._sere_fused.kernel = kernel
         seen.clear()
         _warm_up(MoESite("model.layers.0.mlp.experts", 0, None, router, E, K), dtypes)

@@ -4,12 +4,12 @@ Without it a layer runs vLLM's top-k kernel, then SERE's re-route kernel: one la
 stock, about 2 us per MoE layer under CUDA graphs. With it the re-routed layer's router computes
 its top-k with sere.kernels.numba_topk (softmax, top-k, weights, re-routing: one launch) instead
 of vLLM's, and the wrapper does not re-route again. Calls the re-router would leave alone (more
-tokens than max_tokens, identity settings) run vLLM's own top-k. Only calls that one block of the
-kernel holds (8 tokens) are fused: a larger call makes every block rebuild P from all tokens first,
-and there the two-kernel path was faster (bench/RESULTS.md section 24: 10.05 against 6.39 us at
-T = 16 on the H100), so those calls take vLLM's top-k and the re-route kernel. Where the layer
-merges duplicate slots (merge_slots, sere.vllm.router.merge_tokens) the fused calls within its
-merge limit merge in the same launch.
+tokens than max_tokens, identity settings) run vLLM's own top-k. Only calls of FUSED_MAX_TOKENS
+tokens or fewer are fused, larger ones take vLLM's top-k and the re-route kernel: on the H100 the
+fused kernel was ahead only at one token (bench/RESULTS.md sections 24-25: 5.66 against 6.09 us at
+T = 1, 7.62 against 7.18 us merging at T = 4, 9.35 against 6.36 us at T = 8). Where the layer merges
+duplicate slots (merge_slots, sere.vllm.router.merge_tokens) the fused calls within its merge limit
+merge in the same launch.
 
 Eligible (`why_not` says what is missing, and the plugin logs it when fuse_topk was asked for):
 vLLM's plain `FusedTopKRouter` with softmax scoring (its grouped, biased, sigmoid and custom
@@ -26,6 +26,7 @@ import torch
 from sere.rerouter import LayerRerouter
 
 ROUTER_CLASS = "FusedTopKRouter"
+FUSED_MAX_TOKENS = 1  # the calls fused: decode at batch 1, the one size where the fused kernel was faster
 
 
 def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str) -> str | None:
@@ -59,25 +60,26 @@ def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str)
 class FusedTopK:
     """One layer's fused top-k: `takes(tokens)` says whether a call of that many tokens goes through
     it (a shape decision: graph-safe), `__call__` returns (topk_weights, topk_ids).
-    `kernel` is topk_reroute_numba (a stand-in can be given for tests); `block_tokens` the tokens one
-    block of it holds (sere.kernels.numba_topk_op.MERGE_MAX_TOKENS)."""
+    `kernel` is topk_reroute_numba (a stand-in can be given for tests); calls of at most
+    `max_fused_tokens` tokens are fused (FUSED_MAX_TOKENS; the kernel's merging variant takes one
+    block, sere.kernels.numba_topk_op.MERGE_MAX_TOKENS, and refuses more)."""
 
     def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None,
-                 block_tokens: int | None = None):
+                 max_fused_tokens: int = FUSED_MAX_TOKENS):
         if kernel is None:
             from sere.kernels.numba_cuda import topk_reroute_numba as kernel
-        if block_tokens is None:
-            from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS as block_tokens
+        if max_fused_tokens < 1:
+            raise ValueError(f"max_fused_tokens must be at least 1, got {max_fused_tokens}")
         self.rerouter = rerouter
         self.top_k = top_k
         self.renormalize = renormalize
         self.kernel = kernel
-        self.block_tokens = block_tokens
+        self.max_fused_tokens = max_fused_tokens
 
     def takes(self, tokens: int) -> bool:
-        """Whether a call of `tokens` tokens is fused: one block holds it and the re-router would act."""
+        """Whether a call of `tokens` tokens is fused: small enough, and the re-router would act."""
         r = self.rerouter
-        if r.select_top_k <= 0 or r.select_top_k >= self.top_k or tokens > self.block_tokens:
+        if r.select_top_k <= 0 or r.select_top_k >= self.top_k or tokens > self.max_fused_tokens:
             return False
         return r.max_tokens is None or tokens <= r.max_tokens
 
@@ -85,7 +87,7 @@ class FusedTopK:
         """Whether a fused call also merges duplicate slots (the layer merges, merge_slots, and the
         call is within its merge limit); a shape decision, graph-safe."""
         limit = self.rerouter.merge_tokens  # None where merging is off (or resolve_merge_support dropped it)
-        return limit is not None and tokens <= min(limit, self.block_tokens)
+        return limit is not None and tokens <= min(limit, self.max_fused_tokens)
 
     def __call__(self, router_logits: torch.Tensor, indices_type: torch.dtype | None):
         r = self.rerouter

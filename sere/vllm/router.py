@@ -313,7 +313,7 @@ def _warm_up(site: MoESite, logit_dtypes: tuple[torch.dtype, ...] = (torch.float
     fused = site.router._sere_fused
     if fused is not None:  # the smallest call of each variant its calls take: merging, plain
         first_call = {}
-        for tokens in range(1, fused.block_tokens + 1):
+        for tokens in range(1, fused.max_fused_tokens + 1):
             if fused.takes(tokens):
                 first_call.setdefault(fused.merges(tokens), tokens)
         for dtype in logit_dtypes:
