@@ -94,7 +94,7 @@ def test_the_fused_path_gives_the_ids_of_the_two_kernel_path():
     assert torch.equal(ids, fused_ids) and ids.dtype == torch.int64
 
 
-def test_calls_larger_than_one_block_take_the_routers_top_k_and_the_re_route_kernel():
+def test_calls_past_the_fused_limit_take_the_routers_top_k_and_the_re_route_kernel():
     """A fused limit of 4 tokens: calls of up to 4 are fused, a call of 6 runs the router's own top-k and
     then the separate re-route, once, with the same ids the fused path would give."""
     hidden, logits, sim = inputs(4)
@@ -107,7 +107,17 @@ def test_calls_larger_than_one_block_take_the_routers_top_k_and_the_re_route_ker
     assert np.array_equal(ids.long().numpy(), rids)
 
 
-def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_limit_and_the_kernels_block():
+def test_by_default_only_single_token_calls_are_fused():
+    sim = torch.rand(E, E)
+    rerouter = LayerRerouter(LayerPlan(0, S, RHO, None), sim, get_transform("sere", backend="torch"),
+                             sort_slots=False, backend="torch")
+    fused = FusedTopK(rerouter, K, True, kernel=reference_kernel([]))
+    assert fused.takes(1) and not fused.takes(2)
+    with pytest.raises(ValueError, match="max_fused_tokens"):
+        FusedTopK(rerouter, K, True, kernel=reference_kernel([]), max_fused_tokens=0)
+
+
+def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_merge_limit():
     """merge_tokens 2 with a fused limit of 3 tokens: calls of 1-2 tokens merge in the fused launch,
     3 is fused without merging, 4 (past the limit) runs the router's top-k and the separate re-route
     (past the merge limit: not merged); a layer without merge_tokens never merges."""
