@@ -84,15 +84,14 @@ def run_fused_topk(gen, T, E, k, S, id_dtype, sim, logit_dtype) -> int:
     logits = torch.from_numpy((gen.integers(-6, 7, size=(T, E)) / 4).astype(np.float32)).to(logit_dtype).cuda()
     _, ids = topk_reroute_numba(logits, sim, k, True, S, 0.1, ids_dtype=id_dtype)
     torch.cuda.synchronize()
-    _, want = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
+    ref_w, want = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
     ok = np.array_equal(ids.long().cpu().numpy(), want)
     print(f"{'ok  ' if ok else 'FAIL'} {'fused top-k':22s} T={T} E={E} k={k} S={S} {id_dtype} {logits.dtype}")
     failures = int(not ok)
     if T <= MERGE_MAX_TOKENS:  # the merging variant (one block): top-k, re-route and merge
         m_w, m_ids = topk_reroute_numba(logits, sim, k, True, S, 0.1, ids_dtype=id_dtype, merge=True)
         torch.cuda.synchronize()
-        ref_w, ref_ids = topk_reroute_reference(logits.float().cpu().numpy(), k, True, sim.float().cpu().numpy(), S, 0.1)
-        r_ids, r_w = merge_duplicate_slots_reference(ref_ids, ref_w.astype(np.float32), E)
+        r_ids, r_w = merge_duplicate_slots_reference(want, ref_w.astype(np.float32), E)
         ok = np.array_equal(m_ids.long().cpu().numpy(), r_ids) and np.allclose(m_w.cpu().numpy(), r_w, rtol=2e-6, atol=1e-7)
         failures += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {'fused top-k merged':22s} T={T} E={E} k={k} S={S} {id_dtype} {logits.dtype}")
