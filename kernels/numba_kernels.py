@@ -45,7 +45,8 @@ COLUMNS_PER_LANE_BUCKETS = (4, 8, 16, 32)
 MAX_EXPERTS = WARP * COLUMNS_PER_LANE_BUCKETS[-1]  # 1024: beyond, the prefetch spills registers
 DEFAULT_THREADS = 256  # 8 warps per block
 FLAG_THREADS = 1024  # the one block of launch 1: T*S / 1024 head ids per thread
-_NO_EXPERT = 0x7FFFFFFF  # index sentinel: loses every tie against a real expert
+_NO_EXPERT = np.int32(0x7FFFFFFF)  # index sentinel: loses every tie against a real expert; int32 indices
+# take one shuffle per step of a group argmax, where int64 take two
 
 
 def device_function():
@@ -83,7 +84,7 @@ def make_row_helpers(sim_kind: str, cols: int, lanes: int):
             # row[c], which load_row leaves unset there.
             take = (j < E) & (is_primary[j] != 0) & ((best_i == no_expert) | (row[c] > best_v))
             best_v = row[c] if take else best_v
-            best_i = j if take else best_i
+            best_i = numba.int32(j) if take else best_i
         return best_v, best_i
 
     return load_row, best_primary

@@ -84,7 +84,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     mask_len = lanes * cols
     chunk_len = groups_per_block * MAX_K  # shared array shapes must be constants, not expressions
     neg_inf = np.float32(-np.inf)
-    no_expert = np.int32(0x7FFFFFFF)  # int32 indices: one shuffle per butterfly step, not two
+    no_expert = np.int32(0x7FFFFFFF)  # int32 indices: one shuffle per butterfly step, not two (as _NO_EXPERT)
     one = np.int64(1)
     device_fn = device_function()
     merge_staged = make_merge_staged(make_merged_slot(top_k), threads) if merge else None
@@ -204,8 +204,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                 best_i = no_expert
                 if moving:
                     load_row(row, sim, e, E, lane)
-                    best_v, best_i64 = best_primary(row, is_primary, E, lane)
-                    best_i = numba.int32(best_i64)
+                    best_v, best_i = best_primary(row, is_primary, E, lane)
                 if rerouting:
                     best_v, best_i = group_argmax(best_v, best_i, lanes, scratch_v, scratch_i)
                 if moving and best_i != no_expert and best_v >= rho:
