@@ -117,6 +117,18 @@ def test_by_default_only_single_token_calls_are_fused():
         FusedTopK(rerouter, K, True, kernel=reference_kernel([]), max_fused_tokens=0)
 
 
+def test_the_kernels_one_block_bounds_the_fused_calls_that_merge():
+    """With the real kernel a fused call merges only within its merging variant's one block
+    (MERGE_MAX_TOKENS), however large the layer's merge limit and the fused limit."""
+    from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS
+
+    rerouter = LayerRerouter(LayerPlan(0, S, RHO, None), torch.rand(E, E), get_transform("sere", backend="torch"),
+                             sort_slots=False, backend="torch", merge_tokens=4 * MERGE_MAX_TOKENS)
+    fused = FusedTopK(rerouter, K, True, max_fused_tokens=2 * MERGE_MAX_TOKENS)
+    assert fused.takes(MERGE_MAX_TOKENS + 1) and fused.merges(MERGE_MAX_TOKENS)
+    assert not fused.merges(MERGE_MAX_TOKENS + 1)
+
+
 def test_a_merging_layer_merges_in_the_fused_launch_up_to_its_merge_limit():
     """merge_tokens 2 with a fused limit of 3 tokens: calls of 1-2 tokens merge in the fused launch,
     3 is fused without merging, 4 (past the limit) runs the router's top-k and the separate re-route

@@ -61,13 +61,16 @@ class FusedTopK:
     """One layer's fused top-k: `takes(tokens)` says whether a call of that many tokens goes through
     it (a shape decision: graph-safe), `__call__` returns (topk_weights, topk_ids).
     `kernel` is topk_reroute_numba (a stand-in can be given for tests); calls of at most
-    `max_fused_tokens` tokens are fused (FUSED_MAX_TOKENS; the kernel's merging variant takes one
-    block, sere.kernels.numba_topk_op.MERGE_MAX_TOKENS, and refuses more)."""
+    `max_fused_tokens` tokens are fused (FUSED_MAX_TOKENS). The kernel's merging variant holds one
+    block of tokens (sere.kernels.numba_topk_op.MERGE_MAX_TOKENS) and refuses more, so fused calls
+    past it do not merge; a stand-in kernel has no such bound."""
 
     def __init__(self, rerouter: LayerRerouter, top_k: int, renormalize: bool, kernel=None,
                  max_fused_tokens: int = FUSED_MAX_TOKENS):
+        merge_block = max_fused_tokens
         if kernel is None:
             from sere.kernels.numba_cuda import topk_reroute_numba as kernel
+            from sere.kernels.numba_topk_op import MERGE_MAX_TOKENS as merge_block
         if max_fused_tokens < 1:
             raise ValueError(f"max_fused_tokens must be at least 1, got {max_fused_tokens}")
         self.rerouter = rerouter
@@ -75,6 +78,7 @@ class FusedTopK:
         self.renormalize = renormalize
         self.kernel = kernel
         self.max_fused_tokens = max_fused_tokens
+        self.max_merged_tokens = min(max_fused_tokens, merge_block)  # the fused calls that may merge
 
     def takes(self, tokens: int) -> bool:
         """Whether a call of `tokens` tokens is fused: small enough, and the re-router would act."""
@@ -85,9 +89,9 @@ class FusedTopK:
 
     def merges(self, tokens: int) -> bool:
         """Whether a fused call also merges duplicate slots (the layer merges, merge_slots, and the
-        call is within its merge limit); a shape decision, graph-safe."""
+        call is within its merge limit and the kernel's one block); a shape decision, graph-safe."""
         limit = self.rerouter.merge_tokens  # None where merging is off (or resolve_merge_support dropped it)
-        return limit is not None and tokens <= min(limit, self.max_fused_tokens)
+        return limit is not None and tokens <= min(limit, self.max_merged_tokens)
 
     def __call__(self, router_logits: torch.Tensor, indices_type: torch.dtype | None):
         r = self.rerouter
