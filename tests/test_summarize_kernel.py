@@ -42,3 +42,24 @@ def test_a_case_that_failed_after_its_timing_is_named_not_a_crash(tmp_path, caps
     out = capsys.readouterr().out
     assert "failed after timing (no case record): test_gpu_fused_topk_merged[1-1]" in out
     assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x |" in out
+
+
+def test_graph_table_shows_the_one_launch_floor_beside_the_plain_kernel(tmp_path, capsys):
+    def plain(T, backend, **extra):
+        return {"extra_info": {"method": "graph", "routing": "uniform", "T": T, "S": 1, "backend": backend,
+                               "experts_before": 8.0, "experts_after": 1.0, **extra}}
+
+    data = {"benchmarks": [
+        plain(1, "numba", us_per_call=2.2, baseline_us_per_call=3.6, speedup_vs_baseline=1.64,
+              torch_us_per_call=40.0, speedup_vs_torch=18.2, empty_launch_us_per_call=1.6,
+              copy_launch_us_per_call=1.7),
+        plain(1, "baseline", us_per_call=3.6),
+        plain(16, "numba", us_per_call=2.6),  # an older JSON without the floor: a dash, not a crash
+    ]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    summarize_kernel.main(str(path))
+    out = capsys.readouterr().out
+    assert "one-launch floor (empty / copy)" in out
+    assert "| uniform | 1 | 1 | 2.2 | 1.6 / 1.7 | 3.6 | - | 1.64x | 18.2x |" in out
+    assert "| uniform | 16 | 1 | 2.6 | - |" in out

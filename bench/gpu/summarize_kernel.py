@@ -47,14 +47,17 @@ def main(path: str) -> None:
                 cells.append([key[1], key[2], key[3], us["reference"], us["torch"], experts])
             else:
                 numba = r.get("numba", {})
-                cells.append([key[1], key[2], key[3], us["numba"], us["baseline"], us["torch"],
+                floor = (f"{numba['empty_launch_us_per_call']} / {numba['copy_launch_us_per_call']}"
+                         if "copy_launch_us_per_call" in numba else "-")
+                cells.append([key[1], key[2], key[3], us["numba"], floor, us["baseline"], us["torch"],
                               f"{numba.get('speedup_vs_baseline', '-')}x", f"{numba.get('speedup_vs_torch', '-')}x", experts])
         if method == "host":
             table = markdown_table(["routing", "T", "S", "reference", "torch (CPU)", "experts before -> after"],
                                    "lrrrrl", cells)
         else:
-            table = markdown_table(["routing", "T", "S", "numba", "baseline", "torch", "numba vs baseline",
-                                    "numba vs torch", "experts before -> after"], "lrrrrrrrl", cells)
+            table = markdown_table(["routing", "T", "S", "numba", "one-launch floor (empty / copy)", "baseline", "torch",
+                                    "numba vs baseline", "numba vs torch", "experts before -> after"],
+                                   "lrrrrrrrrl", cells)
         print("\n".join(table))
     if unsorted:
         print("\n### unsorted slots (weights given): weight-order kernel vs sort + kernel + scatter, graph replay, us\n")
