@@ -13,8 +13,8 @@ Routing: "uniform" (each token takes k distinct experts uniformly at random: the
 active, the hardest case for SERE) and "zipf" (expert popularity ~ 1/rank, a skew closer to
 trained routers). Every case first checks its output against the plain-loop reference.
 numba cases also time torch and baseline in the same run and record the ratios in extra_info;
-under graph replay also the one-launch floor (an empty kernel and an ids copy, same launch path
-and grid: bench/launch_floor.py).
+under graph replay also the one-launch floor (an empty kernel, an ids copy, and a copy through
+each slot's similarity row; same launch path and grid: bench/launch_floor.py).
 Fused router top-k (test_gpu_fused_topk): softmax top-k and re-routing in one kernel
 (sere.kernels.numba_topk), bf16 logits, against the two-launch path it replaces (stock's top-k,
 then the reroute kernel) and against stock's top-k alone; stock's top-k is vLLM's one-kernel
@@ -147,23 +147,25 @@ def test_gpu(benchmark, backend, T, S, routing, method):
             f"({benchmark.extra_info['speedup_vs_torch']:.2f}x)"
         )
     if backend == "numba" and method == "graph" and timing is not None:
-        record_launch_floor(benchmark, ids, S)
+        record_launch_floor(benchmark, ids, sim, S)
 
 
-def record_launch_floor(benchmark, ids: torch.Tensor, S: int) -> None:
-    """The one-launch floor beside the plain kernel: an empty kernel and an ids-to-out copy on the
-    same launch path and grid, graph replay (bench/launch_floor.py)."""
-    from bench.launch_floor import floor_launcher
+def record_launch_floor(benchmark, ids: torch.Tensor, sim: torch.Tensor, S: int) -> None:
+    """The one-launch floor beside the plain kernel: an empty kernel, an ids-to-out copy and a copy
+    through each slot's similarity row on the same launch path and grid, graph replay
+    (bench/launch_floor.py)."""
+    from bench.launch_floor import FLOORS, floor_launcher
 
-    out = torch.zeros_like(ids)
-    for name in ("empty", "copy"):
-        launch = floor_launcher(name, ids, out, S)
+    for name in FLOORS:
+        out = torch.zeros_like(ids)
+        launch = floor_launcher(name, ids, sim, out, S)
         launch()
+        if name != "empty":
+            assert torch.equal(out, ids), f"the {name} floor kernel did not copy the ids"
         t = time_graph_replay(launch, calls=CALLS, repeats=ROUNDS)
         benchmark.extra_info[f"{name}_launch_us_per_call"] = round(t.median_us, 3)
-    assert torch.equal(out, ids), "the copy floor kernel did not copy the ids"
-    print(f"  one-launch floor: empty {benchmark.extra_info['empty_launch_us_per_call']:.2f} us, "
-          f"copy {benchmark.extra_info['copy_launch_us_per_call']:.2f} us")
+    print("  one-launch floor: " + ", ".join(f"{name} {benchmark.extra_info[f'{name}_launch_us_per_call']:.2f} us"
+                                             for name in FLOORS))
 
 
 def unsorted_inputs(T: int, device: str, seed: int = 0):

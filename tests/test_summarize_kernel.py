@@ -52,7 +52,7 @@ def test_graph_table_shows_the_one_launch_floor_beside_the_plain_kernel(tmp_path
     data = {"benchmarks": [
         plain(1, "numba", us_per_call=2.2, baseline_us_per_call=3.6, speedup_vs_baseline=1.64,
               torch_us_per_call=40.0, speedup_vs_torch=18.2, empty_launch_us_per_call=1.6,
-              copy_launch_us_per_call=1.7),
+              copy_launch_us_per_call=1.7, gather_launch_us_per_call=1.9),
         plain(1, "baseline", us_per_call=3.6),
         plain(16, "numba", us_per_call=2.6),  # an older JSON without the floor: a dash, not a crash
     ]}
@@ -60,6 +60,6 @@ def test_graph_table_shows_the_one_launch_floor_beside_the_plain_kernel(tmp_path
     path.write_text(json.dumps(data))
     summarize_kernel.main(str(path))
     out = capsys.readouterr().out
-    assert "one-launch floor (empty / copy)" in out
-    assert "| uniform | 1 | 1 | 2.2 | 1.6 / 1.7 | 3.6 | - | 1.64x | 18.2x |" in out
+    assert "one-launch floor (empty / copy / gather)" in out
+    assert "| uniform | 1 | 1 | 2.2 | 1.6 / 1.7 / 1.9 | 3.6 | - | 1.64x | 18.2x |" in out
     assert "| uniform | 16 | 1 | 2.6 | - |" in out

@@ -47,15 +47,15 @@ def main(path: str) -> None:
                 cells.append([key[1], key[2], key[3], us["reference"], us["torch"], experts])
             else:
                 numba = r.get("numba", {})
-                floor = (f"{numba['empty_launch_us_per_call']} / {numba['copy_launch_us_per_call']}"
-                         if "copy_launch_us_per_call" in numba else "-")
+                floor = " / ".join(str(numba.get(f"{name}_launch_us_per_call", "-")) for name in ("empty", "copy", "gather")) \
+                    if "empty_launch_us_per_call" in numba else "-"
                 cells.append([key[1], key[2], key[3], us["numba"], floor, us["baseline"], us["torch"],
                               f"{numba.get('speedup_vs_baseline', '-')}x", f"{numba.get('speedup_vs_torch', '-')}x", experts])
         if method == "host":
             table = markdown_table(["routing", "T", "S", "reference", "torch (CPU)", "experts before -> after"],
                                    "lrrrrl", cells)
         else:
-            table = markdown_table(["routing", "T", "S", "numba", "one-launch floor (empty / copy)", "baseline", "torch",
+            table = markdown_table(["routing", "T", "S", "numba", "one-launch floor (empty / copy / gather)", "baseline", "torch",
                                     "numba vs baseline", "numba vs torch", "experts before -> after"],
                                    "lrrrrrrrrl", cells)
         print("\n".join(table))
