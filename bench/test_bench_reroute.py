@@ -289,7 +289,9 @@ def test_gpu_fused_topk(benchmark, T, S):
                 ids=torch_topk(logits)[1].long(), new_ids=ids.long(), timing=timing)
     benchmark.extra_info["stock_topk"] = stock_name
     if timing is not None:
-        for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", stock_topk)):
+        chunks = {f"chunk{c}": (lambda c=c: topk_reroute_numba(logits, sim, K, True, S, RHO, ids_dtype=ids_dtype,
+                                                               chunk_tokens=c)) for c in (1, 2, 4, 8)}
+        for name, fn in (("topk_then_reroute", two_launch_path), ("stock_topk", stock_topk), *chunks.items()):
             t = time_graph_replay(fn, calls=CALLS, repeats=ROUNDS)
             benchmark.extra_info[f"{name}_us_per_call"] = round(t.median_us, 3)
         benchmark.extra_info["added_over_stock_topk_us"] = round(

@@ -169,21 +169,22 @@ def reroute_merged_numba_numpy(ids: np.ndarray, weights: np.ndarray, sim: np.nda
 
 @lru_cache(maxsize=None)
 def _array_topk_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int,
-                       merge: bool = False):
+                       merge: bool = False, chunk: int | None = None):
     from sere.kernels.numba_topk import make_topk_reroute_kernel
 
-    return cuda.jit(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, lanes, top_k, merge))
+    return cuda.jit(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, lanes, top_k, merge, chunk))
 
 
 def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize: bool, sim: np.ndarray,
                              select_top_k: int, threshold: float, *, threads: int | None = None,
                              max_blocks: int | None = None, lanes: int | None = None,
-                             merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                             merge: bool = False, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The fused top-k + re-route kernel (sere.kernels.numba_topk) on NumPy arrays: (weights [T, k]
     float32, ids [T, k] int64). router_logits [T, E] and sim [E, E] float32/float16. Simulator
     defaults as reroute_numba_numpy's. merge=True: duplicate slots merged too, in one block
-    (T <= threads / lanes)."""
-    from sere.kernels.numba_topk import MAX_K, topk_grid_blocks
+    (T <= threads / lanes). chunk: tokens per block and round (default the launch rule,
+    topk_chunk_tokens)."""
+    from sere.kernels.numba_topk import MAX_K, topk_chunk_tokens, topk_grid_blocks
 
     if cuda is None:
         raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
@@ -206,13 +207,15 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
         lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
     cols = columns_per_lane(E, lanes)
     S = max(-1, min(int(select_top_k), top_k))
-    blocks = topk_grid_blocks(T, threads, lanes, max_blocks)
+    groups = threads // lanes
+    chunk = groups if merge else (chunk or topk_chunk_tokens(T, top_k, groups))
+    blocks = topk_grid_blocks(T, threads, lanes, max_blocks, chunk)
     if merge:
-        if T > threads // lanes:
-            raise ValueError(f"the merging fused kernel takes T <= {threads // lanes} tokens (one block), got T={T}")
+        if T > groups:
+            raise ValueError(f"the merging fused kernel takes T <= {groups} tokens (one block), got T={T}")
         blocks = 1
     kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes, top_k,
-                                merge)
+                                merge, chunk)
     w_flat, i_flat = weights.reshape(-1), ids.reshape(-1)
     kernel[blocks, threads](np.ascontiguousarray(logits).reshape(-1), np.ascontiguousarray(sim).reshape(-1), w_flat,
                             i_flat, np.int32(T), np.int32(E), np.int32(top_k), np.int32(S), np.float32(threshold),

@@ -19,7 +19,8 @@ How it works (one launch, no host sync, graph-capturable), per block:
      lanes) so that a block covers many tokens per round: at T = 64 two rounds instead of eight.
      Where one block holds every token (T <= its groups, a grid of 1: decode at small batch) this
      pass is skipped: step 2's first S picks of each token set P's flags instead.
-  2. Its own tokens, a chunk of one token per group (`lanes` lanes, logits in registers,
+  2. Its own tokens, in chunks of at most one token per group (`topk_chunk_tokens`: past one token,
+     only as many as let step 3 take the chunk's slots in one round; `lanes` lanes, logits in registers,
      lane l holding columns l, l + lanes, ...): k rounds of group argmax pick the top-k, a group
      sum gives the softmax denominator, the weights are written, the ids go to shared memory.
   3. The chunk's slots, one per group: a secondary slot whose expert is not primary reads its
@@ -46,10 +47,21 @@ from sere.kernels.numba_runtime import cuda, numba
 MAX_K = 16  # slots per token kept in per-thread arrays
 
 
-def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int) -> int:
-    """Blocks for T tokens, a group of `lanes` lanes per token, at most max_blocks (each block
-    rebuilds P from all T tokens, so more blocks only add that redundant work)."""
-    return max(1, min(-(-T // (threads // lanes)), max_blocks))
+def topk_chunk_tokens(T: int, top_k: int, groups: int) -> int:
+    """Tokens per chunk (step 2 and 3 of the kernel) for a call of T tokens on blocks of `groups`
+    groups. One token: the whole block (one block, no pass over all tokens for P). More: so few
+    that the chunk's T k slots fit the block's groups in one round (groups // k tokens), so the
+    slots' row scans run side by side over the grid instead of one round after another in a block;
+    each block then builds P from every token (step 1), the price of the wider grid."""
+    return groups if T <= 1 else max(1, groups // top_k)
+
+
+def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int, chunk: int | None = None) -> int:
+    """Blocks for T tokens, `chunk` tokens per block and round (default: a group of `lanes` lanes
+    per token, threads // lanes), at most max_blocks (each block rebuilds P from all T tokens, so
+    more blocks than chunks only add that redundant work)."""
+    chunk = chunk or threads // lanes
+    return max(1, min(-(-T // chunk), max_blocks))
 
 
 def phase1_factor(cols: int) -> int:
@@ -59,7 +71,7 @@ def phase1_factor(cols: int) -> int:
 
 
 def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads: int, lanes: int, top_k: int,
-                             merge: bool = False):
+                             merge: bool = False, chunk: int | None = None):
     """Kernel body: logits [T*E] (bfloat16 as int16 bits), sim [E*E], weights_out [T*k] float32,
     ids_out [T*k] int32/int64; scalars T, E, k, S, rho, renormalize (0/1). Compiled for k = top_k
     (1..MAX_K): the launch must pass that k.
@@ -68,7 +80,10 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     kernel does (reference: merge_duplicate_slots_reference after topk_reroute_reference): the new
     ids and the weights wait in shared memory, and after a barrier a thread per slot writes its
     expert and merged weight, or -1 and 0 for a repeat. ONE block holding every token: the launch
-    must give a grid of 1 and T <= threads / lanes (vLLM's small-batch path, T k 4 <= E)."""
+    must give a grid of 1 and T <= threads / lanes (vLLM's small-batch path, T k 4 <= E).
+
+    chunk: tokens a block takes per round (1..threads // lanes, default all its groups); the launch
+    must size the grid with the same chunk (topk_grid_blocks)."""
     if not 1 <= top_k <= MAX_K:
         raise ValueError(f"the fused top-k kernel is compiled for one k in 1..{MAX_K}, got top_k={top_k}")
     if cols * min(phase1_factor(cols), lanes) > 63:
@@ -78,6 +93,11 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
     group_argmax = device.group_argmax
     group_sum = device.group_sum
     groups_per_block = threads // lanes
+    chunk = chunk or groups_per_block
+    if not 1 <= chunk <= groups_per_block:
+        raise ValueError(f"chunk must be in 1..{groups_per_block} tokens (a group each), got {chunk}")
+    if merge and chunk != groups_per_block:
+        raise ValueError("the merging variant holds every token in one block: chunk must be threads // lanes")
     factor = min(phase1_factor(cols), lanes)
     p1_lanes, p1_cols = lanes // factor, cols * factor  # same columns per token: p1_lanes * p1_cols == lanes * cols
     p1_groups = threads // p1_lanes
@@ -141,7 +161,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
         block = cuda.blockIdx.x
         blocks = cuda.gridDim.x
         rerouting = S > 0 and S < top_k
-        one_block = blocks == 1 and T <= groups_per_block  # the same in every thread
+        one_block = blocks == 1 and T <= chunk  # the same in every thread
 
         # 1. P from the top-S of every token, p1_groups tokens per round (one block holding every
         #    token skips this: its picks in step 2 set the flags).
@@ -160,10 +180,11 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
                         is_primary[e] = 1
             cuda.syncthreads()
 
-        for base in range(block * groups_per_block, T, blocks * groups_per_block):
-            # 2. A token per group: top-k, softmax weights (written), ids to shared memory.
+        for base in range(block * chunk, T, blocks * chunk):
+            # 2. A token per group (groups past the chunk idle): top-k, softmax weights (written),
+            #    ids to shared memory.
             t = base + group
-            live = t < T
+            live = t < T and group < chunk
             taken = load_logits(vals, logits, t, E, lane, live)
             for r in range(top_k):
                 pick_v[r], e, taken = pick_next(vals, taken, lane, scratch_v, scratch_i)
@@ -191,7 +212,7 @@ def make_topk_reroute_kernel(logit_kind: str, sim_kind: str, cols: int, threads:
             cuda.syncthreads()
 
             # 3. The chunk's slots, a slot per group.
-            n_slots = min(groups_per_block, T - base) * top_k  # the same in every thread of the block
+            n_slots = min(chunk, T - base) * top_k  # the same in every thread of the block
             for s0 in range(0, n_slots, groups_per_block):
                 s = s0 + group
                 live = s < n_slots

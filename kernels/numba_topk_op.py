@@ -14,7 +14,7 @@ from sere.kernels.numba_kernels import DEFAULT_THREADS, WARP
 from sere.kernels.numba_launch import TORCH_SIM_KIND, columns_per_lane, max_blocks_for
 from sere.kernels.numba_pointer import PointerKernel, numba_type, cached_pointer_kernel
 from sere.kernels.numba_runtime import numba
-from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_grid_blocks
+from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_chunk_tokens, topk_grid_blocks
 
 _ID_TYPES = {torch.int32: "int32", torch.int64: "int64"}
 MERGE_MAX_TOKENS = DEFAULT_THREADS // WARP  # the merging variant: one block, a group of WARP lanes per token
@@ -31,10 +31,10 @@ def _signature(logit_kind: str, sim_kind: str, id_name: str):
 
 
 def _kernel(logit_kind: str, sim_kind: str, id_name: str, cols: int, threads: int, top_k: int,
-            merge: bool) -> PointerKernel:
+            merge: bool, chunk: int) -> PointerKernel:
     return cached_pointer_kernel(
-        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads, top_k, merge),  # compiled for one k
-        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP, top_k, merge),
+        ("topk_reroute", logit_kind, sim_kind, id_name, cols, threads, top_k, merge, chunk),  # compiled for one k
+        lambda: PointerKernel(make_topk_reroute_kernel(logit_kind, sim_kind, cols, threads, WARP, top_k, merge, chunk),
                               _signature(logit_kind, sim_kind, id_name), threads),
     )
 
@@ -56,7 +56,8 @@ def _check(router_logits: torch.Tensor, sim: torch.Tensor, top_k: int, ids_dtype
         raise ValueError("topk_reroute_numba indexes with 32-bit counts: T*E and E*E must be < 2**31")
 
 
-def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype=torch.int32, merge=False):
+def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype=torch.int32, merge=False,
+           chunk_tokens=None):
     _check(router_logits, sim, top_k, ids_dtype)
     T, E = router_logits.shape
     if merge and T > MERGE_MAX_TOKENS:
@@ -75,9 +76,11 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
         sim = sim.view(torch.int16)
     device_index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     threads = DEFAULT_THREADS
-    blocks = 1 if merge else topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index))
+    groups = threads // WARP
+    chunk = groups if merge else (chunk_tokens or topk_chunk_tokens(T, top_k, groups))
+    blocks = 1 if merge else topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index), chunk)
     S = max(-1, min(int(select_top_k), top_k))
-    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k, bool(merge))
+    kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k, bool(merge), chunk)
     args = (logits.data_ptr(), sim.data_ptr(), weights.data_ptr(), ids.data_ptr(), np.int32(T), np.int32(E),
             np.int32(top_k), np.int32(S), np.float32(threshold), np.int32(bool(renormalize)))
     kern.launch(blocks, torch.cuda.current_stream(device_index).cuda_stream, device_index, args)
@@ -102,12 +105,16 @@ def _fake(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_i
 
 def topk_reroute_numba(router_logits: torch.Tensor, sim: torch.Tensor, top_k: int, renormalize: bool,
                        select_top_k: int, threshold: float, ids_dtype: torch.dtype = torch.int32,
-                       merge: bool = False):
+                       merge: bool = False, chunk_tokens: int | None = None):
     """(topk_weights [T, k] float32, topk_ids [T, k]) of a softmax router with SERE applied, in one
     launch (sere.kernels.numba_topk); torch's current stream, no sync, graph-capturable. merge=True
     (T <= 8): each token's duplicate slots merged too (id -1, weight 0 for a repeat; the first slot
-    of an expert holds the summed weight), as the merging re-route kernel does."""
+    of an expert holds the summed weight), as the merging re-route kernel does. chunk_tokens: tokens
+    per block and round (default `topk_chunk_tokens`), a benchmark knob of eager calls only."""
+    if chunk_tokens is not None and (merge or torch.compiler.is_compiling()):
+        raise ValueError("chunk_tokens is a benchmark knob of eager calls without merge")
     if type(router_logits) is torch.Tensor and type(sim) is torch.Tensor and not torch.compiler.is_compiling():
-        return _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype, merge)
+        return _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_dtype, merge,
+                      chunk_tokens)
     return torch.ops.sere.topk_reroute(router_logits, sim, top_k, renormalize, select_top_k, threshold,
                                        ids_dtype == torch.int64, merge)

@@ -428,6 +428,22 @@ def test_merging_kernel_in_graph_replay_compiled_and_through_the_rerouter():
 # ---- the fused router top-k + re-route kernel ---------------------------------------------------
 
 
+@pytest.mark.parametrize("T", [2, 9, 64])
+def test_fused_topk_reroute_every_chunk_size(T):
+    """Every chunk a block of 8 groups can take (the launch rule picks one per T; the bench times
+    them all), each the reference's ids."""
+    from sere.kernels.numba_cuda import topk_reroute_numba
+    from sere.kernels.reference import topk_reroute_reference
+
+    gen = np.random.default_rng([T, 17])
+    logits = torch.from_numpy(gen.standard_normal((T, 128)).astype(np.float32)).bfloat16().cuda()
+    _, sim, sim32 = random_case(gen, 1, 128, 8, torch.int32, torch.float32, grid=True)
+    _, want = topk_reroute_reference(logits.float().cpu().numpy(), 8, True, sim32, 1, 0.1)
+    for chunk in range(1, 9):
+        _, ids = topk_reroute_numba(logits, sim, 8, True, 1, 0.1, chunk_tokens=chunk)
+        assert_ids_equal(ids.long(), torch.from_numpy(want), (T, chunk))
+
+
 @pytest.mark.parametrize("T,E,k", [(1, 60, 4), (16, 64, 6), (64, 128, 8), (256, 128, 8), (33, 256, 8), (8, 1024, 8)])
 def test_fused_topk_reroute_matches_reference(T, E, k):
     from sere.kernels.numba_cuda import topk_reroute_numba

@@ -281,25 +281,49 @@ def test_fused_topk_reroute_gpu_layout():
         np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("T,max_blocks", [(8, 1), (9, 1), (9, 2), (3, 2)])
-def test_fused_topk_builds_p_in_either_pass(T, max_blocks):
-    """One block holding every token (T <= its 8 groups of 4 lanes, a grid of 1) sets P's flags from
-    its own top-k picks and skips the separate pass over all tokens; a block with more tokens than
-    groups (several chunks) or a grid of two takes that pass. Both give the reference."""
+@pytest.mark.parametrize("T,max_blocks,chunk", [(8, 1, 8), (9, 1, 8), (9, 2, 8), (3, 2, 8), (3, 2, 1), (9, 2, 1),
+                                                (5, 1, 2), (1, 2, 1)])
+def test_fused_topk_builds_p_in_either_pass(T, max_blocks, chunk):
+    """One block holding every token (T <= its chunk, a grid of 1) sets P's flags from its own top-k
+    picks and skips the separate pass over all tokens; a block with more tokens than its chunk
+    (several rounds) or a grid of two takes that pass. Chunks of 8 (a token per group of 4 lanes),
+    2 and 1 token (idle groups in step 2, slots of several blocks side by side). All give the reference."""
     from sere.kernels.numba_numpy import topk_reroute_numba_numpy
     from sere.kernels.numba_topk import topk_grid_blocks
     from sere.kernels.reference import topk_reroute_reference
 
-    rng = np.random.default_rng([T, max_blocks])
+    rng = np.random.default_rng([T, max_blocks, chunk])
     logits = (rng.integers(-4, 5, size=(T, 16)) / 2).astype(np.float32)  # ties: the smaller expert
     sim = (rng.integers(0, 5, size=(16, 16)) / 4).astype(np.float32)
-    blocks = topk_grid_blocks(T, 32, 4, max_blocks)
-    assert (blocks == 1 and T <= 8) == ((T, max_blocks) in ((8, 1), (3, 2)))  # the cases cover both passes
+    blocks = topk_grid_blocks(T, 32, 4, max_blocks, chunk)
+    assert (blocks == 1 and T <= chunk) == ((T, max_blocks) in ((8, 1), (1, 2)) or (T, chunk) == (3, 8))  # both passes
     for S, rho in ((1, 0.0), (2, 0.5), (3, 0.25)):
-        w, ids = topk_reroute_numba_numpy(logits, 6, True, sim, S, rho, threads=32, lanes=4, max_blocks=max_blocks)
+        w, ids = topk_reroute_numba_numpy(logits, 6, True, sim, S, rho, threads=32, lanes=4, max_blocks=max_blocks,
+                                          chunk=chunk)
         rw, rids = topk_reroute_reference(logits, 6, True, sim, S, rho)
         assert_same_ids(ids, rids, (T, max_blocks, S, rho))
         np.testing.assert_allclose(w, rw, rtol=2e-6, atol=1e-7)
+
+
+def test_fused_topk_chunk_rule():
+    """One token: the whole block. More: as many tokens as let their k slots fit the groups in one
+    round (at least one); the grid then covers every chunk up to its cap."""
+    from sere.kernels.numba_topk import topk_chunk_tokens, topk_grid_blocks
+
+    assert topk_chunk_tokens(1, 8, 8) == 8
+    assert [topk_chunk_tokens(T, 8, 8) for T in (2, 16, 4096)] == [1, 1, 1]
+    assert topk_chunk_tokens(16, 4, 8) == 2 and topk_chunk_tokens(16, 6, 8) == 1 and topk_chunk_tokens(16, 2, 8) == 4
+    assert topk_grid_blocks(64, 256, 32, 528, 1) == 64 and topk_grid_blocks(4096, 256, 32, 528, 1) == 528
+    assert topk_grid_blocks(64, 256, 32, 528) == 8  # the default chunk: a token per group
+
+
+def test_fused_topk_refuses_a_chunk_past_its_groups():
+    from sere.kernels.numba_topk import make_topk_reroute_kernel
+
+    with pytest.raises(ValueError, match="chunk must be in 1..8"):
+        make_topk_reroute_kernel("float32", "float32", 4, 32, 4, 4, chunk=9)
+    with pytest.raises(ValueError, match="merging variant"):
+        make_topk_reroute_kernel("float32", "float32", 4, 32, 4, 4, merge=True, chunk=2)
 
 
 def test_fused_topk_kernel_is_built_for_one_k():

@@ -63,3 +63,19 @@ def test_graph_table_shows_the_one_launch_floor_beside_the_plain_kernel(tmp_path
     assert "one-launch floor (empty / copy / gather)" in out
     assert "| uniform | 1 | 1 | 2.2 | 1.6 / 1.7 / 1.9 | 3.6 | - | 1.64x | 18.2x |" in out
     assert "| uniform | 16 | 1 | 2.6 | - |" in out
+
+
+def test_fused_kernel_by_chunk_table(tmp_path, capsys):
+    """The chunk timings of a fused case get their own table; a case without them is left out of it."""
+    data = {"benchmarks": [
+        case(8, 1, "numba_fused_topk", us_per_call=6.0, chunk1_us_per_call=6.1, chunk2_us_per_call=6.9,
+             chunk4_us_per_call=7.7, chunk8_us_per_call=9.3),
+        case(1, 1, "numba_fused_topk", us_per_call=5.5),
+    ]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    summarize_kernel.main(str(path))
+    out = capsys.readouterr().out
+    table = out.split("by chunk")[1]
+    assert "| 8 | 1 | 6.1 | 6.9 | 7.7 | 9.3 |" in table
+    assert "| 1 | 1 |" not in table

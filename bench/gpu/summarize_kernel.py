@@ -81,6 +81,13 @@ def main(path: str) -> None:
         print("\n".join(markdown_table(["T", "S", "fused kernel", "top-k then re-route", "stock top-k alone",
                                          "fused minus stock top-k", "fused speed-up", "fused + merge",
                                          "top-k then merging kernel"], "rrrrrrrrr", cells)))
+        chunks = [1, 2, 4, 8]  # tokens per block and round (topk_chunk_tokens picks one per T)
+        by_chunk = [[key[2], key[3], *(rows[key]["numba_fused_topk"].get(f"chunk{c}_us_per_call", "-") for c in chunks)]
+                    for key in fused_topk if "chunk1_us_per_call" in rows[key].get("numba_fused_topk", {})]
+        if by_chunk:
+            print("\n### the fused kernel by chunk (tokens a block takes per round), graph replay, us\n")
+            print("\n".join(markdown_table(["T", "S", *(f"chunk {c}" for c in chunks)], "rr" + "r" * len(chunks),
+                                            by_chunk)))
 
     if merged:
         print("\n### merged slots: the merging kernel (one block) vs the plain kernel, and plain + torch merge, graph replay, us\n")

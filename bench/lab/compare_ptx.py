@@ -58,6 +58,9 @@ VARIANTS = (
     ("fused-topk", "numba_topk:make_topk_reroute_kernel",  # the router's top-k and the re-route in one kernel
      dict(logit_kind="bfloat16", sim_kind="bfloat16", cols=4, threads=256, lanes=32, top_k=8),
      "numba_topk_op:_signature", ("bfloat16", "bfloat16", "int32")),
+    ("fused-topk-chunk1", "numba_topk:make_topk_reroute_kernel",  # a token per block and round (T > 1, k = 8)
+     dict(logit_kind="bfloat16", sim_kind="bfloat16", cols=4, threads=256, lanes=32, top_k=8, chunk=1),
+     "numba_topk_op:_signature", ("bfloat16", "bfloat16", "int32")),
     ("fused-topk-merge", "numba_topk:make_topk_reroute_kernel",  # and each token's duplicate slots merged
      dict(logit_kind="bfloat16", sim_kind="bfloat16", cols=4, threads=256, lanes=32, top_k=8, merge=True),
      "numba_topk_op:_signature", ("bfloat16", "bfloat16", "int32")),
