@@ -17,7 +17,7 @@ How it works (one launch, no host sync, graph-capturable), per block:
   1. P in shared memory from the top-S of ALL tokens (each block its own copy: no grid-wide
      sync). Narrow groups (`lanes / p1_factor` lanes, a token each, p1_factor = 4 for E <= 4 *
      lanes) so that a block covers many tokens per round: at T = 64 two rounds instead of eight.
-     Where one block holds every token (T <= its groups, a grid of 1: decode at small batch) this
+     Where one block holds every token (T <= its chunk, a grid of 1: decode at batch 1) this
      pass is skipped: step 2's first S picks of each token set P's flags instead.
   2. Its own tokens, in chunks of at most one token per group (`topk_chunk_tokens`: past one token,
      only as many as let step 3 take the chunk's slots in one round; `lanes` lanes, logits in registers,
@@ -50,7 +50,7 @@ MAX_K = 16  # slots per token kept in per-thread arrays
 def topk_chunk_tokens(T: int, top_k: int, groups: int) -> int:
     """Tokens per chunk (step 2 and 3 of the kernel) for a call of T tokens on blocks of `groups`
     groups. One token: the whole block (one block, no pass over all tokens for P). More: so few
-    that the chunk's T k slots fit the block's groups in one round (groups // k tokens), so the
+    that the chunk's slots (chunk x k) fit the block's groups in one round (groups // k tokens), so the
     slots' row scans run side by side over the grid instead of one round after another in a block;
     each block then builds P from every token (step 1), the price of the wider grid."""
     return groups if T <= 1 else max(1, groups // top_k)
