@@ -47,13 +47,21 @@ from sere.kernels.numba_runtime import cuda, numba
 MAX_K = 16  # slots per token kept in per-thread arrays
 
 
+MAX_CHUNKS = 64  # above 64 chunks the chunk grows: every block rebuilds P from all T tokens
+
+
 def topk_chunk_tokens(T: int, top_k: int, groups: int) -> int:
     """Tokens per chunk (step 2 and 3 of the kernel) for a call of T tokens on blocks of `groups`
     groups. One token: the whole block (one block, no pass over all tokens for P). More: so few
     that the chunk's slots (chunk x k) fit the block's groups in one round (groups // k tokens), so the
     slots' row scans run side by side over the grid instead of one round after another in a block;
-    each block then builds P from every token (step 1), the price of the wider grid."""
-    return groups if T <= 1 else max(1, groups // top_k)
+    each block then builds P from every token (step 1), the price of the wider grid, so past
+    MAX_CHUNKS chunks a chunk takes more tokens (T / MAX_CHUNKS, at most the block's groups). On the
+    H100 (E = 128, k = 8) one token per chunk took T = 8 / 16 / 64 from 8.9 / 9.7 / 10.4 us to
+    6.2 / 6.2 / 7.5; at T = 256 four tokens per chunk were fastest (13.9 us; one token 16.8)."""
+    if T <= 1:
+        return groups
+    return min(groups, max(1, groups // top_k, -(-T // MAX_CHUNKS)))
 
 
 def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int, chunk: int | None = None) -> int:
