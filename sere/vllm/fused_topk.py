@@ -5,11 +5,12 @@ stock, about 2 us per MoE layer under CUDA graphs. With it the re-routed layer's
 its top-k with sere.kernels.numba_topk (softmax, top-k, weights, re-routing: one launch) instead
 of vLLM's, and the wrapper does not re-route again. Calls the re-router would leave alone (more
 tokens than max_tokens, identity settings) run vLLM's own top-k. Only calls of FUSED_MAX_TOKENS
-tokens or fewer are fused, larger ones take vLLM's top-k and the re-route kernel: on the H100 the
-fused kernel was ahead only at one token (bench/RESULTS.md sections 24-25: 5.66 against 6.09 us at
-T = 1, 7.62 against 7.18 us merging at T = 4, 9.35 against 6.36 us at T = 8). Where the layer merges
-duplicate slots (merge_slots, sere.vllm.router.merge_tokens) the fused calls within its merge limit
-merge in the same launch.
+tokens or fewer are fused, larger ones take vLLM's top-k and the re-route kernel. On the H100 the
+fused kernel, with a token per block from T = 2, is ahead of the two kernels to T = 16 (bench/RESULTS.md
+section 27: 5.2 / 6.2 / 6.2 against 6.1 / 6.5 / 6.5 us at T = 1 / 8 / 16) and behind from T = 64;
+the limit stays at one token until the fused calls up to 16 tokens have run inside vLLM (branch
+cand-fused-limit16). Where the layer merges duplicate slots (merge_slots, sere.vllm.router.merge_tokens)
+the fused calls within its merge limit merge in the same launch.
 
 Eligible (`why_not` says what is missing, and the plugin logs it when fuse_topk was asked for):
 vLLM's plain `FusedTopKRouter` with softmax scoring (its grouped, biased, sigmoid and custom
@@ -26,7 +27,7 @@ import torch
 from sere.rerouter import LayerRerouter
 
 ROUTER_CLASS = "FusedTopKRouter"
-FUSED_MAX_TOKENS = 1  # the calls fused: decode at batch 1, the one size where the fused kernel was faster
+FUSED_MAX_TOKENS = 1  # the calls fused: decode at batch 1, the size checked inside vLLM so far
 
 
 def why_not(router, rerouter: LayerRerouter, resolved_backend: str, method: str) -> str | None:
