@@ -22,7 +22,7 @@ Fields (one name each; from_dict also takes the older spellings in ALIASES):
                            kernel instead of re-routing after the router's own top-k, in calls of
                            one token (decode at batch 1), merging duplicate slots in the same launch
                            where merge_slots does (off by default: ahead of the two kernels by
-                           about 0.9 us per layer there on an H100; see sere.vllm.fused_topk)
+                           about 0.8 us per layer there on an H100; see sere.vllm.fused_topk)
   merge_slots              vLLM on CUDA, Triton fused MoE: in calls small enough for vLLM's small-batch
                            path (T k 4 <= E, no expert map) each token's slots that re-routing sent to
                            one expert become one slot with their summed weight (the others id -1,
