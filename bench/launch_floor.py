@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from sere.kernels.numba_kernels import DEFAULT_THREADS
-from sere.kernels.numba_launch import grid_blocks, max_blocks_for
+from sere.kernels.numba_launch import grid_blocks, max_blocks_for, pointer_inputs
 from sere.kernels.numba_pointer import PointerKernel, cached_pointer_kernel
 from sere.kernels.numba_runtime import cuda, numba
 
@@ -67,8 +67,7 @@ def floor_launcher(name: str, topk_ids: torch.Tensor, sim: torch.Tensor, out: to
     if sim.dtype != torch.float32 or sim.dim() != 2 or sim.shape[0] != sim.shape[1] or not sim.is_contiguous():
         raise ValueError(f"floor kernels take a contiguous float32 sim [E, E], got {sim.dtype} {tuple(sim.shape)}")
     T, k = topk_ids.shape
-    id_name = "int32" if topk_ids.dtype == torch.int32 else "int64"
-    device_index = topk_ids.device.index if topk_ids.device.index is not None else torch.cuda.current_device()
+    _, _, id_name, device_index = pointer_inputs(topk_ids, sim)
     kern = _floor_kernel(name, id_name)
     blocks = grid_blocks(T, k, select_top_k, DEFAULT_THREADS, max_blocks_for(device_index))
     args = (topk_ids.data_ptr(), sim.data_ptr(), out.data_ptr(), np.int32(T * k), np.int32(sim.shape[0]))

@@ -184,7 +184,7 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
     defaults as reroute_numba_numpy's. merge=True: duplicate slots merged too, in one block
     (T <= threads / lanes). chunk: tokens per block and round (default the launch rule,
     topk_chunk_tokens)."""
-    from sere.kernels.numba_topk import MAX_K, topk_chunk_tokens, topk_grid_blocks
+    from sere.kernels.numba_topk import MAX_K, topk_launch_shape
 
     if cuda is None:
         raise RuntimeError(f"numba-cuda is not importable: {NUMBA_ERROR}")
@@ -207,13 +207,9 @@ def topk_reroute_numba_numpy(router_logits: np.ndarray, top_k: int, renormalize:
         lanes = SIMULATOR_LANES if sim_mode and E <= SIMULATOR_LANES * COLUMNS_PER_LANE_BUCKETS[-1] else WARP
     cols = columns_per_lane(E, lanes)
     S = max(-1, min(int(select_top_k), top_k))
-    groups = threads // lanes
-    chunk = groups if merge else (chunk or topk_chunk_tokens(T, top_k, groups))
-    blocks = topk_grid_blocks(T, threads, lanes, max_blocks, chunk)
-    if merge:
-        if T > groups:
-            raise ValueError(f"the merging fused kernel takes T <= {groups} tokens (one block), got T={T}")
-        blocks = 1
+    chunk, blocks = topk_launch_shape(T, top_k, threads, lanes, max_blocks, merge, chunk)
+    if merge and T > chunk:
+        raise ValueError(f"the merging fused kernel takes T <= {chunk} tokens (one block), got T={T}")
     kernel = _array_topk_kernel(_NUMPY_SIM_KIND[logits.dtype], _NUMPY_SIM_KIND[sim.dtype], cols, threads, lanes, top_k,
                                 merge, chunk)
     w_flat, i_flat = weights.reshape(-1), ids.reshape(-1)

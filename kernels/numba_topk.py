@@ -72,6 +72,18 @@ def topk_grid_blocks(T: int, threads: int, lanes: int, max_blocks: int, chunk: i
     return max(1, min(-(-T // chunk), max_blocks))
 
 
+def topk_launch_shape(T: int, top_k: int, threads: int, lanes: int, max_blocks: int, merge: bool = False,
+                      chunk: int | None = None) -> tuple[int, int]:
+    """(chunk, blocks) of one launch, what the kernel is compiled for and the grid it runs on: the
+    merging variant is one block holding every token; otherwise `chunk` tokens per block and round
+    (None: topk_chunk_tokens) and the grid for it (topk_grid_blocks)."""
+    groups = threads // lanes
+    if merge:
+        return groups, 1
+    chunk = chunk or topk_chunk_tokens(T, top_k, groups)
+    return chunk, topk_grid_blocks(T, threads, lanes, max_blocks, chunk)
+
+
 def phase1_factor(cols: int) -> int:
     """How many tokens a group of `lanes` lanes splits into for building P: narrower groups hold
     more columns each (cols * factor in registers), capped at 16."""

@@ -14,7 +14,7 @@ from sere.kernels.numba_kernels import DEFAULT_THREADS, WARP
 from sere.kernels.numba_launch import TORCH_SIM_KIND, columns_per_lane, max_blocks_for
 from sere.kernels.numba_pointer import PointerKernel, numba_type, cached_pointer_kernel
 from sere.kernels.numba_runtime import numba
-from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_chunk_tokens, topk_grid_blocks
+from sere.kernels.numba_topk import MAX_K, make_topk_reroute_kernel, topk_launch_shape
 
 _ID_TYPES = {torch.int32: "int32", torch.int64: "int64"}
 MERGE_MAX_TOKENS = DEFAULT_THREADS // WARP  # the merging variant: one block, a group of WARP lanes per token
@@ -76,9 +76,7 @@ def _eager(router_logits, sim, top_k, renormalize, select_top_k, threshold, ids_
         sim = sim.view(torch.int16)
     device_index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
     threads = DEFAULT_THREADS
-    groups = threads // WARP
-    chunk = groups if merge else (chunk_tokens or topk_chunk_tokens(T, top_k, groups))
-    blocks = 1 if merge else topk_grid_blocks(T, threads, WARP, max_blocks_for(device_index), chunk)
+    chunk, blocks = topk_launch_shape(T, top_k, threads, WARP, max_blocks_for(device_index), merge, chunk_tokens)
     S = max(-1, min(int(select_top_k), top_k))
     kern = _kernel(logit_kind, sim_kind, _ID_TYPES[ids_dtype], columns_per_lane(E), threads, top_k, bool(merge), chunk)
     args = (logits.data_ptr(), sim.data_ptr(), weights.data_ptr(), ids.data_ptr(), np.int32(T), np.int32(E),

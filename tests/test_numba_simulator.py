@@ -309,13 +309,16 @@ def test_fused_topk_chunk_rule():
     """One token: the whole block. More: as many tokens as let their k slots fit the groups in one
     round (at least one), growing past MAX_CHUNKS chunks up to the block's groups; the grid then
     covers every chunk up to its cap."""
-    from sere.kernels.numba_topk import topk_chunk_tokens, topk_grid_blocks
+    from sere.kernels.numba_topk import topk_chunk_tokens, topk_grid_blocks, topk_launch_shape
 
     assert topk_chunk_tokens(1, 8, 8) == 8
     assert [topk_chunk_tokens(T, 8, 8) for T in (2, 16, 64, 65, 128, 256, 512, 4096)] == [1, 1, 1, 2, 2, 4, 8, 8]
     assert topk_chunk_tokens(16, 4, 8) == 2 and topk_chunk_tokens(16, 6, 8) == 1 and topk_chunk_tokens(16, 2, 8) == 4
     assert topk_grid_blocks(64, 256, 32, 528, 1) == 64 and topk_grid_blocks(4096, 256, 32, 528, 1) == 528
     assert topk_grid_blocks(64, 256, 32, 528) == 8  # the default chunk: a token per group
+    # a launch's (chunk, blocks): the rule's, a given chunk's, the merging variant's one block
+    assert topk_launch_shape(256, 8, 256, 32, 528) == (4, 64) and topk_launch_shape(64, 8, 256, 32, 528, chunk=2) == (2, 32)
+    assert topk_launch_shape(4, 8, 256, 32, 528, merge=True, chunk=2) == (8, 1)
 
 
 def test_fused_topk_refuses_a_chunk_past_its_groups():
