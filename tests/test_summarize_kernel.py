@@ -6,10 +6,18 @@ import json
 from bench.gpu import summarize_kernel
 
 
-def case(T, S, backend, **extra):
-    info = {"method": "graph", "routing": "router-logits", "T": T, "S": S, "backend": backend,
+def case(T, S, backend, routing="router-logits", **extra):
+    info = {"method": "graph", "routing": routing, "T": T, "S": S, "backend": backend,
             "experts_before": 8.0, "experts_after": 1.0, **extra}
     return {"extra_info": info}
+
+
+def summarize(data, tmp_path, capsys) -> str:
+    """What summarize_kernel prints for this pytest-benchmark JSON."""
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    summarize_kernel.main(str(path))
+    return capsys.readouterr().out
 
 
 def test_fused_table_puts_the_merging_variant_beside_the_plain_one(tmp_path, capsys):
@@ -19,10 +27,7 @@ def test_fused_table_puts_the_merging_variant_beside_the_plain_one(tmp_path, cap
         case(1, 1, "numba_fused_topk_merged", us_per_call=4.5, topk_then_merged_us_per_call=7.0),
         case(4, 1, "numba_fused_topk_merged", us_per_call=4.9, topk_then_merged_us_per_call=7.2),
     ]}
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(data))
-    summarize_kernel.main(str(path))
-    out = capsys.readouterr().out
+    out = summarize(data, tmp_path, capsys)
     assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x | 4.5 | 7.0 |" in out
     assert "| 4 | 1 | - | - | - | - | - | 4.9 | 7.2 |" in out  # merged only: the plain columns say so
 
@@ -36,30 +41,20 @@ def test_a_case_that_failed_after_its_timing_is_named_not_a_crash(tmp_path, caps
     ]}
     for bench in data["benchmarks"]:
         bench.setdefault("name", "test_gpu_fused_topk[1-1]")
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(data))
-    summarize_kernel.main(str(path))
-    out = capsys.readouterr().out
+    out = summarize(data, tmp_path, capsys)
     assert "failed after timing (no case record): test_gpu_fused_topk_merged[1-1]" in out
     assert "| 1 | 1 | 4.0 | 6.0 | 3.8 | 0.2 | 1.50x |" in out
 
 
 def test_graph_table_shows_the_one_launch_floor_beside_the_plain_kernel(tmp_path, capsys):
-    def plain(T, backend, **extra):
-        return {"extra_info": {"method": "graph", "routing": "uniform", "T": T, "S": 1, "backend": backend,
-                               "experts_before": 8.0, "experts_after": 1.0, **extra}}
-
     data = {"benchmarks": [
-        plain(1, "numba", us_per_call=2.2, baseline_us_per_call=3.6, speedup_vs_baseline=1.64,
+        case(1, 1, "numba", "uniform", us_per_call=2.2, baseline_us_per_call=3.6, speedup_vs_baseline=1.64,
               torch_us_per_call=40.0, speedup_vs_torch=18.2, empty_launch_us_per_call=1.6,
               copy_launch_us_per_call=1.7, gather_launch_us_per_call=1.9),
-        plain(1, "baseline", us_per_call=3.6),
-        plain(16, "numba", us_per_call=2.6),  # an older JSON without the floor: a dash, not a crash
+        case(1, 1, "baseline", "uniform", us_per_call=3.6),
+        case(16, 1, "numba", "uniform", us_per_call=2.6),  # an older JSON without the floor: a dash, not a crash
     ]}
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(data))
-    summarize_kernel.main(str(path))
-    out = capsys.readouterr().out
+    out = summarize(data, tmp_path, capsys)
     assert "one-launch floor (empty / copy / gather)" in out
     assert "| uniform | 1 | 1 | 2.2 | 1.6 / 1.7 / 1.9 | 3.6 | - | 1.64x | 18.2x |" in out
     assert "| uniform | 16 | 1 | 2.6 | - |" in out
@@ -72,10 +67,7 @@ def test_fused_kernel_by_chunk_table(tmp_path, capsys):
              chunk4_us_per_call=7.7, chunk8_us_per_call=9.3),
         case(1, 1, "numba_fused_topk", us_per_call=5.5),
     ]}
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(data))
-    summarize_kernel.main(str(path))
-    out = capsys.readouterr().out
+    out = summarize(data, tmp_path, capsys)
     table = out.split("by chunk")[1]
     assert "| 8 | 1 | 6.1 | 6.9 | 7.7 | 9.3 |" in table
     assert "| 1 | 1 |" not in table
